@@ -1,0 +1,202 @@
+"""The ``ucdseg`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+DEMO_METHODS = ("ft", "mib", "mib+ucd")
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped with the package (``configs/`` in the source tree)."""
+    return Path(str(resources.files("ucdseg") / "configs" / name))
+
+
+def _load(config: str | None, overrides: Sequence[str]):
+    from .config import load_config
+
+    return load_config(config, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engine.trainer import run
+
+    cfg = _load(args.config, args.overrides)
+    results = run(cfg, progress=not args.quiet)
+    from .reporting import summary_markdown
+
+    print(summary_markdown(results))
+    print(f"results in {cfg.run_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import reporting
+    from .engine.checkpoint import write_text
+    from .engine.trainer import run
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .methods import get_method
+
+    for name in methods:
+        get_method(name)  # fail early on a typo
+    out = Path(args.output_dir)
+    runs, first_dir, timings = [], None, {}
+    for name in methods:
+        overrides = [f"output_dir={out}", f"name={name}", f"method.name={name}", f"seed={args.seed}",
+                     *args.overrides]
+        if first_dir is not None and not get_method(name).joint:
+            overrides.append(f"train.step0_from={first_dir}")
+        cfg = _load(args.config or str(packaged_config("demo.yaml")), overrides)
+        print(f"== {name}: {get_method(name).description}", flush=True)
+        t0 = time.perf_counter()
+        runs.append((name, run(cfg, progress=not args.quiet)))
+        timings[name] = time.perf_counter() - t0
+        if first_dir is None and not get_method(name).joint:
+            first_dir = cfg.run_dir
+    table = reporting.comparison_markdown(runs)
+    task = runs[0][1]["task"]
+    header = (f"# Demo: {task['dataset']} {task['name']} ({task['setting']}), seed {args.seed}\n\n"
+              "mIoU (%) after the last step.\n\n")
+    write_text(out / "comparison.md", header + table)
+    write_text(out / "comparison.csv", reporting.to_csv(reporting.comparison_rows(runs)))
+    reporting.plot_miou(runs, out / "comparison.png")
+    print()
+    print(header + table)
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print(f"comparison written to {out / 'comparison.md'} and {out / 'comparison.png'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.evaluate_checkpoint import evaluate_checkpoint
+
+    record = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.quiet)
+    print(f"step {record['step']}: mIoU " + ", ".join(
+        f"{conv} " + "/".join("-" if v is None else f"{100 * v:.1f}" for v in groups.values())
+        for conv, groups in record["miou"].items()) + " (old/new/all)")
+    for name, value in record["per_class_iou"].items():
+        print(f"  {name:24s} {'-' if value is None else f'{100 * value:.1f}'}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import list_methods
+
+    for method in list_methods():
+        weights = ", ".join(f"{k}={v:g}" for k, v in method.default_weights.items())
+        print(f"{method.name:10s} {method.description}  [{weights}]")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import get_task, list_tasks
+
+    for name in list_tasks(args.dataset):
+        task = get_task(args.dataset, name)
+        print(f"{name:10s} {len(task.steps)} steps: {task.classes_per_step}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.index import format_index_report, index_report
+    from .engine.trainer import build_task, open_dataset
+
+    overrides = [f"data.dataset={args.dataset}", f"task.name={args.task}", f"data.setting={args.setting}",
+                 f"seed={args.seed}"]
+    if args.root:
+        overrides.append(f"data.root={args.root}")
+    if args.cache_dir:
+        overrides.append(f"data.cache_dir={args.cache_dir}")
+    cfg = load_config(None, overrides)
+    dataset = open_dataset(cfg, args.split)
+    rows = index_report(dataset, build_task(cfg), args.setting, cache_dir=cfg.data.cache_dir, seed=args.seed)
+    print(format_index_report(rows))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare_embedded
+    from .data.embedded import default_root
+
+    root = prepare_embedded(args.root or default_root(), num_train=args.num_train, num_val=args.num_val,
+                            image_size=args.image_size, seed=args.seed, fashion_mnist_dir=args.fashion_mnist)
+    print(f"embedded benchmark ready in {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ucdseg", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every step of a task (continues an interrupted run)")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=8")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="fine-tuning vs MiB vs MiB+UCD on the embedded benchmark")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated methods to compare")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="base config (default: the packaged demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's run")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="evaluate a step checkpoint on its validation set")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=DIR)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("methods", help="list the methods with their loss weights")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("tasks", help="list the named tasks of a dataset")
+    p.add_argument("dataset", choices=("voc", "ade", "cityscapes", "embedded"))
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("index", help="per-step image counts and checksums of a task")
+    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded"))
+    p.add_argument("--root", default=None)
+    p.add_argument("--task", required=True)
+    p.add_argument("--setting", default="overlapped", choices=("overlapped", "disjoint", "partitioned"))
+    p.add_argument("--split", default="train", choices=("train", "val"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("prepare-embedded", help="generate the embedded Fashion-MNIST benchmark")
+    p.add_argument("--root", default=None)
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=400)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fashion-mnist", default=None, help="directory holding the Fashion-MNIST IDX files")
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        if os.environ.get("UCDSEG_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"ucdseg: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ucdseg: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Run configuration: typed defaults, YAML files and ``key=value`` overrides.
+
+A run is described by :class:`RunConfig`. ``load_config`` merges, in order, the typed defaults,
+an optional YAML file and command-line overrides (OmegaConf dot-list syntax, e.g.
+``train.batch_size=8 method.name=mib``). Unknown keys and values of the wrong type are rejected
+with a one-line :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded"  # voc | ade | cityscapes | embedded
+    root: Optional[str] = None  # None: the embedded benchmark's default location
+    setting: str = "overlapped"  # overlapped | disjoint | partitioned
+    crop_size: int = 64  # training crop (random resized crop, scale below)
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    eval_crop_size: Optional[int] = None  # None: evaluate at the native size
+    score_background: bool = False  # ADE20K/Cityscapes: score class 0 at evaluation
+    workers: int = 0  # DataLoader worker processes
+    cache_dir: Optional[str] = None  # image-index cache; None: $UCDSEG_CACHE or ~/.cache/ucdseg
+    # embedded benchmark generation (used only when dataset == "embedded")
+    embedded_train: int = 2000
+    embedded_val: int = 400
+    embedded_size: int = 64
+
+
+@dataclass
+class TaskConfig:
+    name: str = "4-3-3"
+    order: Optional[List[int]] = None  # explicit foreground class order
+    order_seed: Optional[int] = None  # seeded random class order
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    output_stride: int = 16
+    pretrained: Optional[str] = None  # torchvision-format ImageNet checkpoint or weight-enum name
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # global batch (split across processes)
+    epochs: float = 1.0  # per step, used when iterations is unset
+    epochs_next: Optional[float] = None  # steps >= 1; None: same as epochs
+    iterations: Optional[int] = None  # per step; overrides epochs
+    iterations_next: Optional[int] = None  # steps >= 1; None: same as iterations
+    lr: float = 0.01  # step 0
+    lr_next: float = 0.001  # steps >= 1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    amp: str = "none"  # none | bf16 | fp16
+    step0_from: Optional[str] = None  # reuse step 0 of this run directory (same data, task, model)
+    checkpoint_every: int = 0  # also checkpoint every N iterations inside a step (0: only at step end)
+    log_every: int = 10
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mib+ucd"
+    weights: Dict[str, float] = field(default_factory=dict)  # overrides of the method's loss weights
+    ucd_temperature: float = 0.07
+    ucd_formulation: str = "reference"  # reference | supcon
+    ucd_gather: bool = False  # contrast against the global batch under DDP
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    num_images: int = 4  # prediction images written per step
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+_CHOICES = {
+    "data.setting": ("overlapped", "disjoint", "partitioned"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "method.ucd_formulation": ("reference", "supcon"),
+    "device": ("auto", "cpu", "cuda"),
+    "model.output_stride": (8, 16),
+}
+
+
+def _first_line(exc: OmegaConfBaseException) -> str:
+    return str(getattr(exc, "msg", exc)).splitlines()[0]
+
+
+def _merge(*configs: Any) -> DictConfig:
+    try:
+        return OmegaConf.merge(*configs)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"invalid config{f' key {key!r}' if key else ''}: {_first_line(exc)}") from None
+
+
+def _validate(cfg: RunConfig) -> None:
+    for dotted, choices in _CHOICES.items():
+        section, _, attr = dotted.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, attr)
+        if value not in choices:
+            raise ConfigError(f"config key {dotted!r} is {value!r}; expected one of {list(choices)}")
+    for dotted in ("train.batch_size", "eval.batch_size", "data.crop_size"):
+        section, attr = dotted.split(".")
+        if getattr(getattr(cfg, section), attr) < 1:
+            raise ConfigError(f"config key {dotted!r} must be >= 1")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The YAML layers of ``path``: its ``_base_`` files (relative to it) first, then itself."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} includes itself through _base_")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in many types
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    bases = data.pop("_base_", None) if isinstance(data, DictConfig) else None
+    layers: list[DictConfig] = []
+    for base in [bases] if isinstance(bases, str) else list(bases or []):
+        layers += _read_yaml(path.parent / base, chain + (path.resolve(),))
+    return layers + [data]
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Typed defaults < YAML file ``path`` < ``overrides`` (``key=value`` strings).
+
+    A YAML file may name other files in ``_base_`` (a path or a list, relative to it); they are
+    merged first, so a file only states what it changes.
+    """
+    layers: list[Any] = [OmegaConf.structured(RunConfig)]
+    if path is not None:
+        layers += _read_yaml(Path(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid override: {_first_line(exc)}") from None
+    cfg: RunConfig = OmegaConf.to_object(_merge(*layers))  # type: ignore[assignment]
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> RunConfig:
+    cfg: RunConfig = OmegaConf.to_object(_merge(OmegaConf.structured(RunConfig), data))  # type: ignore
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,17 @@
+"""Datasets: raw readers of the official layouts, joint transforms, per-step views and the
+embedded Fashion-MNIST benchmark.
+
+``build_dataset(name, root, split)`` gives a :class:`SegmentationDataset` in dataset id space;
+``StepDataset(base, indices, lut, transform)`` maps its masks with a step's label table and
+transforms image and mask together; ``prepare_embedded(root)`` writes the embedded benchmark.
+(Per-step image lists live in ``ucdseg.data.index``.)
+"""
+
+from .base import SegmentationDataset, StepDataset, build_dataset, dataset_names
+from .meta import METAS, DatasetMeta, colorize
+from . import ade, cityscapes, voc  # noqa: F401  (register the readers)
+from .embedded import prepare_embedded
+from .transforms import eval_transforms, train_transforms
+
+__all__ = ["SegmentationDataset", "StepDataset", "DatasetMeta", "METAS", "build_dataset", "dataset_names",
+           "colorize", "train_transforms", "eval_transforms", "prepare_embedded"]

@@ -1,0 +1,47 @@
+"""ADE20K (the ADEChallengeData2016 scene-parsing release).
+
+Layout (``root`` is the ``ADEChallengeData2016`` folder)::
+
+    root/images/training/ADE_train_<n>.jpg      root/annotations/training/ADE_train_<n>.png
+    root/images/validation/ADE_val_<n>.jpg      root/annotations/validation/ADE_val_<n>.png
+
+Mask values are 0..150: 0 is "other", used as the background class in training; 1..150 are the
+challenge classes. By default background is not scored at evaluation
+(``meta.ignore_background_in_eval=True``, the MiB convention); ``score_background=True`` scores
+it, as PLOP does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir
+from .meta import ADE_META
+
+__all__ = ["ADE20KSegmentation", "ADE_LAYOUT"]
+
+ADE_LAYOUT = ("root = ADEChallengeData2016 holding images/{training,validation}/*.jpg and "
+              "annotations/{training,validation}/*.png")
+_FOLDERS = {"train": "training", "val": "validation"}
+
+
+@register_dataset("ade")
+class ADE20KSegmentation(SegmentationDataset):
+    """ADE20K, 151 classes (0 = "other"/background, 1..150)."""
+
+    def __init__(self, root: PathLike, split: str, score_background: bool = False):
+        check_split("ade", split)
+        root = Path(root).expanduser()
+        require_dir(root, "ade", ADE_LAYOUT)
+        image_dir = require_dir(root / "images" / _FOLDERS[split], "ade", ADE_LAYOUT)
+        mask_dir = require_dir(root / "annotations" / _FOLDERS[split], "ade", ADE_LAYOUT)
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg")
+        available = {p.stem for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+        missing = [p for p in images if p.stem not in available]
+        if missing:
+            raise FileNotFoundError(f"ade: {len(missing)} image(s) have no annotation, e.g. "
+                                    f"{mask_dir / (missing[0].stem + '.png')}; expected layout: {ADE_LAYOUT}")
+        masks = [mask_dir / f"{p.stem}.png" for p in images]
+        meta = dataclasses.replace(ADE_META, ignore_background_in_eval=not bool(score_background))
+        super().__init__("ade", root, split, meta, images, masks)

@@ -1,0 +1,205 @@
+"""The raw dataset reader shared by every dataset, and :func:`build_dataset`.
+
+A :class:`SegmentationDataset` is a list of (image file, mask file) pairs plus a
+:class:`~ucdseg.data.meta.DatasetMeta`. It reads in *dataset space*: ``load_mask`` returns the
+class ids of the dataset (0 background, 255 void), after any dataset-specific id mapping
+(:meth:`SegmentationDataset.convert_mask`, e.g. Cityscapes label ids -> train ids).
+Label look-up tables and transforms are applied later, by :class:`~ucdseg.data.StepDataset`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .meta import DatasetMeta
+
+__all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "build_dataset", "dataset_names", "register_dataset",
+           "read_mask", "read_image", "require_dir", "require_file", "check_split"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+SPLITS = ("train", "val")
+
+_REGISTRY: dict[str, Callable[..., "SegmentationDataset"]] = {}
+
+
+def register_dataset(name: str) -> Callable:
+    """Class decorator: make a reader available to :func:`build_dataset` under ``name``."""
+
+    def wrap(cls):
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The names :func:`build_dataset` accepts."""
+    return tuple(_REGISTRY)
+
+
+def build_dataset(name: str, root: PathLike, split: str, **options) -> "SegmentationDataset":
+    """The raw reader of dataset ``name`` ("voc", "ade", "cityscapes", "embedded") for ``split``.
+
+    ``options`` are the reader's keyword options (e.g. ``score_background=True`` for ADE20K and
+    Cityscapes); an unknown name or option raises a ``ValueError`` that lists the valid ones.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "root", "split")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) if accepted else "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r}: valid options: {valid}")
+    return cls(root, split, **options)
+
+
+# ------------------------------------------------------------------------------- small helpers
+def check_split(dataset: str, split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} for dataset {dataset!r}: expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def require_dir(path: Path, dataset: str, layout: str) -> Path:
+    """``path`` if it is a directory, else a FileNotFoundError naming it and the expected layout."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset}: folder not found: {path}; expected layout: {layout}")
+    return path
+
+
+def require_file(path: Path, dataset: str, layout: str) -> Path:
+    """``path`` if it is a file, else a FileNotFoundError naming it and the expected layout."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: file not found: {path}; expected layout: {layout}")
+    return path
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A single-channel PNG (palette "P" or grayscale "L") as a uint8 (H, W) array of its pixel values."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(f"mask {path} has mode {im.mode!r}: expected a palette (P) or grayscale (L) "
+                                 f"PNG whose pixel values are class ids")
+            return np.array(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mask file not found: {path}") from None
+
+
+def read_image(path: Path) -> Image.Image:
+    """An image file as an RGB PIL image (fully loaded, file closed)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+
+
+# --------------------------------------------------------------------------------- the reader
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Pairs of (image, mask) files of one split of a dataset, read in dataset id space.
+
+    ``dataset[i]`` is ``(PIL RGB image, uint8 mask)``. Subclasses find the files of their
+    official layout and may override :meth:`convert_mask` to map the stored ids.
+    """
+
+    def __init__(self, name: str, root: PathLike, split: str, meta: DatasetMeta,
+                 images: Sequence[Path], masks: Sequence[Path]):
+        if len(images) != len(masks):
+            raise ValueError(f"{name}: {len(images)} images but {len(masks)} masks")
+        if not images:
+            raise ValueError(f"{name}: no images found for split {split!r} under {root}")
+        self.name = name
+        self.split = split
+        self.root = Path(root)
+        self.meta = meta
+        self._images = [Path(p) for p in images]
+        self._masks = [Path(p) for p in masks]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return self.meta.num_classes
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def _check_index(self, i: int) -> int:
+        n = len(self._images)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= int(i) < n:
+            raise IndexError(f"index {i!r} out of range for {self.name}/{self.split} with {n} images")
+        return int(i)
+
+    def image_path(self, i: int) -> Path:
+        return self._images[self._check_index(i)]
+
+    def mask_path(self, i: int) -> Path:
+        return self._masks[self._check_index(i)]
+
+    def load_image(self, i: int) -> Image.Image:
+        """Image ``i`` as an RGB PIL image."""
+        return read_image(self.image_path(i))
+
+    def load_mask(self, i: int) -> np.ndarray:
+        """Mask ``i`` as uint8 (H, W) dataset class ids (0 background, 255 void)."""
+        return self.convert_mask(read_mask(self.mask_path(i)))
+
+    def convert_mask(self, raw: np.ndarray) -> np.ndarray:
+        """Stored pixel values -> dataset class ids (identity unless a dataset overrides it)."""
+        return raw
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        return self.load_image(i), self.load_mask(i)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, root='{self.root}', "
+                f"images={len(self)})")
+
+
+# ------------------------------------------------------------------------------ one step's view
+class StepDataset(torch.utils.data.Dataset):
+    """The images ``indices`` of ``base`` with their masks mapped by ``lut`` and then ``transform``.
+
+    ``lut`` is a (256,) uint8 look-up table (dataset id -> step label, see ``ucdseg.labels``);
+    ``transform(image, mask) -> (float C x H x W, int64 H x W)``, e.g. :func:`train_transforms`.
+    ``transform=None`` uses ``eval_transforms(None)`` (no geometry, ImageNet normalisation).
+    """
+
+    def __init__(self, base: SegmentationDataset, indices: Sequence[int], lut: np.ndarray,
+                 transform: Optional[Callable] = None):
+        lut = np.asarray(lut)
+        if lut.shape != (256,):
+            raise ValueError(f"lut must have shape (256,) (one entry per uint8 id), got {lut.shape}")
+        if lut.dtype != np.uint8:
+            if lut.min() < 0 or lut.max() > 255:
+                raise ValueError(f"lut values must be in 0..255, got {lut.min()}..{lut.max()}")
+            lut = lut.astype(np.uint8)
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        n = len(base)
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"indices {bad[:5]} out of range for {base.name}/{base.split} with {n} images")
+        self.lut = lut
+        if transform is None:
+            from .transforms import eval_transforms
+
+            transform = eval_transforms(None)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.indices[i]
+        image = self.base.load_image(j)
+        mask = self.lut[self.base.load_mask(j)]
+        return self.transform(image, mask)

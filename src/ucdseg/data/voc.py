@@ -1,0 +1,94 @@
+"""Pascal VOC 2012 with the SBD augmented masks (and the embedded benchmark, same layout).
+
+Layout (``root`` is the ``VOC2012`` folder)::
+
+    root/JPEGImages/<id>.jpg
+    root/SegmentationClassAug/<id>.png        SBD augmented masks (train_aug)
+    root/SegmentationClass/<id>.png           the official VOC masks (val)
+    root/ImageSets/Segmentation/train_aug.txt
+    root/ImageSets/Segmentation/val.txt
+
+``train`` reads ``train_aug.txt`` with ``SegmentationClassAug``; ``val`` reads ``val.txt`` with
+``SegmentationClass``, or ``SegmentationClassAug`` when the former is absent. A list line is
+either a bare id (``2007_000032``) or a MiB-style pair of root-relative paths
+(``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``), which is used as
+written. Masks are palette or grayscale PNGs whose pixel values are class ids (255 void).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir, require_file
+from .meta import EMBEDDED_META, VOC_META, DatasetMeta
+
+__all__ = ["VOCSegmentation", "EmbeddedSegmentation", "VOC_LAYOUT", "read_list"]
+
+VOC_LAYOUT = ("root = the VOC2012 folder holding JPEGImages/, SegmentationClassAug/, SegmentationClass/ (val) "
+              "and ImageSets/Segmentation/{train_aug,val}.txt")
+_LISTS = {"train": "train_aug.txt", "val": "val.txt"}
+_MASK_DIRS = {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")}
+
+
+def read_list(path: Path, root: Path, mask_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The (image, mask) paths named by a VOC list file.
+
+    Bare ids use ``root/JPEGImages/<id>.jpg`` and ``mask_dir/<id>.png``; two-path lines are taken
+    relative to ``root`` (a leading ``/`` is dropped).
+    """
+    images: list[Path] = []
+    masks: list[Path] = []
+    with open(path, "r", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) == 1:
+                images.append(root / "JPEGImages" / f"{parts[0]}.jpg")
+                masks.append(mask_dir / f"{parts[0]}.png")
+            elif len(parts) == 2:
+                images.append(root / parts[0].lstrip("/"))
+                masks.append(root / parts[1].lstrip("/"))
+            else:
+                raise ValueError(f"{path} line {number}: {line.strip()!r}: expected an image id or "
+                                 f"'/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png'")
+    return images, masks
+
+
+class _VOCLayout(SegmentationDataset):
+    """Reader of the VOC folder layout with a given name and meta."""
+
+    _hint = ""
+
+    def __init__(self, name: str, meta: DatasetMeta, root: PathLike, split: str):
+        check_split(name, split)
+        root = Path(root).expanduser()
+        layout = VOC_LAYOUT + self._hint
+        require_dir(root, name, layout)
+        require_dir(root / "JPEGImages", name, layout)
+        list_file = require_file(root / "ImageSets" / "Segmentation" / _LISTS[split], name, layout)
+        candidates = [root / d for d in _MASK_DIRS[split]]
+        mask_dir = next((d for d in candidates if d.is_dir()), candidates[0])
+        images, masks = read_list(list_file, root, mask_dir)
+        for folder in sorted({p.parent for p in images} | {p.parent for p in masks}):
+            require_dir(folder, name, layout)
+        if not images:
+            raise ValueError(f"{name}: list file {list_file} names no image; expected one id per line")
+        super().__init__(name, root, split, meta, images, masks)
+
+
+@register_dataset("voc")
+class VOCSegmentation(_VOCLayout):
+    """Pascal VOC 2012 + SBD (21 classes incl. background; 255 void)."""
+
+    def __init__(self, root: PathLike, split: str):
+        super().__init__("voc", VOC_META, root, split)
+
+
+@register_dataset("embedded")
+class EmbeddedSegmentation(_VOCLayout):
+    """The embedded Fashion-MNIST benchmark written by :func:`ucdseg.data.prepare_embedded`."""
+
+    _hint = " (create it with ucdseg.data.prepare_embedded(root) or `ucdseg prepare-embedded --root DIR`)"
+
+    def __init__(self, root: PathLike, split: str):
+        super().__init__("embedded", EMBEDDED_META, root, split)

@@ -1,0 +1,36 @@
+"""Loss functions of ucdseg: plain functions of tensors (SPEC §3).
+
+* MiB: :func:`unbiased_cross_entropy`, :func:`unbiased_kd`
+* LwF / ILT / LwF-MC: :func:`knowledge_distillation`, :func:`feature_distillation`,
+  :func:`multiclass_bce_distillation`
+* PLOP: :func:`local_pod`, :func:`entropy_pseudo_labels`, :class:`EntropyThresholds` (plop.py)
+* UCD: :func:`contrastive_distillation` (and its flat, gather-friendly core
+  :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`)
+"""
+
+from .contrastive import (
+    ContrastiveInputs,
+    contrastive_distillation,
+    contrastive_distillation_flat,
+    prepare_contrastive_inputs,
+    resize_labels_nearest,
+)
+from .distillation import feature_distillation, knowledge_distillation, multiclass_bce_distillation
+from .mib import unbiased_cross_entropy, unbiased_kd
+from .plop import EntropyThresholds, entropy_pseudo_labels, local_pod  # noqa: F401
+
+__all__ = [
+    "unbiased_cross_entropy",
+    "unbiased_kd",
+    "knowledge_distillation",
+    "multiclass_bce_distillation",
+    "feature_distillation",
+    "contrastive_distillation",
+    "contrastive_distillation_flat",
+    "prepare_contrastive_inputs",
+    "ContrastiveInputs",
+    "resize_labels_nearest",
+    "local_pod",
+    "entropy_pseudo_labels",
+    "EntropyThresholds",
+]

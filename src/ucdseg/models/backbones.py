@@ -1,0 +1,262 @@
+"""Dilated torchvision backbones that expose their stage outputs, and ImageNet weight loading.
+
+Backbones (all built with ``weights=None``; weights come from :func:`load_backbone_weights`):
+
+* ``resnet18``, ``resnet50``, ``resnet101``: the four stages are ``layer1`` .. ``layer4``
+  (strides 4, 8, 16, 16 at output stride 16; 4, 8, 8, 8 at output stride 8). Output stride
+  comes from dilation as torchvision's ``replace_stride_with_dilation`` does it (the first block
+  of a dilated stage keeps the previous dilation). torchvision's ``BasicBlock`` refuses dilation,
+  so for ``resnet18`` :func:`dilate_resnet_stage` applies the same change to the built network.
+* ``mobilenet_v3_large``: ``features`` of torchvision's MobileNetV3. At output stride 16 this
+  is exactly ``mobilenet_v3_large(dilated=True)`` (the last strided block group runs at stride 1
+  with dilation 2), as ``deeplabv3_mobilenet_v3_large`` uses it; at output stride 8 the stride-16
+  group is dilated too (dilation 2, then 4). The four stages are the last block before each of
+  the strided blocks C2, C3, C4 (``features.3``: 24 ch at stride 4, ``features.6``: 40 ch at
+  stride 8, ``features.12``: 112 ch at stride 16) and the final 1x1 conv ``features.16``
+  (960 ch), which feeds the segmentation head (as torchvision's DeepLab does).
+
+Stage outputs are the modules' outputs, i.e. after the final ReLU/activation of each stage.
+(PLOP's In-Place-ABN ResNet returned the sum before the last activation; torchvision's
+in-place ReLU does not keep it.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tvm
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+
+__all__ = [
+    "BACKBONES",
+    "OUTPUT_STRIDES",
+    "Backbone",
+    "build_backbone",
+    "dilate_resnet_stage",
+    "read_state_dict",
+    "load_backbone_weights",
+]
+
+BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large")
+OUTPUT_STRIDES = (8, 16)
+
+#: Keys of torchvision's classification heads, dropped when loading ImageNet weights.
+_HEAD_PREFIXES = ("fc.", "classifier.")
+
+
+class Backbone(nn.Module):
+    """A feature extractor returning the outputs of its four stages, shallowest first.
+
+    Attributes:
+        name: torchvision model name.
+        output_stride: input size / size of the last stage output.
+        body: the ``IntermediateLayerGetter`` that runs the network.
+        stage_names: names of the modules whose outputs are returned (in ``body``).
+        stage_channels: channels of each returned stage.
+        out_channels: channels of the last stage (the head's input).
+        key_prefix: prefix that torchvision's classification state dict puts before ``body``'s
+            keys (``"features."`` for MobileNetV3, ``""`` for ResNets).
+    """
+
+    def __init__(self, name: str, output_stride: int, body: IntermediateLayerGetter,
+                 stage_names: list[str], stage_channels: list[int], key_prefix: str) -> None:
+        super().__init__()
+        self.name = name
+        self.output_stride = output_stride
+        self.body = body
+        self.stage_names = list(stage_names)
+        self.stage_channels = list(stage_channels)
+        self.out_channels = stage_channels[-1]
+        self.key_prefix = key_prefix
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Return the four stage outputs of ``x`` (B, 3, H, W), shallowest first."""
+        return list(self.body(x).values())
+
+
+def dilate_resnet_stage(stage: nn.Sequential, previous_dilation: int, dilation: int) -> None:
+    """Turn a strided ResNet stage (``layerN``) into a dilated one, in place.
+
+    Same result as torchvision's ``replace_stride_with_dilation``: every conv and the
+    downsample projection get stride 1; the 3x3 convs of the first block use
+    ``previous_dilation`` and those of the other blocks use ``dilation`` (padding = dilation,
+    so spatial sizes are kept). Works for ``BasicBlock`` and ``Bottleneck`` stages.
+    """
+    for index, block in enumerate(stage):
+        rate = previous_dilation if index == 0 else dilation
+        for module in block.modules():
+            if isinstance(module, nn.Conv2d):
+                module.stride = (1, 1)
+                if module.kernel_size == (3, 3):
+                    module.dilation = (rate, rate)
+                    module.padding = (rate, rate)
+
+
+def _resnet(name: str, output_stride: int) -> Backbone:
+    dilate = [False, output_stride == 8, True]
+    if name == "resnet18":
+        net = tvm.resnet18(weights=None)
+        rate = 1
+        for stage_name, flag in zip(("layer2", "layer3", "layer4"), dilate):
+            if flag:
+                dilate_resnet_stage(getattr(net, stage_name), rate, rate * 2)
+                rate *= 2
+    else:
+        net = getattr(tvm, name)(weights=None, replace_stride_with_dilation=dilate)
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    body = IntermediateLayerGetter(net, return_layers={s: s for s in stages})
+    expansion = type(net.layer1[0]).expansion  # 1 for BasicBlock, 4 for Bottleneck
+    channels = [64 * 2**i * expansion for i in range(4)]
+    return Backbone(name, output_stride, body, stages, channels, key_prefix="")
+
+
+def _mobilenet_v3_large(output_stride: int) -> Backbone:
+    settings, last_channel = _mobilenet_v3_conf("mobilenet_v3_large")
+    stride, rate = 2, 1  # the stem conv has stride 2
+    for cnf in settings:
+        if cnf.stride > 1:
+            if stride >= output_stride:
+                rate *= cnf.stride  # InvertedResidual runs at stride 1 when dilation > 1
+            else:
+                stride *= cnf.stride
+        cnf.dilation = rate
+    features = MobileNetV3(settings, last_channel).features
+    strided = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)]
+    stage_ids = [i - 1 for i in strided[1:]] + [len(features) - 1]
+    body = IntermediateLayerGetter(features, return_layers={str(i): str(i) for i in stage_ids})
+    channels = [features[i].out_channels for i in stage_ids]
+    return Backbone("mobilenet_v3_large", output_stride, body, [str(i) for i in stage_ids],
+                    channels, key_prefix="features.")
+
+
+def build_backbone(name: str, output_stride: int = 16) -> Backbone:
+    """Build the named backbone (random init) at output stride 16 or 8."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+    if name == "mobilenet_v3_large":
+        return _mobilenet_v3_large(output_stride)
+    return _resnet(name, output_stride)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint reading and ImageNet weights
+# --------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Tensor]:
+    """Read a state dict from a ``torch.save`` file (``weights_only=True``).
+
+    Accepts a plain state dict or a dict holding one under ``"state_dict"`` or ``"model"``;
+    a DDP ``"module."`` prefix on every key is removed. Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` for a file that is not such a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors all mean "not a checkpoint"
+        raise ValueError(f"{what} {path} is not a readable PyTorch checkpoint "
+                         f"(torch.load(weights_only=True) failed: {_load_error_reason(exc)})") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise ValueError(f"{what} {path} holds no state dict (expected a dict of tensors, or one "
+                         f"under a 'state_dict' or 'model' key; got {type(obj).__name__})")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_error_reason(exc: Exception) -> str:
+    """A short, one-line reason for a failed ``torch.load``."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "Weights only load failed" in text:
+        return "it pickles Python objects besides tensors and plain containers"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+def _describe_mismatch(expected: Mapping[str, Tensor], given: Mapping[str, Tensor],
+                       optional_suffix: str = "num_batches_tracked") -> str:
+    """One-line description of how ``given`` differs from ``expected`` ('' if it matches)."""
+    missing = [k for k in expected if k not in given and not k.endswith(optional_suffix)]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in expected if k in given and given[k].shape != expected[k].shape]
+
+    def show(items: list[str]) -> str:
+        more = f", ... ({len(items) - 3} more)" if len(items) > 3 else ""
+        return ", ".join(items[:3]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({show(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({show(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches, file vs model ({show(shapes)})")
+    return "; ".join(parts)
+
+
+_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+def load_backbone_weights(backbone: Backbone, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
+    """Load ImageNet classification weights into ``backbone`` (in place).
+
+    ``source`` is one of:
+
+    * a path to a checkpoint of torchvision's classification model for the same architecture
+      (e.g. ``resnet101-63fe2227.pth``), possibly wrapped under ``"state_dict"``/``"model"``;
+    * a torchvision weight enum member name such as ``"IMAGENET1K_V1"`` or ``"DEFAULT"``
+      (torchvision downloads it unless it is in the torch hub cache: needs internet);
+    * a state dict already in memory.
+
+    The classification head (``fc.*`` / ``classifier.*``) is dropped. Every other key must match
+    the backbone exactly (``num_batches_tracked`` may be absent); otherwise ``ValueError`` names
+    the source and the first mismatching keys.
+    """
+    if isinstance(source, Mapping):
+        state, label = dict(source), "in-memory state dict"
+    else:
+        text = os.fspath(source)
+        if not Path(text).exists() and _ENUM_NAME.match(text):
+            state, label = _torchvision_weights(backbone.name, text), f"torchvision {backbone.name} {text}"
+        else:
+            state, label = read_state_dict(text, what="pretrained backbone"), str(text)
+    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+    prefix = backbone.key_prefix
+    if prefix:
+        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    expected = backbone.body.state_dict()
+    problem = _describe_mismatch(expected, state)
+    if problem:
+        raise ValueError(f"pretrained weights {label} do not fit backbone {backbone.name}: {problem}")
+    for key, value in expected.items():  # old torchvision files lack num_batches_tracked
+        state.setdefault(key, value)
+    backbone.body.load_state_dict(state, strict=True)
+
+
+def _torchvision_weights(arch: str, member: str) -> dict[str, Tensor]:
+    """State dict of torchvision's ``arch`` weights enum member ``member`` (may download)."""
+    enum: Any = tvm.get_model_weights(arch)
+    names = list(enum.__members__)
+    if member not in names:
+        raise ValueError(f"unknown torchvision weights {member!r} for {arch}; "
+                         f"expected a checkpoint path or one of {', '.join(names)}")
+    return enum[member].get_state_dict(progress=True, check_hash=True)

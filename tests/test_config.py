@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from ucdseg.config import ConfigError, from_dict, load_config, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: 4\nmethod:\n  name: mib\n")
+    cfg = load_config(path, ["train.batch_size=8", "method.weights.ucd=0.5", "task.order=[3,1,2]"])
+    assert cfg.train.batch_size == 8
+    assert cfg.method.name == "mib"
+    assert cfg.method.weights == {"ucd": 0.5}
+    assert cfg.task.order == [3, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.batch_size=abc", ["train.batch_size"]),
+        ("train.bogus=1", ["train.bogus"]),
+        ("nothing=1", ["nothing"]),
+        ("data.setting=sideways", ["data.setting", "overlapped"]),
+        ("train.amp=fp8", ["train.amp", "bf16"]),
+        ("train.batch_size=0", ["train.batch_size", ">= 1"]),
+        ("novalue", ["novalue", "key=value"]),
+    ],
+)
+def test_bad_overrides_are_one_line_errors_naming_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  backbon: resnet18\n")
+    with pytest.raises(ConfigError, match="model.backbon"):
+        load_config(wrong)
+
+
+def test_dict_round_trip():
+    cfg = load_config(None, ["seed=3", "task.name=6-2"])
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_every_shipped_config_loads():
+    files = sorted(CONFIGS.rglob("*.yaml"))
+    assert files, "no config shipped"
+    for path in files:
+        load_config(path)
+
+
+def test_base_files_are_merged_first(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  batch_size: 4\n  lr: 0.5\ntask:\n  name: 6-2\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  lr: 0.1\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.task.name) == (4, 0.1, "6-2")
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("_base_: gone.yaml\n")
+    with pytest.raises(ConfigError, match="gone.yaml does not exist"):
+        load_config(tmp_path / "orphan.yaml")

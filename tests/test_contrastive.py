@@ -1,0 +1,358 @@
+"""UCD contrastive distillation vs a naive loop implementation written from SPEC §3."""
+
+import math
+
+import pytest
+import torch
+
+from ucdseg.losses import (
+    contrastive_distillation,
+    contrastive_distillation_flat,
+    prepare_contrastive_inputs,
+)
+
+TAU = 0.07
+
+
+# ----------------------------------------------------------------------------------------------
+# naive reference: explicit loops over pixels, anchors and positives (SPEC §3, steps 1-6)
+# ----------------------------------------------------------------------------------------------
+def naive_ucd(f, g, z_old, y, tau=TAU, formulation="reference"):
+    """Returns (loss, number of anchors with >= 1 positive). ``y`` is at the feature size."""
+    f, g, z_old = f.double(), g.double(), z_old.double()
+    batch, _, h, w = f.shape
+    p = torch.softmax(z_old, dim=1)
+    anchors, a_lab, a_prob, a_gt = [], [], [], []
+    olds, o_lab, o_prob = [], [], []
+    for b in range(batch):
+        for i in range(h):
+            for j in range(w):
+                lab = int(y[b, i, j])
+                if lab == 255:
+                    continue
+                gt = lab != 0
+                if not gt:
+                    lab = int(p[b, :, i, j].argmax())
+                    if lab == 0:
+                        continue
+                v = f[b, :, i, j]
+                anchors.append(v / v.norm())
+                a_lab.append(lab)
+                a_prob.append(p[b, :, i, j])
+                a_gt.append(gt)
+                if not gt:
+                    u = g[b, :, i, j].detach()
+                    olds.append(u / u.norm())
+                    o_lab.append(lab)
+                    o_prob.append(p[b, :, i, j])
+    contrast = [a.detach() for a in anchors] + olds
+    c_lab, c_prob, c_gt = a_lab + o_lab, a_prob + o_prob, a_gt + [False] * len(olds)
+
+    losses = []
+    for i, a in enumerate(anchors):
+        s = [torch.dot(a, c) / tau for c in contrast]
+        pos = [k for k in range(len(contrast)) if c_lab[k] == a_lab[i] and k != i]
+        if not pos:
+            continue
+        neg_sum = torch.zeros((), dtype=torch.float64)
+        for n in range(len(contrast)):
+            if c_lab[n] != a_lab[i]:
+                neg_sum = neg_sum + torch.exp(s[n])
+        m = torch.stack(s).max().detach() if formulation == "reference" else 0.0
+        total = 0.0
+        for k in pos:
+            w_ik = 1.0 if (a_gt[i] and c_gt[k]) else torch.dot(a_prob[i], c_prob[k])
+            l_ik = (s[k] - m) - torch.log(torch.exp(s[k] - m) + neg_sum)
+            total = total + w_ik * l_ik
+        losses.append(-total / len(pos))
+    if not losses:
+        return f.sum() * 0, 0
+    return torch.stack(losses).mean(), len(losses)
+
+
+def make_case(seed, batch=2, dim=5, h=3, w=4, old=4, new=(4, 5), dtype=torch.float64):
+    """Random maps; labels mix background, ignore, new classes and a PLOP-style old-class label."""
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(batch, dim, h, w, generator=gen, dtype=torch.float64)
+    g = f + 0.5 * torch.randn(batch, dim, h, w, generator=gen, dtype=torch.float64)
+    z = 2.0 * torch.randn(batch, old, h, w, generator=gen, dtype=torch.float64)
+    choices = torch.tensor([0, 0, 0, 255, *new, 2])
+    y = choices[torch.randint(len(choices), (batch, h, w), generator=gen)]
+    return f.to(dtype), g.to(dtype), z.to(dtype), y
+
+
+def grad_of(fn, f):
+    f = f.clone().requires_grad_(True)
+    loss = fn(f)
+    loss.backward()
+    return loss.detach(), f.grad
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-made case (value computed by reasoning)
+# ----------------------------------------------------------------------------------------------
+def hand_case():
+    # 1 image, 1 x 5 pixels, D = 2, C_old = 2 (bg, class 1), new class 2.
+    # pixel 0, 1: GT class 2, features along e1 (norms 2 and 3)
+    # pixel 2: label 0, old model says class 1 with p = (1/4, 3/4); f and g along e2
+    # pixel 3: ignore; pixel 4: label 0, old model says background -> dropped
+    f = torch.tensor([[[[2.0, 3.0, 0.0, 7.0, -1.0]], [[0.0, 0.0, 0.5, 7.0, 5.0]]]])
+    g = torch.tensor([[[[9.0, 9.0, 0.0, 1.0, 2.0]], [[1.0, 1.0, 4.0, 3.0, 4.0]]]])
+    z = torch.tensor([[[[0.0, 0.0, 0.0, 0.0, 5.0]], [[0.0, 0.0, math.log(3.0), 0.0, 0.0]]]])
+    y = torch.tensor([[[2, 2, 0, 255, 0]]])
+    return f, g, z, y
+
+
+def test_hand_made_case_literal_values():
+    # anchors a0=a1=e1 (label 2, GT), a2=e2 (label 1); contrast = [a0, a1, a2, g2=e2], tau = 1.
+    # anchor 0: positive a1 (s=1, w=1), negatives a2, g2 (s=0, 0) -> N = 2, m = 1.
+    #   reference: -l = log(e^0 + 2) = log 3;  supcon: -l = log(e + 2) - 1.  Anchor 1 is the same.
+    # anchor 2: positive g2 (s=1), negatives a0, a1 (N = 2), w = 1/16 + 9/16 = 0.625.
+    # mean over 3 anchors: (1 + 1 + 0.625) / 3 = 0.875 times the per-pair value.
+    f, g, z, y = hand_case()
+    ref = contrastive_distillation(f, g, z, y, temperature=1.0, formulation="reference")
+    sup = contrastive_distillation(f, g, z, y, temperature=1.0, formulation="supcon")
+    assert ref.item() == pytest.approx(0.961285753, abs=1e-6)  # 0.875 * log 3
+    assert sup.item() == pytest.approx(0.482514125, abs=1e-6)  # 0.875 * (log(e + 2) - 1)
+    assert ref.dtype == torch.float32 and ref.dim() == 0
+
+
+def test_hand_case_selection():
+    f, g, z, y = hand_case()
+    inp = prepare_contrastive_inputs(f, g, z, y)
+    assert inp.anchor_labels.tolist() == [2, 2, 1]
+    assert inp.anchor_is_gt.tolist() == [True, True, False]
+    assert inp.contrast_labels.tolist() == [2, 2, 1, 1]
+    assert inp.contrast_is_gt.tolist() == [True, True, False, False]
+    assert inp.self_index.tolist() == [0, 1, 2]
+    torch.testing.assert_close(inp.anchors, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(inp.contrast[3], torch.tensor([0.0, 1.0]))
+    assert not inp.contrast.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# agreement with the naive reference
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("formulation", ["reference", "supcon"])
+@pytest.mark.parametrize("block_size", [1, 3, 7, 1000])
+def test_streamed_matches_naive_value_and_gradient(formulation, block_size):
+    f, g, z, y = make_case(seed=0)
+    want, want_grad = grad_of(lambda x: naive_ucd(x, g, z, y, formulation=formulation)[0], f)
+    got, got_grad = grad_of(
+        lambda x: contrastive_distillation(
+            x, g, z, y, formulation=formulation, block_size=block_size
+        ),
+        f,
+    )
+    assert naive_ucd(f, g, z, y)[1] > 5  # the case has a fair number of anchors
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert want_grad.abs().sum() > 0
+
+
+def test_formulations_differ_and_other_seeds_match():
+    for seed in (1, 2):
+        f, g, z, y = make_case(seed=seed)
+        for form in ("reference", "supcon"):
+            want = naive_ucd(f, g, z, y, formulation=form)[0]
+            got = contrastive_distillation(f, g, z, y, formulation=form, block_size=4)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    f, g, z, y = make_case(seed=0)
+    ref = contrastive_distillation(f, g, z, y, formulation="reference")
+    sup = contrastive_distillation(f, g, z, y, formulation="supcon")
+    assert abs(ref.item() - sup.item()) > 1e-3
+
+
+def test_many_classes_are_kept():
+    # ADE-like ids: 101 old channels, GT labels 120 and 149 (the release cut labels > 20 to 0)
+    f, g, z, y = make_case(seed=3, old=101, new=(120, 149))
+    inp = prepare_contrastive_inputs(f, g, z, y)
+    assert {120, 149} <= set(inp.anchor_labels.tolist())
+    want, want_grad = grad_of(lambda x: naive_ucd(x, g, z, y)[0], f)
+    got, got_grad = grad_of(lambda x: contrastive_distillation(x, g, z, y, block_size=5), f)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_gradient_flows_only_into_new_features():
+    f, g, z, y = make_case(seed=4, dtype=torch.float32)
+    f.requires_grad_(True)
+    g.requires_grad_(True)
+    z.requires_grad_(True)
+    contrastive_distillation(f, g, z, y).backward()
+    assert f.grad is not None and f.grad.abs().sum() > 0
+    assert g.grad is None and z.grad is None
+
+
+# ----------------------------------------------------------------------------------------------
+# labels at a higher resolution, precision
+# ----------------------------------------------------------------------------------------------
+def test_labels_at_higher_resolution_use_nearest():
+    f, g, z, _ = make_case(seed=5)
+    gen = torch.Generator().manual_seed(6)
+    choices = torch.tensor([0, 0, 255, 4, 5])
+    # integer factor 2: nearest picks pixel (2i, 2j)
+    y_hi = choices[torch.randint(len(choices), (2, 6, 8), generator=gen)]
+    y_lo = y_hi[:, ::2, ::2]
+    want = naive_ucd(f, g, z, y_lo)[0]
+    torch.testing.assert_close(contrastive_distillation(f, g, z, y_hi), want, rtol=1e-10, atol=0)
+    # non-integer factor 7x9 -> 3x4: pixel (floor(i*7/3), floor(j*9/4))
+    y_odd = choices[torch.randint(len(choices), (2, 7, 9), generator=gen)]
+    rows = [math.floor(i * 7 / 3) for i in range(3)]
+    cols = [math.floor(j * 9 / 4) for j in range(4)]
+    y_lo = y_odd[:, rows][:, :, cols]
+    want = naive_ucd(f, g, z, y_lo)[0]
+    torch.testing.assert_close(contrastive_distillation(f, g, z, y_odd), want, rtol=1e-10, atol=0)
+
+
+def test_nearest_never_invents_class_ids():
+    # a 4 | 5 boundary: bilinear downsampling would create other ids; nearest keeps {4, 5}
+    f, g, z, _ = make_case(seed=7, batch=1, h=2, w=2)
+    y = torch.tensor([[[4, 4, 5, 5], [4, 4, 5, 5], [4, 4, 5, 5], [4, 4, 5, 5]]])
+    labels = prepare_contrastive_inputs(f, g, z, y).anchor_labels
+    assert labels.tolist() == [4, 5, 4, 5]
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(half):
+    f, g, z, y = make_case(seed=8)
+    f, g, z = (3 * f).to(half), (3 * g).to(half), z.to(half)
+    # exp(1/0.07) ~ 1.6e6 overflows float16 (max 65504): a half-precision computation breaks
+    assert torch.isinf(torch.exp(torch.tensor(1 / TAU, dtype=torch.float16)))
+    f.requires_grad_(True)
+    got = contrastive_distillation(f, g, z, y)
+    got.backward()
+    want = naive_ucd(f.detach().double(), g.double(), z.double(), y)[0]
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert got.item() == pytest.approx(want.item(), rel=2e-5)
+    assert f.grad.dtype == half and torch.isfinite(f.grad.float()).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# degenerate cases
+# ----------------------------------------------------------------------------------------------
+def _assert_zero_with_zero_grad(fn, f):
+    f = f.clone().requires_grad_(True)
+    loss = fn(f)
+    assert loss.dim() == 0 and loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert f.grad is not None and torch.equal(f.grad, torch.zeros_like(f))
+
+
+def test_no_anchor_gives_zero_with_grad_path():
+    f, g, z, _ = make_case(seed=9, dtype=torch.float32)
+    all_void = torch.full((2, 3, 4), 255)
+    _assert_zero_with_zero_grad(lambda x: contrastive_distillation(x, g, z, all_void), f)
+    # every pixel labelled 0 and the old model predicts background everywhere
+    z_bg = torch.zeros_like(z)
+    z_bg[:, 0] = 10.0
+    all_bg = torch.zeros((2, 3, 4), dtype=torch.long)
+    _assert_zero_with_zero_grad(lambda x: contrastive_distillation(x, g, z_bg, all_bg), f)
+
+
+def test_no_positive_gives_zero_with_grad_path():
+    # two GT pixels of different new classes, no old-model element: nothing shares a label
+    f, g, z, _ = make_case(seed=10, batch=1, h=1, w=3, dtype=torch.float32)
+    y = torch.tensor([[[4, 5, 255]]])
+    _assert_zero_with_zero_grad(lambda x: contrastive_distillation(x, g, z, y), f)
+
+
+def test_anchor_without_negatives_costs_zero():
+    # two GT pixels of the same class, nothing else: N_i = 0 so l = s - log(exp(s)) = 0 exactly
+    f, g, z, _ = make_case(seed=11, batch=1, h=1, w=2)
+    y = torch.tensor([[[4, 4]]])
+    for form in ("reference", "supcon"):
+        loss, grad = grad_of(lambda x: contrastive_distillation(x, g, z, y, formulation=form), f)
+        want = naive_ucd(f, g, z, y, formulation=form)[0]
+        assert loss.item() == pytest.approx(want.item(), abs=1e-12)
+        assert loss.item() == pytest.approx(0.0, abs=1e-12)
+        assert torch.isfinite(grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the flat, gather-friendly core
+# ----------------------------------------------------------------------------------------------
+def test_flat_core_supports_a_gathered_contrast_set():
+    """Two 'processes' each own one image's anchors but share the gathered contrast set."""
+    f, g, z, y = make_case(seed=12)
+    f_ref = f.clone().requires_grad_(True)
+    want, count = naive_ucd(f_ref, g, z, y)
+    want.backward()
+
+    f_dist = f.clone().requires_grad_(True)
+    parts = [
+        prepare_contrastive_inputs(f_dist[r : r + 1], g[r : r + 1], z[r : r + 1], y[r : r + 1])
+        for r in (0, 1)
+    ]
+    contrast = torch.cat([p.contrast for p in parts])
+    c_labels = torch.cat([p.contrast_labels for p in parts])
+    c_probs = torch.cat([p.contrast_probs for p in parts])
+    c_gt = torch.cat([p.contrast_is_gt for p in parts])
+    offsets = [0, parts[0].contrast.shape[0]]
+    total = 0.0
+    for part, offset in zip(parts, offsets):
+        total = total + contrastive_distillation_flat(
+            part.anchors, part.anchor_labels, part.anchor_probs, part.anchor_is_gt,
+            contrast, c_labels, c_probs, c_gt, self_index=part.self_index + offset,
+            block_size=3, reduction="sum",
+        )  # fmt: skip
+    loss = total / count
+    loss.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f_dist.grad, f_ref.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_flat_reduction_none_and_no_self_copy():
+    inp = prepare_contrastive_inputs(*hand_case())
+    per = contrastive_distillation_flat(*inp, temperature=1.0, reduction="none")
+    log3 = math.log(3.0)
+    torch.testing.assert_close(per, torch.tensor([log3, log3, 0.625 * log3]))
+    # without own copies (self_index=None) each anchor's copy becomes a positive with s = 1/tau
+    # anchor 0: positives a0, a1 (s = 1, w = 1), N = 2, m = 1 -> -l = log 3 each -> log 3
+    per = contrastive_distillation_flat(*inp[:8], self_index=None, temperature=1.0, reduction="none")
+    torch.testing.assert_close(per, torch.tensor([log3, log3, 0.625 * log3]))
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    f, g, z, y = make_case(seed=13, dtype=torch.float32)
+    with pytest.raises(ValueError, match="formulation"):
+        contrastive_distillation(f, g, z, y, formulation="simclr")
+    with pytest.raises(ValueError, match="temperature"):
+        contrastive_distillation(f, g, z, y, temperature=0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        contrastive_distillation(f, g, z, y, block_size=0)
+    with pytest.raises(ValueError, match="old_features"):
+        contrastive_distillation(f, g[:, :3], z, y)
+    with pytest.raises(ValueError, match="old_logits"):
+        contrastive_distillation(f, g, z[:, :, :2], y)
+    with pytest.raises(ValueError, match="labels"):
+        contrastive_distillation(f, g, z, y.float())
+    with pytest.raises(ValueError, match="labels"):
+        contrastive_distillation(f, g, z, y.unsqueeze(1))
+    with pytest.raises(ValueError, match="batch size"):
+        contrastive_distillation(f, g, z, y[:1])
+    with pytest.raises(ValueError, match="-1"):
+        contrastive_distillation(f, g, z, y - 1)
+    inp = prepare_contrastive_inputs(f, g, z, y)
+    with pytest.raises(ValueError, match="reduction"):
+        contrastive_distillation_flat(*inp, reduction="max")
+    with pytest.raises(ValueError, match="self_index"):
+        contrastive_distillation_flat(*inp[:8], self_index=inp.self_index + 10_000)
+    with pytest.raises(ValueError, match="contrast_labels"):
+        contrastive_distillation_flat(*inp[:5], inp.contrast_labels[:-1], *inp[6:])
+
+
+def test_backward_keeps_no_anchor_by_contrast_matrix():
+    """The autograd node saves only per-anchor / per-element tensors, never an |A| x |C| matrix."""
+    f, g, z, y = make_case(seed=14)
+    f.requires_grad_(True)
+    inp = prepare_contrastive_inputs(f, g, z, y)
+    n, k = inp.anchors.shape[0], inp.contrast.shape[0]
+    per_anchor = contrastive_distillation_flat(*inp, reduction="none")
+    saved = per_anchor.grad_fn.saved_tensors
+    assert saved and all(t.numel() <= max(n, k) * max(f.shape[1], z.shape[1]) for t in saved)
+    assert all(t.numel() < n * k for t in saved)

@@ -1,0 +1,53 @@
+import math
+
+import pytest
+import torch
+
+from ucdseg.engine.metrics import ConfusionMatrix, miou_summary
+
+
+def test_confusion_matrix_counts_and_ignores_void():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 1]])
+    cm = ConfusionMatrix(3)
+    cm.update(target, pred)
+    # rows = ground truth, columns = prediction; the two 255 pixels are ignored
+    assert cm.mat.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # IoU = TP / (TP + FP + FN): class 0: 1/(1+1+1), class 1: 2/(2+1+0), class 2: 1/(1+0+1)
+    assert cm.iou() == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert cm.pixel_accuracy() == pytest.approx(4 / 6)
+
+
+def test_confusion_matrix_accumulates_over_updates():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    cm.update(torch.tensor([1, 1]), torch.tensor([0, 1]))
+    assert cm.mat.tolist() == [[1, 0], [1, 2]]
+
+
+def test_absent_class_has_nan_iou():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    iou = cm.iou()
+    assert iou[:2] == [1.0, 1.0] and math.isnan(iou[2])
+
+
+def test_miou_summary_both_conventions():
+    # 3 base classes (bg, 1, 2) and 2 new ones
+    iou = [0.9, 0.5, 0.7, 0.2, 0.4]
+    s = miou_summary(iou, num_base=3, num_seen=5)
+    assert s["with_background"]["old"] == pytest.approx((0.9 + 0.5 + 0.7) / 3)
+    assert s["with_background"]["new"] == pytest.approx(0.3)
+    assert s["with_background"]["all"] == pytest.approx(2.7 / 5)
+    assert s["without_background"]["old"] == pytest.approx(0.6)
+    assert s["without_background"]["new"] == pytest.approx(0.3)
+    assert s["without_background"]["all"] == pytest.approx(1.8 / 4)
+
+
+def test_miou_summary_step0_and_unscored_background():
+    s = miou_summary([0.8, 0.4, 0.6], num_base=3, num_seen=3)
+    assert s["with_background"]["new"] is None
+    s = miou_summary([0.8, 0.4, 0.6, math.nan], num_base=2, num_seen=4, score_background=False)
+    assert s["with_background"] == s["without_background"]
+    assert s["with_background"]["old"] == pytest.approx(0.4)
+    assert s["with_background"]["new"] == pytest.approx(0.6)  # NaN (absent class) is skipped

@@ -1,0 +1,422 @@
+"""Tests of ucdseg.models: shapes, dilation, head, classifier init, weight loading and errors."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from ucdseg.models import (
+    IncrementalDeepLab,
+    SegOutput,
+    build_backbone,
+    build_model,
+    load_previous_step,
+)
+from ucdseg.models.backbones import dilate_resnet_stage
+
+STAGE_CHANNELS = {
+    "resnet18": [64, 128, 256, 512],
+    "resnet50": [256, 512, 1024, 2048],
+    "resnet101": [256, 512, 1024, 2048],
+    "mobilenet_v3_large": [24, 40, 112, 960],
+}
+STAGE_STRIDES = {16: [4, 8, 16, 16], 8: [4, 8, 8, 8]}
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert "\n" not in message.strip()
+    return message
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial running stats and affine params (eval outputs differ)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnet101", "mobilenet_v3_large"])
+def test_output_shapes(backbone: str, output_stride: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(backbone, [3, 2], output_stride=output_stride)
+    assert model.classes_per_step == [3, 2] and model.num_classes == 5
+    assert model.backbone.stage_channels == STAGE_CHANNELS[backbone]
+    model.eval()
+    height, width = 64, 96  # not square, to catch swapped axes
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, height, width))
+    assert isinstance(out, SegOutput)
+    h, w = height // output_stride, width // output_stride
+    assert out.logits.shape == (2, 5, height, width)
+    assert out.low_logits.shape == (2, 5, h, w)
+    assert out.features.shape == (2, 256, h, w)
+    assert len(out.stages) == 4
+    for stage, channels, stride in zip(out.stages, STAGE_CHANNELS[backbone], STAGE_STRIDES[output_stride]):
+        assert stage.shape == (2, channels, height // stride, width // stride)
+    assert (out.features >= 0).all()  # the head ends with ReLU
+
+
+def test_logits_are_bilinear_upsampling_of_low_logits() -> None:
+    """Naive align_corners=False bilinear interpolation, written as two interpolation matrices."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", [2, 1]).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 48))
+
+    def interp_matrix(out_size: int, in_size: int) -> np.ndarray:
+        m = np.zeros((out_size, in_size))
+        scale = in_size / out_size
+        for i in range(out_size):
+            src = max((i + 0.5) * scale - 0.5, 0.0)
+            lo = min(int(math.floor(src)), in_size - 1)
+            hi = min(lo + 1, in_size - 1)
+            frac = src - lo
+            m[i, lo] += 1 - frac
+            m[i, hi] += frac
+        return m
+
+    low = out.low_logits[0].double().numpy()  # (3, 4, 3)
+    rows, cols = interp_matrix(64, low.shape[1]), interp_matrix(48, low.shape[2])
+    expected = np.einsum("ij,cjk,lk->cil", rows, low, cols)
+    np.testing.assert_allclose(out.logits[0].double().numpy(), expected, atol=1e-5)
+
+
+def test_classifier_outputs_are_concatenated_in_step_order() -> None:
+    model = build_model("resnet18", [3, 1, 2]).eval()
+    assert isinstance(model.classifier, nn.ModuleList) and len(model.classifier) == 3
+    assert [c.out_channels for c in model.classifier] == [3, 1, 2]
+    assert all(c.kernel_size == (1, 1) and c.bias is not None for c in model.classifier)
+    with torch.no_grad():
+        value = 0.0
+        for conv in model.classifier:
+            conv.weight.zero_()
+            for k in range(conv.out_channels):
+                conv.bias[k] = value
+                value += 1
+        out = model(torch.randn(1, 3, 32, 32))
+    for k in range(6):
+        assert torch.all(out.low_logits[0, k] == k)
+
+
+def test_head_structure_and_rates() -> None:
+    for output_stride, rates in ((16, (6, 12, 18)), (8, (12, 24, 36))):
+        head = build_model("resnet18", [2], output_stride=output_stride).head
+        convs = list(head.map_convs)
+        assert convs[0].kernel_size == (1, 1)
+        assert [c.dilation[0] for c in convs[1:]] == list(rates)
+        assert [c.padding[0] for c in convs[1:]] == list(rates)
+        assert all(c.kernel_size == (3, 3) and c.in_channels == 512 for c in convs[1:])
+        assert head.red_conv.in_channels == 4 * 256 and head.red_conv.out_channels == 256
+        assert isinstance(head.red_bn, nn.BatchNorm2d) and head.red_bn.num_features == 256
+
+
+def test_head_image_pooling_branch_sees_the_whole_image() -> None:
+    """A change in one corner of the backbone output reaches the far corner only via pooling."""
+    torch.manual_seed(0)
+    head = build_model("resnet18", [2]).head.eval()
+    x = torch.randn(1, 512, 12, 12)
+    y = x.clone()
+    y[..., 0, 0] += 5.0
+    with torch.no_grad():
+        a, b = head(x), head(y)
+        # taps of the 3x3 convs at (11, 11): rate 6 -> rows/cols 5, 11, 17; rate 12 -> -1, 11, 23;
+        # rate 18 -> -7, 11, 29. None reaches (0, 0): only the image pooling links the corners.
+        far = (slice(None), slice(None), 11, 11)
+        assert not torch.allclose(a[far], b[far])
+        head.pool_red_conv.weight.zero_()
+        a, b = head(x), head(y)
+        torch.testing.assert_close(a[far], b[far])
+
+
+# ----------------------------------------------------------------------------- dilation
+
+
+def conv_geometry(module: nn.Module) -> list[tuple]:
+    return [(m.stride, m.dilation, m.padding) for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_dilate_resnet_stage_matches_torchvision_replace_stride_with_dilation() -> None:
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    plain = torchvision.models.resnet50(weights=None)
+    dilate_resnet_stage(plain.layer3, 1, 2)
+    dilate_resnet_stage(plain.layer4, 2, 4)
+    assert conv_geometry(plain) == conv_geometry(reference)
+    assert conv_geometry(plain) != conv_geometry(torchvision.models.resnet50(weights=None))
+
+
+def test_resnet18_dilation_by_hand() -> None:
+    body = build_backbone("resnet18", 8).body
+    # layer3: first block keeps dilation 1 (stride removed), second block dilation 2
+    assert body.layer3[0].conv1.stride == (1, 1) and body.layer3[0].conv1.dilation == (1, 1)
+    assert body.layer3[0].downsample[0].stride == (1, 1)
+    assert body.layer3[1].conv1.dilation == (2, 2) and body.layer3[1].conv2.padding == (2, 2)
+    assert body.layer4[0].conv2.dilation == (2, 2) and body.layer4[1].conv1.dilation == (4, 4)
+    body16 = build_backbone("resnet18", 16).body
+    assert body16.layer3[0].conv1.stride == (2, 2) and body16.layer3[1].conv1.dilation == (1, 1)
+    assert body16.layer4[0].conv1.stride == (1, 1) and body16.layer4[1].conv2.dilation == (2, 2)
+
+
+def test_mobilenet_os16_is_torchvision_dilated_mobilenet() -> None:
+    ours = build_backbone("mobilenet_v3_large", 16)
+    reference = torchvision.models.mobilenet_v3_large(weights=None, dilated=True).features
+    assert conv_geometry(ours.body) == conv_geometry(reference)
+    assert ours.stage_names == ["3", "6", "12", "16"]
+    os8 = build_backbone("mobilenet_v3_large", 8).body
+    # C3 (features.7) loses its stride; C3 blocks get dilation 2, C4 blocks dilation 4
+    depthwise = [m for m in os8["7"].modules() if isinstance(m, nn.Conv2d) and m.groups > 1][0]
+    assert depthwise.stride == (1, 1) and depthwise.dilation == (2, 2)
+    depthwise = [m for m in os8["14"].modules() if isinstance(m, nn.Conv2d) and m.groups > 1][0]
+    assert depthwise.dilation == (4, 4) and depthwise.padding == (8, 8)  # 5x5 kernel
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_backward_reaches_every_parameter() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", [2, 2]).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    loss = out.logits.square().mean() + sum(s.mean() for s in out.stages)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_state_dict_layout() -> None:
+    keys = build_model("resnet18", [2, 1]).state_dict().keys()
+    assert "backbone.body.conv1.weight" in keys and "backbone.body.layer4.1.bn2.running_var" in keys
+    assert {"classifier.0.weight", "classifier.0.bias", "classifier.1.weight", "classifier.1.bias"} <= set(keys)
+    assert not any(k.startswith("backbone.body.fc") for k in keys)
+
+
+# ----------------------------------------------------------------------------- classifier init
+
+
+def test_mib_init_values_by_hand() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", [3, 1, 2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bg_weight = before["classifier.0.weight"][0]
+    bg_bias = before["classifier.0.bias"][0].item()
+    model.init_new_classifier("mib")
+    expected_bias = bg_bias - math.log(2 + 1)  # n_new = 2
+    new = model.classifier[2]
+    for k in range(2):
+        torch.testing.assert_close(new.weight[k], bg_weight)
+        assert new.bias[k].item() == pytest.approx(expected_bias, abs=1e-6)
+    assert model.classifier[0].bias[0].item() == pytest.approx(expected_bias, abs=1e-6)
+    # everything else untouched
+    torch.testing.assert_close(model.classifier[0].weight, before["classifier.0.weight"])
+    torch.testing.assert_close(model.classifier[0].bias[1:], before["classifier.0.bias"][1:])
+    torch.testing.assert_close(model.classifier[1].weight, before["classifier.1.weight"])
+    torch.testing.assert_close(model.classifier[1].bias, before["classifier.1.bias"])
+
+
+def test_plop_init_is_the_balanced_init_and_none_keeps_random() -> None:
+    torch.manual_seed(1)
+    model = build_model("resnet18", [4, 3])
+    bg_bias = model.classifier[0].bias[0].item()
+    model.init_new_classifier("plop")
+    assert torch.allclose(model.classifier[1].bias, torch.full((3,), bg_bias - math.log(4)))
+    torch.testing.assert_close(model.classifier[1].weight, model.classifier[0].weight[:1].expand(3, -1, -1, -1))
+
+    model = build_model("resnet18", [4, 3])
+    before = [p.clone() for p in model.classifier.parameters()]
+    model.init_new_classifier("none")
+    for p, q in zip(model.classifier.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_mib_init_preserves_old_background_probability() -> None:
+    """After MiB init, P_new(bg) + sum P_new(new) == P_old(bg), and old classes keep P_old."""
+    torch.manual_seed(0)
+    old = build_model("resnet18", [3])
+    randomize_bn(old)
+    with torch.no_grad():
+        old.classifier[0].bias.copy_(torch.tensor([0.5, -0.3, 0.2]))
+    new = build_model("resnet18", [3, 2])
+    load_previous_step(new, old.state_dict())
+    new.init_new_classifier("mib")
+    old.eval(), new.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        p_old = old(x).logits.softmax(dim=1)
+        p_new = new(x).logits.softmax(dim=1)
+    torch.testing.assert_close(p_new[:, 0] + p_new[:, 3] + p_new[:, 4], p_old[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p_new[:, 1:3], p_old[:, 1:3], atol=1e-5, rtol=1e-5)
+    # and the split is even: background and each new class get a third of the old background
+    torch.testing.assert_close(p_new[:, 3], p_old[:, 0] / 3, atol=1e-5, rtol=1e-5)
+
+
+def test_init_errors() -> None:
+    model = build_model("resnet18", [3, 2])
+    with pytest.raises(ValueError, match="'bogus'"):
+        model.init_new_classifier("bogus")
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        build_model("resnet18", [3]).init_new_classifier("mib")
+    build_model("resnet18", [3]).init_new_classifier("none")  # no-op is fine
+
+
+# ----------------------------------------------------------------------------- previous step
+
+
+def test_load_previous_step_loads_everything_but_the_new_classifier() -> None:
+    torch.manual_seed(0)
+    old = build_model("resnet18", [3, 1])
+    randomize_bn(old, seed=3)
+    torch.manual_seed(1)
+    new = build_model("resnet18", [3, 1, 2])
+    new_cls = [p.clone() for p in new.classifier[2].parameters()]
+    returned = load_previous_step(new, {"module." + k: v for k, v in old.state_dict().items()})
+    assert returned is new
+    state = new.state_dict()
+    for key, value in old.state_dict().items():
+        assert torch.equal(state[key], value), key
+    for p, q in zip(new.classifier[2].parameters(), new_cls):
+        assert torch.equal(p, q)
+
+
+def test_load_previous_step_errors() -> None:
+    model = build_model("resnet18", [3, 2])
+    same_size = build_model("resnet18", [3, 2]).state_dict()
+    with pytest.raises(ValueError, match="unexpected keys .*classifier.1"):
+        load_previous_step(model, same_size)
+    with pytest.raises(ValueError, match="shape mismatches.*classifier.0.weight"):
+        load_previous_step(model, build_model("resnet18", [4]).state_dict())
+    with pytest.raises(ValueError, match="missing keys") as exc:
+        load_previous_step(model, build_model("mobilenet_v3_large", [3]).state_dict())
+    one_line(exc)
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        load_previous_step(build_model("resnet18", [3]), same_size)
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+
+def torchvision_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, arch)(weights=None)
+    randomize_bn(net, seed)
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "ddp"])
+def test_load_torchvision_resnet18_checkpoint(tmp_path, wrap: str) -> None:
+    state = torchvision_state("resnet18", seed=123)
+    path = tmp_path / "resnet18.pth"
+    if wrap == "plain":
+        torch.save(state, path)
+    elif wrap == "ddp":  # saved from a DistributedDataParallel wrapper
+        torch.save({"model": {"module." + k: v for k, v in state.items()}}, path)
+    else:
+        torch.save({wrap: state, "epoch": 3}, path)
+    model = build_model("resnet18", [2], output_stride=8, pretrained=path)
+    body = model.backbone.body.state_dict()
+    assert set(body) == {k for k in state if not k.startswith("fc.")}
+    for key, value in body.items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_loaded_resnet18_computes_torchvision_stage_outputs(tmp_path) -> None:
+    torch.manual_seed(7)
+    net = torchvision.models.resnet18(weights=None)
+    randomize_bn(net, 7)
+    net.eval()
+    path = tmp_path / "r18.pth"
+    torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    model = build_model("resnet18", [2], pretrained=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stem = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        layer1 = net.layer1(stem)
+        layer2 = net.layer2(layer1)
+        stages = model(x).stages
+    torch.testing.assert_close(stages[0], layer1)
+    torch.testing.assert_close(stages[1], layer2)
+
+
+def test_load_torchvision_mobilenet_checkpoint(tmp_path) -> None:
+    state = torchvision_state("mobilenet_v3_large", seed=5)
+    path = tmp_path / "mnv3.pth"
+    torch.save(state, path)
+    model = build_model("mobilenet_v3_large", [2], pretrained=path)
+    body = model.backbone.body.state_dict()
+    for key, value in state.items():
+        if key.startswith("features."):
+            assert torch.equal(body[key[len("features."):]], value), key
+
+
+def test_pretrained_missing_file(tmp_path) -> None:
+    path = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth") as exc:
+        build_model("resnet18", [2], pretrained=path)
+    one_line(exc)
+
+
+def test_pretrained_not_a_checkpoint(tmp_path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a checkpoint\n")
+    with pytest.raises(ValueError, match="notes.txt.*not a readable PyTorch checkpoint") as exc:
+        build_model("resnet18", [2], pretrained=text)
+    one_line(exc)
+    evil = tmp_path / "object.pkl"  # a pickle of an arbitrary object: refused by weights_only
+    evil.write_bytes(pickle.dumps(torch.nn.ReLU(), protocol=2))
+    with pytest.raises(ValueError, match="object.pkl") as exc:
+        build_model("resnet18", [2], pretrained=evil)
+    one_line(exc)
+    for name, obj in (("list.pth", [1, 2]), ("tensor.pth", torch.zeros(3)), ("strings.pth", {"a": "b"})):
+        path = tmp_path / name
+        torch.save(obj, path)
+        with pytest.raises(ValueError, match=f"{name}.*no state dict") as exc:
+            build_model("resnet18", [2], pretrained=path)
+        one_line(exc)
+
+
+def test_pretrained_mismatched_architecture(tmp_path) -> None:
+    r50 = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), r50)
+    with pytest.raises(ValueError, match=r"resnet50.pth.*resnet101.*missing keys \(layer3\.6\.") as exc:
+        build_model("resnet101", [2], pretrained=r50)
+    one_line(exc)
+    r18 = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
+    with pytest.raises(ValueError, match=r"resnet18.pth.*resnet50.*shape mismatches.*layer1\.0\.conv1\.weight") as exc:
+        build_model("resnet50", [2], pretrained=r18)
+    one_line(exc)
+    with pytest.raises(ValueError, match=r"mobilenet_v3_large.*unexpected keys") as exc:
+        build_model("mobilenet_v3_large", [2], pretrained=r18)
+    one_line(exc)
+
+
+def test_pretrained_unknown_torchvision_weight_name() -> None:
+    with pytest.raises(ValueError, match="IMAGENET9K_V7.*IMAGENET1K_V1") as exc:
+        build_model("resnet18", [2], pretrained="IMAGENET9K_V7")
+    one_line(exc)
+
+
+def test_build_errors() -> None:
+    with pytest.raises(ValueError, match="'resnet34'.*resnet18"):
+        build_model("resnet34", [2])
+    with pytest.raises(ValueError, match="output_stride.*32"):
+        build_model("resnet18", [2], output_stride=32)
+    for bad in ([], [2, 0], [2.5]):
+        with pytest.raises(ValueError, match="classes_per_step"):
+            build_model("resnet18", bad)
+    assert isinstance(build_model("resnet18", (2, 1)), IncrementalDeepLab)

@@ -86,6 +86,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reporting import write_aggregate
+
+    print(write_aggregate(args.run_dirs, args.output_dir, paper=args.paper))
+    print(f"written to {Path(args.output_dir) / 'report.md'}, report.csv and report.png")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
 
@@ -116,8 +124,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.cache_dir:
         overrides.append(f"data.cache_dir={args.cache_dir}")
     cfg = load_config(None, overrides)
-    dataset = open_dataset(cfg, args.split)
-    rows = index_report(dataset, build_task(cfg), args.setting, cache_dir=cfg.data.cache_dir, seed=args.seed)
+    dataset = open_dataset(cfg, args.split, progress=not args.quiet)
+    rows = index_report(dataset, build_task(cfg), args.setting, cache_dir=cfg.data.cache_dir, seed=args.seed,
+                        progress=not args.quiet)
     print(format_index_report(rows))
     return 0
 
@@ -127,7 +136,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.embedded import default_root
 
     root = prepare_embedded(args.root or default_root(), num_train=args.num_train, num_val=args.num_val,
-                            image_size=args.image_size, seed=args.seed, fashion_mnist_dir=args.fashion_mnist)
+                            image_size=args.image_size, seed=args.seed, fashion_mnist_dir=args.fashion_mnist,
+                            progress=not args.quiet)
     print(f"embedded benchmark ready in {root}")
     return 0
 
@@ -154,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=DIR)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="one table (mean and std over seeds) and plot from several runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--output-dir", default="runs/report")
+    p.add_argument("--paper", action="store_true", help="add UCD Table 1's values beside VOC runs")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="list the methods with their loss weights")
     p.set_defaults(func=cmd_methods)

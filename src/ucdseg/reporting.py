@@ -168,3 +168,112 @@ def write_predictions(model, val_set, seen: Sequence[int], palette, device, path
             if row == 0:
                 ax.set_title(title, fontsize=9)
     _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- several runs
+def load_results(run_dir: str | Path) -> dict:
+    import json
+
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: expected a run directory written by `ucdseg run`")
+    results = json.loads(path.read_text())
+    if not results.get("steps"):
+        raise ValueError(f"{path} has no finished step yet")
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def aggregate(results_list: Sequence[dict]) -> list[dict]:
+    """Group runs by benchmark and method; mean and standard deviation over seeds of the last step.
+
+    Each row: dataset, task, setting, method, seeds, and for every convention and group
+    ``{conv}_{group}_mean`` / ``_std`` (fractions; ``None`` where undefined), plus the mean curve
+    of mIoU per step (``curve``, all classes, without background).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for results in results_list:
+        task = results["task"]
+        key = (task["dataset"], task["name"], task["setting"], results["method"])
+        groups.setdefault(key, []).append(results)
+    rows = []
+    for (dataset, task, setting, method), runs in groups.items():
+        row: dict = {"dataset": dataset, "task": task, "setting": setting, "method": method,
+                     "seeds": sorted(r["seed"] for r in runs)}
+        for conv in CONVENTIONS:
+            for group in GROUPS:
+                values = [r["steps"][-1]["miou"][conv][group] for r in runs]
+                values = [v for v in values if v is not None]
+                mean, std = _mean_std(values) if values else (None, None)
+                row[f"{conv}_{group}_mean"], row[f"{conv}_{group}_std"] = mean, std
+        length = min(len(r["steps"]) for r in runs)
+        row["curve"] = [float(np.mean([r["steps"][i]["miou"]["without_background"]["all"] or 0.0 for r in runs]))
+                        for i in range(length)]
+        rows.append(row)
+    return rows
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
+    from .paper import paper_value
+
+    head = "| benchmark | method | seeds | old | new | all | old (w/ bg) | new (w/ bg) | all (w/ bg) |"
+    sep = "|---|---|---|---|---|---|---|---|---|"
+    if paper:
+        head, sep = head + " paper old/new/all |", sep + "---|"
+    lines = ["mIoU (%) after the last step, mean ± standard deviation over seeds.", "", head, sep]
+    for row in rows:
+        cells = [f"{row['dataset']} {row['task']} {row['setting']}", row["method"],
+                 ",".join(map(str, row["seeds"]))]
+        for conv in CONVENTIONS:
+            cells += [_pm(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"]) for g in GROUPS]
+        if paper:
+            value = paper_value(row["dataset"], row["task"], row["setting"], row["method"])
+            cells.append("/".join(f"{v:.1f}" for v in value) if value else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_csv(rows: Sequence[dict]) -> str:
+    flat = [{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()} for row in rows]
+    return to_csv(flat)
+
+
+def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
+    """mIoU (all classes, without background) per step, one line per method, one panel per benchmark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benchmarks = sorted({(r["dataset"], r["task"], r["setting"]) for r in rows})
+    fig, axes = plt.subplots(1, len(benchmarks), figsize=(5 * len(benchmarks), 3.6), squeeze=False)
+    for ax, bench in zip(axes[0], benchmarks):
+        for row in rows:
+            if (row["dataset"], row["task"], row["setting"]) == bench:
+                ax.plot(range(len(row["curve"])), [100 * v for v in row["curve"]], marker="o", label=row["method"])
+        ax.set_title(" ".join(bench))
+        ax.set_xlabel("step")
+        ax.set_ylabel("mIoU all (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def write_aggregate(run_dirs: Sequence[str | Path], out_dir: str | Path, paper: bool = False) -> str:
+    rows = aggregate([load_results(d) for d in run_dirs])
+    out_dir = Path(out_dir)
+    table = aggregate_markdown(rows, paper=paper)
+    write_text(out_dir / "report.md", table)
+    write_text(out_dir / "report.csv", aggregate_csv(rows))
+    plot_aggregate(rows, out_dir / "report.png")
+    return table

@@ -78,7 +78,7 @@ def joint_task(task: Task) -> Task:
     return dataclasses.replace(task, name=f"{task.name} (joint)", steps=[[c for s in task.steps for c in s]])
 
 
-def open_dataset(cfg: RunConfig, split: str, prepare: bool = True):
+def open_dataset(cfg: RunConfig, split: str, prepare: bool = True, progress: bool = True):
     """The raw dataset of ``split``; the embedded benchmark is generated on first use."""
     options: dict[str, Any] = {}
     root = cfg.data.root
@@ -86,7 +86,7 @@ def open_dataset(cfg: RunConfig, split: str, prepare: bool = True):
         root = root or str(default_embedded_root())
         if prepare:
             prepare_embedded(root, num_train=cfg.data.embedded_train, num_val=cfg.data.embedded_val,
-                             image_size=cfg.data.embedded_size)
+                             image_size=cfg.data.embedded_size, progress=progress)
     elif root is None:
         raise ValueError(f"data.root is not set; give the {cfg.data.dataset} dataset directory (data.root=DIR)")
     if cfg.data.dataset in ("ade", "cityscapes"):
@@ -124,7 +124,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.dist.is_main:
             self._check_saved_config()
-            self.train_set = open_dataset(cfg, "train")
+            self.train_set = open_dataset(cfg, "train", progress=progress)
             scan_presence(self.train_set, cache_dir=cfg.data.cache_dir, progress=progress)  # cached for all ranks
         barrier()
         if not self.dist.is_main:

@@ -1,0 +1,493 @@
+"""Check a dataset folder before training: ``ucdseg data check --dataset voc --root DIR``.
+
+:func:`check_dataset` verifies the official layout read by :func:`ucdseg.data.build_dataset`
+(see ``docs/datasets.md``) and returns a list of :class:`Problem`, each naming the path, what is
+wrong and how to fix it:
+
+* missing root, folders and list files (VOC: ``JPEGImages``, ``SegmentationClassAug``,
+  ``ImageSets/Segmentation/{train_aug,val}.txt``; ADE20K: ``images`` / ``annotations``
+  ``/{training,validation}``; Cityscapes: ``leftImg8bit`` / ``gtFine`` ``/{train,val}``);
+* malformed or duplicate list lines, list entries (or images) without an image or a mask, masks
+  without an image;
+* per (image, mask) pair: unreadable image, unreadable or non-class-id mask (not a palette /
+  grayscale PNG), mask values that are not class ids of the dataset (VOC 0..20, ADE20K 0..150,
+  embedded 0..10, plus 255 void; Cityscapes: the official label ids 0..33 of ``*_labelIds.png``),
+  image and mask of different sizes.
+
+Reading the pairs is the slow part: it runs on a thread pool (PIL releases the GIL while
+decoding) with a progress bar; JPEGs are decoded at 1/8 scale (enough to find truncated files)
+and PNG images are CRC-verified without being inflated; masks are decoded fully. ``limit=N``
+reads only ``N`` evenly spaced pairs per split (existence checks still cover every entry).
+
+:func:`format_report` turns the problems into text with a final verdict line and
+:func:`run_check` prints it and returns the command's exit code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .cityscapes import LABEL_TO_TRAIN_ID
+from .meta import METAS, VOID
+
+__all__ = ["Problem", "CheckResult", "SplitSummary", "check_dataset", "check", "format_report", "run_check",
+           "DATASETS", "OFFICIAL_COUNTS", "ERROR", "WARNING"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+ERROR = "error"
+WARNING = "warning"
+
+#: The datasets :func:`check_dataset` knows.
+DATASETS = ("voc", "ade", "cityscapes", "embedded")
+
+#: Number of images of each split in the official releases (shown in the report, not enforced).
+OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
+    "voc": {"train": 10582, "val": 1449},
+    "ade": {"train": 20210, "val": 2000},
+    "cityscapes": {"train": 2975, "val": 500},
+}
+
+_DOCS = "see docs/datasets.md"
+_VOC_LISTS = {"train": "train_aug.txt", "val": "val.txt"}
+_VOC_MASK_DIRS = {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")}
+_ADE_FOLDERS = {"train": "training", "val": "validation"}
+_CS_IMAGE_SUFFIX = "_leftImg8bit.png"
+_CS_MASK_SUFFIX = "_gtFine_labelIds.png"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset folder."""
+
+    severity: str  # ERROR (training would fail or use wrong data) | WARNING
+    path: Path  # the offending (or missing) file or folder
+    what: str  # what is wrong
+    fix: str  # how to fix it
+    kind: str = "other"  # machine-readable category, e.g. "missing-mask" (groups the report)
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.path}: {self.what} (fix: {self.fix})"
+
+
+@dataclass
+class SplitSummary:
+    """What was found for one split."""
+
+    split: str
+    entries: int = 0  # list entries (VOC) or images found (ADE20K, Cityscapes)
+    read: int = 0  # (image, mask) pairs whose content was read
+    official: Optional[int] = None
+
+
+@dataclass
+class CheckResult:
+    """Problems and per-split counts of one check."""
+
+    dataset: str
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    splits: list[SplitSummary] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem is an error (warnings do not fail a check)."""
+        return not any(p.severity == ERROR for p in self.problems)
+
+
+# ----------------------------------------------------------------------------- dataset rules
+@dataclass(frozen=True)
+class _Rules:
+    """What a dataset's masks may hold and how to fix the usual mistakes."""
+
+    allowed: frozenset[int]
+    values_text: str  # the expected values, for messages
+    values_fix: str
+    mode_fix: str
+    missing_fix: str  # how to get the data
+
+
+def _rules(name: str, root: Path) -> _Rules:
+    if name == "cityscapes":
+        return _Rules(
+            frozenset(LABEL_TO_TRAIN_ID), "the official Cityscapes label ids 0..33",
+            "use the gtFine *_gtFine_labelIds.png files (label ids 0..33); *_labelTrainIds.png (0..18 and 255) "
+            "and *_color.png are not read by ucdseg", "use *_gtFine_labelIds.png (grayscale label ids), "
+            "not *_gtFine_color.png", f"download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from "
+            f"cityscapes-dataset.com and unzip both into {root}; {_DOCS}")
+    classes = METAS[name].num_classes
+    allowed = frozenset(range(classes)) | {VOID}
+    values_text = f"class ids 0..{classes - 1} and {VOID} (void)"
+    if name == "voc":
+        return _Rules(
+            allowed, values_text,
+            "use SegmentationClassAug from the SBD conversion (grayscale or palette PNGs of class ids), not "
+            "colour renderings or converted JPEGs; " + _DOCS,
+            "masks must be palette (P) or grayscale (L) PNGs of class ids, e.g. SegmentationClassAug; "
+            "SegmentationClassAug_Visualization holds colour pictures, not labels",
+            f"download VOCtrainval_11-May-2012.tar and SegmentationClassAug.zip and put them so that {root} is "
+            f"the VOC2012 folder; {_DOCS}")
+    if name == "ade":
+        return _Rules(
+            allowed, values_text,
+            "use ADEChallengeData2016 (annotations 0..150); the full ADE20K release (thousands of classes) is a "
+            "different dataset; " + _DOCS,
+            "annotations must be the grayscale PNGs of ADEChallengeData2016/annotations",
+            f"download ADEChallengeData2016.zip (MIT Scene Parsing) and unzip it so that {root} is the "
+            f"ADEChallengeData2016 folder; {_DOCS}")
+    regen = f"delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`"
+    return _Rules(allowed, values_text, regen, regen, regen)
+
+
+# ------------------------------------------------------------------------------- small helpers
+def _missing_dir(path: Path, what: str, fix: str) -> Problem:
+    return Problem(ERROR, path, f"folder not found ({what})", fix, "missing-folder")
+
+
+def _root_problem(name: str, root: Path, rules: _Rules) -> Optional[Problem]:
+    if not root.exists():
+        return Problem(ERROR, root, f"{name} root folder does not exist", rules.missing_fix, "missing-root")
+    if not root.is_dir():
+        return Problem(ERROR, root, f"{name} root is not a folder", rules.missing_fix, "missing-root")
+    return None
+
+
+def _nested_hint(root: Path, inner: str) -> str:
+    """' (did you mean ROOT/inner?)' when ``root`` holds ``inner``, else ''."""
+    candidates = [root / inner, *(root.glob(f"*/{inner}"))] if root.is_dir() else []
+    for cand in candidates:
+        if cand.is_dir():
+            return f"; {root} holds {cand}: pass that folder as the root"
+    return ""
+
+
+# ---------------------------------------------------------------------------------- layouts
+Pair = tuple[Path, Path]
+
+
+def _voc_layout(name: str, root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
+    problems: list[Problem] = []
+    pairs: dict[str, list[Pair]] = {}
+    entries: dict[str, int] = {}
+    hint = _nested_hint(root, "VOC2012") if name == "voc" else ""
+    for folder, what in (("JPEGImages", "the images"), ("SegmentationClassAug", "the SBD augmented masks")):
+        if not (root / folder).is_dir():
+            problems.append(_missing_dir(root / folder, what, rules.missing_fix + hint))
+    missing_dirs = {p.path for p in problems}
+    for split, list_name in _VOC_LISTS.items():
+        list_file = root / "ImageSets" / "Segmentation" / list_name
+        if not list_file.is_file():
+            what = ("the list of the 10582 training ids (SBD + VOC train, minus VOC val)" if split == "train"
+                    else "the list of the 1449 validation ids, part of VOC2012")
+            problems.append(Problem(ERROR, list_file, f"list file not found: {what}",
+                                    rules.missing_fix + hint, "missing-list"))
+            continue
+        mask_dir = next((root / d for d in _VOC_MASK_DIRS[split] if (root / d).is_dir()),
+                        root / _VOC_MASK_DIRS[split][0])
+        found, list_problems = _read_voc_list(list_file, root, mask_dir)
+        problems += list_problems
+        entries[split] = len(found)
+        pairs[split] = _existing_pairs(found, list_file, rules, problems, missing_dirs)
+    return problems, pairs, entries
+
+
+def _read_voc_list(list_file: Path, root: Path, mask_dir: Path) -> tuple[list[Pair], list[Problem]]:
+    """The (image, mask) paths of a VOC list (bare ids or MiB-style path pairs) and its line problems."""
+    problems: list[Problem] = []
+    found: list[Pair] = []
+    seen: dict[str, int] = {}
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [Problem(ERROR, list_file, f"list file is unreadable ({exc.__class__.__name__})",
+                            "re-create it: one image id per line", "missing-list")]
+    for number, line in enumerate(lines, start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) == 1:
+            pair = (root / "JPEGImages" / f"{parts[0]}.jpg", mask_dir / f"{parts[0]}.png")
+        elif len(parts) == 2:
+            pair = (root / parts[0].lstrip("/"), root / parts[1].lstrip("/"))
+        else:
+            problems.append(Problem(ERROR, list_file, f"line {number} {line.strip()!r} is not an image id",
+                                    "one id per line (2007_000032) or '/JPEGImages/<id>.jpg "
+                                    "/SegmentationClassAug/<id>.png'", "bad-list-line"))
+            continue
+        key = " ".join(parts)
+        if key in seen:
+            problems.append(Problem(WARNING, list_file, f"line {number} repeats line {seen[key]} ({key!r})",
+                                    "remove the duplicate line (the image would be counted twice)",
+                                    "duplicate-entry"))
+            continue
+        seen[key] = number
+        found.append(pair)
+    if not found and not problems:
+        problems.append(Problem(ERROR, list_file, "list file names no image", "one image id per line",
+                                "empty-list"))
+    return found, problems
+
+
+def _existing_pairs(found: Sequence[Pair], source: Path, rules: _Rules, problems: list[Problem],
+                    missing_dirs: set[Path]) -> list[Pair]:
+    """Pairs whose two files exist; reports the others (once per missing folder, else per file)."""
+    pairs: list[Pair] = []
+    for image, mask in found:
+        ok = True
+        for path, role, kind in ((image, "image", "missing-image"), (mask, "mask", "missing-mask")):
+            if path.is_file():
+                continue
+            ok = False
+            if path.parent in missing_dirs:
+                continue
+            if not path.parent.is_dir():
+                missing_dirs.add(path.parent)
+                problems.append(_missing_dir(path.parent, f"named by {source.name}", rules.missing_fix))
+                continue
+            problems.append(Problem(ERROR, path, f"{role} file not found for the entry {image.stem!r} of "
+                                    f"{source.name}", f"restore the file, or remove the entry from {source}"
+                                    if source.is_file() else rules.missing_fix, kind))
+        if ok:
+            pairs.append((image, mask))
+    return pairs
+
+
+def _ade_layout(root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
+    problems: list[Problem] = []
+    pairs: dict[str, list[Pair]] = {}
+    entries: dict[str, int] = {}
+    hint = _nested_hint(root, "ADEChallengeData2016")
+    for split, folder in _ADE_FOLDERS.items():
+        image_dir, mask_dir = root / "images" / folder, root / "annotations" / folder
+        bad = False
+        for d, what in ((image_dir, f"{split} images"), (mask_dir, f"{split} annotations")):
+            if not d.is_dir():
+                problems.append(_missing_dir(d, what, rules.missing_fix + hint))
+                bad = True
+        if bad:
+            continue
+        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg"}
+        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+        entries[split] = len(images)
+        if not images:
+            problems.append(Problem(ERROR, image_dir, "no .jpg image in the folder", rules.missing_fix, "no-images"))
+        pairs[split] = _match(images, masks, image_dir, mask_dir, ".jpg", ".png", problems, rules)
+    return problems, pairs, entries
+
+
+def _match(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path, image_ext: str,
+           mask_ext: str, problems: list[Problem], rules: _Rules) -> list[Pair]:
+    """Pairs of same-key images and masks; images without a mask and masks without an image are errors."""
+    for key in sorted(set(images) - set(masks)):
+        problems.append(Problem(ERROR, mask_dir / f"{key}{mask_ext}", f"image {images[key].name} has no mask",
+                                f"restore the mask or remove the image ({rules.missing_fix})", "missing-mask"))
+    for key in sorted(set(masks) - set(images)):
+        problems.append(Problem(ERROR, image_dir / f"{key}{image_ext}", f"mask {masks[key].name} has no image",
+                                f"restore the image (an incomplete download?) or remove the mask ({rules.missing_fix})",
+                                "missing-image"))
+    return [(images[k], masks[k]) for k in sorted(set(images) & set(masks))]
+
+
+def _cityscapes_layout(root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
+    problems: list[Problem] = []
+    pairs: dict[str, list[Pair]] = {}
+    entries: dict[str, int] = {}
+    for split in ("train", "val"):
+        image_dir, mask_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        bad = False
+        for d, what in ((image_dir, f"{split} images, leftImg8bit_trainvaltest.zip"),
+                        (mask_dir, f"{split} masks, gtFine_trainvaltest.zip")):
+            if not d.is_dir():
+                problems.append(_missing_dir(d, what, rules.missing_fix))
+                bad = True
+        if bad:
+            continue
+        images = {str(p.relative_to(image_dir))[: -len(_CS_IMAGE_SUFFIX)]: p
+                  for p in image_dir.glob(f"*/*{_CS_IMAGE_SUFFIX}")}
+        masks = {str(p.relative_to(mask_dir))[: -len(_CS_MASK_SUFFIX)]: p
+                 for p in mask_dir.glob(f"*/*{_CS_MASK_SUFFIX}")}
+        entries[split] = len(images)
+        if not images:
+            problems.append(Problem(ERROR, image_dir, f"no <city>/*{_CS_IMAGE_SUFFIX} image in the folder",
+                                    rules.missing_fix, "no-images"))
+        elif not masks:
+            problems.append(Problem(ERROR, mask_dir, f"no <city>/*{_CS_MASK_SUFFIX} mask in the folder",
+                                    rules.missing_fix, "no-masks"))
+            continue
+        pairs[split] = _match(images, masks, image_dir, mask_dir, _CS_IMAGE_SUFFIX, _CS_MASK_SUFFIX, problems, rules)
+    return problems, pairs, entries
+
+
+# --------------------------------------------------------------------------------- contents
+def _check_image(path: Path) -> tuple[Optional[tuple[int, int]], Optional[str]]:
+    """(size, None) for a readable image, (None, reason) otherwise."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "PNG":
+                im.verify()  # walks every chunk and checks its CRC without inflating
+            else:
+                im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # JPEG: decode at 1/8 scale
+                im.load()
+        return size, None
+    except Exception as exc:  # PIL raises many types for broken files
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+
+
+def _check_pair(pair: Pair, rules: _Rules) -> list[Problem]:
+    image, mask = pair
+    problems: list[Problem] = []
+    size, reason = _check_image(image)
+    if reason is not None:
+        problems.append(Problem(ERROR, image, f"image is unreadable ({reason})",
+                                "re-extract or re-download this file", "unreadable-image"))
+    try:
+        with Image.open(mask) as im:
+            mode, mask_size = im.mode, im.size
+            values = np.asarray(im) if mode in ("P", "L") else None
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+        return problems + [Problem(ERROR, mask, f"mask is unreadable ({reason})",
+                                   "re-extract or re-download this file", "unreadable-mask")]
+    if values is None:
+        problems.append(Problem(ERROR, mask, f"mask has mode {mode!r}: expected a palette (P) or grayscale (L) "
+                                f"PNG whose pixel values are class ids", rules.mode_fix, "bad-mask-mode"))
+    else:
+        counts = np.bincount(values.ravel(), minlength=256)
+        bad = [int(v) for v in np.flatnonzero(counts) if int(v) not in rules.allowed]
+        if bad:
+            shown = ", ".join(f"{v} ({counts[v]} px)" for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+            problems.append(Problem(ERROR, mask, f"mask holds unexpected values {shown}; expected "
+                                    f"{rules.values_text}", rules.values_fix, "unexpected-values"))
+    if size is not None and size != mask_size:
+        problems.append(Problem(ERROR, mask, f"mask is {mask_size[0]}x{mask_size[1]} but its image {image.name} "
+                                f"is {size[0]}x{size[1]} (width x height)",
+                                "the mask does not belong to this image: restore the matching pair", "size-mismatch"))
+    return problems
+
+
+def _sample(pairs: list[Pair], limit: Optional[int]) -> list[Pair]:
+    """``limit`` evenly spaced pairs (all when ``limit`` is None or not smaller)."""
+    if limit is None or limit >= len(pairs):
+        return pairs
+    idx = np.unique(np.linspace(0, len(pairs) - 1, num=limit).round().astype(int))
+    return [pairs[i] for i in idx]
+
+
+def _scan(name: str, split: str, pairs: list[Pair], rules: _Rules, progress: bool, workers: int) -> list[Problem]:
+    problems: list[Problem] = []
+    with tqdm(total=len(pairs), desc=f"checking {name}/{split}", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        if workers <= 1:
+            for pair in pairs:
+                problems += _check_pair(pair, rules)
+                bar.update()
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for found in pool.map(lambda p: _check_pair(p, rules), pairs, chunksize=1):
+                    problems += found
+                    bar.update()
+    return problems
+
+
+# ------------------------------------------------------------------------------------ API
+def check(name: str, root: PathLike, limit: Optional[int] = None, progress: bool = False,
+          workers: Optional[int] = None) -> CheckResult:
+    """Check the ``name`` dataset at ``root``; :class:`CheckResult` with problems and split counts.
+
+    ``limit``: read at most this many evenly spaced (image, mask) pairs per split (None: all).
+    ``workers``: reader threads (default: the number of CPUs, at most 8).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    root = Path(root).expanduser()
+    rules = _rules(name, root)
+    result = CheckResult(name, root)
+    root_problem = _root_problem(name, root, rules)
+    if root_problem is not None:
+        result.problems.append(root_problem)
+        return result
+    if name in ("voc", "embedded"):
+        problems, pairs, entries = _voc_layout(name, root, rules)
+    elif name == "ade":
+        problems, pairs, entries = _ade_layout(root, rules)
+    else:
+        problems, pairs, entries = _cityscapes_layout(root, rules)
+    result.problems += problems
+    for split in ("train", "val"):
+        if split not in pairs:
+            continue
+        sample = _sample(pairs[split], limit)
+        result.problems += _scan(name, split, sample, rules, progress, workers)
+        result.splits.append(SplitSummary(split, entries.get(split, 0), len(sample),
+                                          OFFICIAL_COUNTS.get(name, {}).get(split)))
+    return result
+
+
+def check_dataset(name: str, root: PathLike, limit: Optional[int] = None, progress: bool = False,
+                  workers: Optional[int] = None) -> list[Problem]:
+    """The problems of the ``name`` dataset ("voc", "ade", "cityscapes", "embedded") at ``root``.
+
+    An empty list means the layout is complete and every checked mask and image is valid.
+    """
+    return check(name, root, limit=limit, progress=progress, workers=workers).problems
+
+
+def format_report(problems: Iterable[Problem], max_per_kind: int = 10, header: str = "") -> str:
+    """Human-readable report: problems grouped by kind (at most ``max_per_kind`` shown each), each
+    group's fix, and a final verdict line (``verdict: OK ...`` or ``verdict: FAILED ...``)."""
+    problems = list(problems)
+    groups: "OrderedDict[tuple[str, str], list[Problem]]" = OrderedDict()
+    for p in sorted(problems, key=lambda p: p.severity != ERROR):  # errors first, stable otherwise
+        groups.setdefault((p.severity, p.kind), []).append(p)
+    lines = [header] if header else []
+    for (severity, kind), items in groups.items():
+        lines.append(f"{severity.upper()} {kind} ({len(items)}):")
+        for p in items[:max_per_kind]:
+            lines.append(f"  {p.path}: {p.what}")
+        if len(items) > max_per_kind:
+            lines.append(f"  ... and {len(items) - max_per_kind} more")
+        fixes = list(OrderedDict.fromkeys(p.fix for p in items))
+        for fix in fixes[:3]:
+            lines.append(f"  fix: {fix}")
+        if len(fixes) > 3:
+            lines.append(f"  fix: ... ({len(fixes) - 3} more, see the entries above)")
+    errors = sum(p.severity == ERROR for p in problems)
+    warnings = len(problems) - errors
+    if errors:
+        verdict = f"verdict: FAILED -- {errors} error(s), {warnings} warning(s)"
+    elif warnings:
+        verdict = f"verdict: OK with {warnings} warning(s)"
+    else:
+        verdict = "verdict: OK -- no problem found"
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+def _header(result: CheckResult, limit: Optional[int]) -> str:
+    lines = [f"{result.dataset} at {result.root}"]
+    for s in result.splits:
+        official = f" (official release: {s.official})" if s.official is not None else ""
+        sampled = f", {s.read} pairs read (--limit {limit})" if limit is not None and s.read < s.entries else \
+            f", {s.read} pairs read"
+        lines.append(f"  {s.split}: {s.entries} entries{official}{sampled}")
+    return "\n".join(lines)
+
+
+def run_check(dataset: str, root: PathLike, limit: Optional[int] = None, progress: bool = True) -> int:
+    """Check a dataset, print the report; exit code 0 when no error was found, 1 otherwise."""
+    result = check(dataset, root, limit=limit, progress=progress)
+    print(format_report(result.problems, header=_header(result, limit)), flush=True)
+    return 0 if result.ok else 1

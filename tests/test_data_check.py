@@ -267,13 +267,14 @@ def test_limit_reads_evenly_spaced_pairs_but_checks_every_entry(tmp_path):
     t = voc_tree(tmp_path)
     write_mask(t.pairs["train", "b"][1], (0, 99))  # the middle of train: skipped by limit=2 (reads a, c)
     write_mask(t.pairs["train", "c"][1], (0, 98))
-    t.pairs["train", "a"][0].unlink()  # existence is checked for every entry anyway
+    t.lists[0].write_text("a\nb\nc\nzz\n")  # existence is checked for every entry anyway
+    zz = (t.root / "JPEGImages" / "zz.jpg", t.root / "SegmentationClassAug" / "zz.png")
     problems = check_dataset("voc", t.root, limit=2)
-    assert kinds(problems) == [(ERROR, "missing-image", t.pairs["train", "a"][0]),
+    assert kinds(problems) == [(ERROR, "missing-image", zz[0]), (ERROR, "missing-mask", zz[1]),
                                (ERROR, "unexpected-values", t.pairs["train", "c"][1])]
     result = check("voc", t.root, limit=2)
-    assert [(s.split, s.entries, s.read) for s in result.splits] == [("train", 3, 1), ("val", 1, 1)]
-    assert len(check_dataset("voc", t.root)) == 3  # without the limit the middle mask is read too
+    assert [(s.split, s.entries, s.read) for s in result.splits] == [("train", 4, 2), ("val", 1, 1)]
+    assert len(check_dataset("voc", t.root)) == 4  # without the limit the middle mask is read too
 
 
 def test_single_threaded_gives_the_same_problems(tmp_path):

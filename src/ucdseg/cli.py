@@ -131,6 +131,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data.check import run_check
+
+    return run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare_embedded
     from .data.embedded import default_root
@@ -187,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="verify a dataset's layout, lists, images and masks")
+    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded"))
+    p.add_argument("--root", required=True)
+    p.add_argument("--limit", type=int, default=None,
+                   help="read N evenly spaced image/mask pairs per split; every entry is still checked for existence")
+    p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("prepare-embedded", help="generate the embedded Fashion-MNIST benchmark")
     p.add_argument("--root", default=None)

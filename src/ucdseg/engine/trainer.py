@@ -39,8 +39,10 @@ from .metrics import miou_summary
 from .sampling import SeededSamples, StepBatchSampler, num_iterations
 
 # Keys that may change between a run and its resumption without changing its results.
+# The paths only locate the run and its inputs (a moved dataset or run directory may resume).
 RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every", "eval.batch_size",
-                  "eval.num_images", "train.checkpoint_every"}
+                  "eval.num_images", "train.checkpoint_every", "name", "output_dir", "data.root",
+                  "model.pretrained"}
 
 
 # Settings a reused step 0 must share with this run (the method may differ: step 0 is plain CE).
@@ -238,6 +240,9 @@ class Trainer:
                 if k == "seed" or k.split(".")[0] in ("data", "task", "model") or k in STEP0_TRAIN_KEYS]
         if diff:
             raise ValueError(f"train.step0_from={source}: its step 0 was trained with different settings ({', '.join(diff)})")
+        if self.method.joint or results["steps"][0]["classes"] != self.train_task.steps[0]:
+            raise ValueError(f"train.step0_from={source}: its step 0 has classes {results['steps'][0]['classes']}, "
+                             f"this run's step 0 needs {self.train_task.steps[0]}; joint runs cannot share step 0")
         if self.dist.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             with ckpt.atomic_path(self._final_ckpt(0)) as tmp:

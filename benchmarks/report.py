@@ -1,0 +1,145 @@
+"""Markdown tables from ``benchmarks.json`` (used by ``run.py``; ``python benchmarks/report.py FILE`` re-renders)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _ok(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("**met**" if flag else "**missed**")
+
+
+def _s(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f} %"
+
+
+def machine_md(res: dict) -> list[str]:
+    m, run = res["machine"], res["run"]
+    return [
+        f"Machine: {m['cpu_model']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB; "
+        f"torch {m['torch']}, torchvision {m['torchvision']}, python {m['python']}; "
+        f"torch threads {m['torch_threads']}.",
+        f"Run: {'quick' if run['quick'] else 'full'}, {run['started']}, {run['wall_s'] / 60:.1f} min; "
+        f"load average (1/5/15 min) at start {run['load_start']}, at end {run['load_end']}"
+        + (f" -- {run['note']}" if run.get("note") else "") + ".",
+    ]
+
+
+def contrastive_md(r: dict) -> list[str]:
+    lines = [
+        f"### 1. Contrastive distillation (forward + backward), D = {r['dim']}",
+        "",
+        "Streamed = `ucdseg.losses.contrastive_distillation` (default block size); dense = the naive "
+        "|A| x |C| implementation in `benchmarks/bench_contrastive.py`. Peak memory: "
+        f"{r['memory_method']}. Process peak RSS (noisier) is in the JSON (`rss_peak_mib`).",
+        "",
+        "| anchors |A| | contrast |C| | formulation | streamed s | dense s | time ratio (streamed/dense) "
+        "| streamed peak MiB | dense peak MiB | memory ratio (dense/streamed) | value rel. diff | grad rel. diff |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in r["cases"]:
+        s, d = c["streamed"], c["dense"]
+        lines.append(
+            f"| {c['anchors']} | {c['contrast']} | {c['formulation']} | {_s(s['median_s'])} | {_s(d['median_s'])} "
+            f"| {c['time_ratio']:.2f} | {s['peak_mib']:.0f} | {d['peak_mib']:.0f} | {c['memory_ratio']:.1f}x "
+            f"| {c['value_rel_diff']:.1e} | {c['grad_rel_diff']:.1e} |"
+        )
+    first = sorted({f"|A| = {c['anchors']}" for c in r["cases"]
+                    if c["streamed"].get("timed_on_first_call") or c["dense"].get("timed_on_first_call")})
+    runs = sorted({c[i]["repeats"] for c in r["cases"] for i in ("streamed", "dense")})
+    t = r["targets"]
+    lines += [
+        "",
+        f"Times are medians of {'/'.join(map(str, runs))} timed calls after the memory call"
+        + (f"; at {', '.join(first)} the time is that of the single (memory) call." if first else "."),
+        "",
+        f"Targets at |A| = {t['at_anchors']}: peak memory >= 5x lower {_ok(t['memory_5x_lower'])}; "
+        f"time no worse than dense {_ok(t['time_no_worse'])}; values within 1e-5 relative (all sizes) "
+        f"{_ok(t['values_within_1e-5'])}.",
+    ]
+    return lines
+
+
+def train_md(r: dict) -> list[str]:
+    c = r["config"]
+    lines = [
+        f"### 2. Training step, {c['backbone']} DeepLab-v3 (OS 16), batch {c['batch']}, "
+        f"{c['crop']} x {c['crop']} crops, classes per step {c['classes_per_step']}",
+        "",
+        "| method | step s (median) | forward new + old s | losses s | backward + SGD s | UCD anchors / contrast |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in r["steps"].items():
+        p = s["phases_median_s"]
+        ac = f"{s['anchors']} / {s['contrast']}" if "anchors" in s else ""
+        lines.append(f"| {name} | {_s(s['median_s'])} | {_s(p['forward'])} | {_s(p['losses'])} "
+                     f"| {_s(p['backward_sgd'])} | {ac} |")
+    lines += ["", "| UCD overhead | step time (median of per-round ratios) | UCD term alone (fwd + bwd) "
+              "| UCD term alone / base step | target <= 15 % |", "|---|---:|---:|---:|---|"]
+    for name, o in r["overhead"].items():
+        lines.append(f"| {name} over {o['over']} | {_pct(o['overhead_median_of_round_ratios'])} "
+                     f"| {_s(o['ucd_term_alone_s'])} s | {100 * o['ucd_term_alone_fraction_of_base_step']:.1f} % "
+                     f"| {_ok(o['target_le_15pct'])} |")
+    return lines
+
+
+def data_md(r: dict) -> list[str]:
+    g, ix, ld = r["generation"], r["index"], r["loader"]
+    lines = [
+        "### 3. Data (embedded benchmark)",
+        "",
+        "| what | images | images/s |",
+        "|---|---:|---:|",
+        f"| generate (`prepare_embedded`, {g['num_train']} + {g['num_val']} at {g['image_size']} px) "
+        f"| {g['num_train'] + g['num_val']} | {g['images_per_s']:.0f} |",
+    ]
+    for key, label in (("workers_auto", "workers=None (auto)"), ("workers_0", "workers=0")):
+        v = ix[key]
+        lines.append(f"| index (`scan_presence`), first build, {label} | {ix['images']} "
+                     f"| {v['first_build']['images_per_s']:.0f} |")
+        lines.append(f"| index, cached, {label} | {ix['images']} | {v['cached']['images_per_s']:.0f} "
+                     f"({v['cached_speedup']:.0f}x) |")
+    for w in (0, 2):
+        v = ld[f"workers_{w}"]
+        lines.append(f"| DataLoader, train transforms (crop {ld['crop']}, batch {ld['batch_size']}), "
+                     f"workers={w}, one epoch | {ld['images']} | {v['images_per_s']:.0f} |")
+    return lines
+
+
+def eval_md(r: dict) -> list[str]:
+    e, cm = r["evaluate"], r["confusion_matrix"]
+    lines = [
+        "### 4. Evaluation",
+        "",
+        "| what | figure |",
+        "|---|---:|",
+        f"| `evaluate`, {e['backbone']}, {e['images']} val images at {e['image_size']} px, batch {e['batch_size']} "
+        f"| {e['images_per_s']:.0f} images/s |",
+        f"| model forward alone, same images | {e['model_forward_only']['images_per_s']:.0f} images/s |",
+    ]
+    for key, v in cm.items():
+        if key.startswith("classes_"):
+            lines.append(f"| `ConfusionMatrix.update`, {key.split('_')[1]} classes | "
+                         f"{v['ms_per_megapixel']:.1f} ms per megapixel |")
+    return lines
+
+
+def render(res: dict) -> str:
+    lines = ["# ucdseg benchmarks", "", *machine_md(res), ""]
+    sections = res["benchmarks"]
+    for key, fn in (("contrastive", contrastive_md), ("train_step", train_md), ("data", data_md),
+                    ("evaluation", eval_md)):
+        if key in sections:
+            lines += [*fn(sections[key]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "benchmarks.json")
+    print(render(json.loads(path.read_text(encoding="utf-8"))))

@@ -1,0 +1,420 @@
+"""Distributed training on CPU (gloo, two processes on 127.0.0.1).
+
+1. :func:`gathered_contrastive_distillation` on two processes, each holding half of a batch, vs a
+   naive dense UCD loss (written here from SPEC §3) on the concatenated batch in one process:
+   same value on both ranks, and the gradients follow the DDP convention of
+   ``ucdseg.losses.distributed``: DDP *averages* parameter gradients over the W=2 processes, so
+   each rank's gradient w.r.t. its own features is W times the matching slice of the
+   single-process gradient, and a layer shared by the ranks, its gradients averaged as DDP does,
+   receives exactly the single-process gradient.
+2. A two-step ``mib+ucd`` engine run under ``torchrun --nproc_per_node=2`` with
+   ``method.ucd_gather=true`` vs a one-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ucdseg.losses.distributed import all_gather_rows, gathered_contrastive_distillation, is_distributed
+
+TAU = 0.07
+WORLD = 2
+D_IN, D, C_OLD, H, W = 5, 6, 3, 4, 4
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# naive dense reference on one process (SPEC §3 steps 1-6), float64, autograd through anchors
+# ----------------------------------------------------------------------------------------------
+def dense_ucd(f: torch.Tensor, g: torch.Tensor, z_old: torch.Tensor, y: torch.Tensor, tau: float = TAU):
+    """Loss of the whole batch; ``y`` is at the feature size. Returns 0 (with a graph) if no positive."""
+    dim, c_old = f.shape[1], z_old.shape[1]
+    fa = f.permute(0, 2, 3, 1).reshape(-1, dim)
+    ga = g.permute(0, 2, 3, 1).reshape(-1, dim).detach()
+    p = torch.softmax(z_old.detach(), dim=1).permute(0, 2, 3, 1).reshape(-1, c_old)
+    y = y.reshape(-1)
+    gt = (y != 0) & (y != 255)
+    lab = torch.where(y == 0, p.argmax(1), y)
+    kept = (lab != 0) & (y != 255)
+    old = kept & ~gt
+    anchors = fa[kept] / fa[kept].norm(dim=1, keepdim=True)
+    contrast = torch.cat([anchors.detach(), ga[old] / ga[old].norm(dim=1, keepdim=True)])
+    a_lab, c_lab = lab[kept], torch.cat([lab[kept], lab[old]])
+    a_p, c_p = p[kept], torch.cat([p[kept], p[old]])
+    a_gt, c_gt = gt[kept], torch.cat([gt[kept], gt[old]])
+    s = anchors @ contrast.T / tau
+    total, count = f.sum() * 0, 0
+    for i in range(anchors.shape[0]):
+        pos = [k for k in range(contrast.shape[0]) if c_lab[k] == a_lab[i] and k != i]
+        if not pos:
+            continue
+        m = s[i].detach().max()
+        neg_sum = s[i][c_lab != a_lab[i]].exp().sum()
+        row = 0
+        for k in pos:
+            weight = 1.0 if (a_gt[i] and c_gt[k]) else torch.dot(a_p[i], c_p[k])
+            row = row + weight * ((s[i, k] - m) - torch.log(torch.exp(s[i, k] - m) + neg_sum))
+        total = total - row / len(pos)
+        count += 1
+    return total / max(count, 1), count
+
+
+def make_scenario(seed: int, void_rank1: float) -> dict:
+    """A batch of 2 images per rank: labels in {0, 3, 4, 255} at the feature size (3 = 4 = new
+    classes, GT), old logits whose argmax is 0, 1 or 2; rank 1's images are ``void_rank1`` void."""
+    gen = torch.Generator().manual_seed(seed)
+    b = 2 * WORLD
+    x = torch.randn(b, D_IN, H, W, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, D, H, W, generator=gen, dtype=torch.float64)
+    z = 2 * torch.randn(b, C_OLD, H, W, generator=gen, dtype=torch.float64)
+    choices = torch.tensor([0, 0, 0, 3, 4, 255])
+    y = choices[torch.randint(0, len(choices), (b, H, W), generator=gen)]
+    void = torch.rand(b, H, W, generator=gen) < void_rank1
+    void[:2] = False
+    y = torch.where(void, torch.full_like(y, 255), y)
+    proj = torch.nn.Conv2d(D_IN, D, 1).double()
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen, dtype=torch.float64))
+        proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen, dtype=torch.float64))
+    return {"x": x, "g": g, "z": z, "y": y, "proj": proj.state_dict()}
+
+
+SCENARIOS = {  # name -> (seed, fraction of void pixels on rank 1)
+    "unequal": (1, 0.5),  # both ranks keep pixels, rank 1 fewer (padding in the gather)
+    "balanced": (2, 0.0),
+    "rank1_empty": (3, 1.0),  # rank 1 keeps no pixel but must still take part in the collectives
+}
+
+
+def _slice(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[2 * rank: 2 * rank + 2]
+
+
+def _worker(rank: int, port: int, data_path: str, out_dir: str) -> None:
+    """One rank: gathered loss and gradients for every scenario, DDP, the method term, errors."""
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        data = torch.load(data_path, weights_only=False)
+        out: dict = {"is_distributed": is_distributed()}
+        for name, sc in data.items():
+            x, g, z, y = (_slice(sc[k], rank) for k in ("x", "g", "z", "y"))
+            proj = torch.nn.Conv2d(D_IN, D, 1).double()
+            proj.load_state_dict(sc["proj"])
+            # (1) plain features tensor: value and gradient w.r.t. this rank's features
+            f = proj(x).detach().requires_grad_(True)
+            loss = gathered_contrastive_distillation(f, g, z, y, temperature=TAU)
+            loss.backward()
+            out[name] = {"loss": loss.detach(), "dtype": loss.dtype, "grad": f.grad.clone()}
+            # (2) a layer shared by the ranks, its gradients averaged as DDP does (all-reduce sum / W;
+            # DistributedDataParallel itself costs ~4 s of imports here, the engine test uses it)
+            loss = gathered_contrastive_distillation(proj(x), g, z, y, temperature=TAU)
+            loss.backward()
+            for p in proj.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= WORLD
+            out[name]["ddp_weight_grad"] = proj.weight.grad.clone()
+            out[name]["ddp_bias_grad"] = proj.bias.grad.clone()
+        # (3) the method's "ucd" term with method.ucd_gather=true uses the global batch
+        from ucdseg.config import MethodConfig
+        from ucdseg.methods import LossContext, get_method
+
+        sc = data["unequal"]
+        x, g, z, y = (_slice(sc[k], rank) for k in ("x", "g", "z", "y"))
+        proj = torch.nn.Conv2d(D_IN, D, 1).double()
+        proj.load_state_dict(sc["proj"])
+        term = get_method("mib+ucd").terms["ucd"][0]
+        ctx = LossContext(step=1, out=SimpleNamespace(features=proj(x).detach()),
+                          old=SimpleNamespace(features=g, low_logits=z), labels=y, num_old=C_OLD, num_new=2,
+                          options=MethodConfig(ucd_gather=True))
+        out["method_term"] = term(ctx).detach()
+        # (4) every rank has no pixel: an exact 0 that still back-propagates
+        f = proj(x).detach().requires_grad_(True)
+        loss = gathered_contrastive_distillation(f, g, z, torch.full_like(y, 255))
+        loss.backward()
+        out["all_void"] = {"loss": loss.detach(), "grad": f.grad.clone()}
+        # (5) feature widths that differ between ranks: a clear error on every rank
+        f = torch.randn(2, D + rank, H, W, dtype=torch.float64)
+        try:
+            gathered_contrastive_distillation(f, f, z, y)
+            out["width_error"] = None
+        except ValueError as exc:
+            out["width_error"] = str(exc)
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Runs :func:`_worker` on two spawned processes; returns (scenarios, [rank 0 out, rank 1 out])."""
+    tmp = tmp_path_factory.mktemp("gathered-ucd")
+    data = {name: make_scenario(seed, void) for name, (seed, void) in SCENARIOS.items()}
+    torch.save(data, tmp / "data.pt")
+    mp.start_processes(_worker, args=(free_port(), str(tmp / "data.pt"), str(tmp)), nprocs=WORLD,
+                       join=True, start_method="spawn")
+    return data, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def reference(sc: dict):
+    """Single-process loss on the concatenated batch, its gradient w.r.t. the features, and the
+    gradients of the projection layer's weight and bias."""
+    proj = torch.nn.Conv2d(D_IN, D, 1).double()
+    proj.load_state_dict(sc["proj"])
+    f = proj(sc["x"])
+    f.retain_grad()
+    loss, count = dense_ucd(f, sc["g"], sc["z"], sc["y"])
+    loss.backward()
+    return loss.detach(), count, f.grad, proj.weight.grad, proj.bias.grad
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_gathered_loss_equals_single_process_loss_on_concatenated_batch(two_ranks, name):
+    data, outs = two_ranks
+    expected, count, _, _, _ = reference(data[name])
+    assert count > 0  # the scenario has anchors with positives
+    for rank in range(WORLD):
+        assert outs[rank]["is_distributed"]
+        assert outs[rank][name]["dtype"] == torch.float64
+        assert outs[rank][name]["loss"].item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12), rank
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_gathered_gradients_follow_the_ddp_averaging_convention(two_ranks, name):
+    """Convention: rank r's gradient w.r.t. its features = WORLD x the matching slice of the
+    single-process gradient; after DDP averages over the WORLD ranks, a shared layer gets exactly
+    the single-process gradient."""
+    data, outs = two_ranks
+    _, _, grad_f, grad_w, grad_b = reference(data[name])
+    assert grad_f.abs().sum() > 0
+    for rank in range(WORLD):
+        got = outs[rank][name]["grad"]
+        torch.testing.assert_close(got, WORLD * _slice(grad_f, rank), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(outs[rank][name]["ddp_weight_grad"], grad_w, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(outs[rank][name]["ddp_bias_grad"], grad_b, rtol=1e-9, atol=1e-12)
+    if name == "rank1_empty":  # no anchor on rank 1: no gradient there, yet the value is global
+        assert torch.count_nonzero(outs[1][name]["grad"]) == 0
+
+
+def test_all_void_batch_gives_an_exact_zero_on_every_rank(two_ranks):
+    _, outs = two_ranks
+    for rank in range(WORLD):
+        assert outs[rank]["all_void"]["loss"].item() == 0.0
+        assert torch.count_nonzero(outs[rank]["all_void"]["grad"]) == 0
+
+
+def test_different_feature_widths_raise_on_every_rank(two_ranks):
+    _, outs = two_ranks
+    for rank in range(WORLD):
+        message = outs[rank]["width_error"]
+        assert message is not None and "different widths" in message and f"{D + 1 + C_OLD + 2}" in message
+
+
+def test_method_term_gathers_when_ucd_gather_is_set(two_ranks):
+    """``method.ucd_gather=true``: the ``ucd`` term of mib+ucd is the global-batch loss on every rank."""
+    data, outs = two_ranks
+    sc = data["unequal"]
+    expected, *_ = reference(sc)
+    proj = torch.nn.Conv2d(D_IN, D, 1).double()
+    proj.load_state_dict(sc["proj"])
+    for rank in range(WORLD):  # the per-rank (not gathered) losses differ, so this test can fail
+        local, _ = dense_ucd(proj(_slice(sc["x"], rank)), *(_slice(sc[k], rank) for k in ("g", "z", "y")))
+        assert abs(local.item() - expected.item()) > 1e-3
+    for rank in range(WORLD):
+        assert outs[rank]["method_term"].item() == pytest.approx(expected.item(), rel=1e-10), rank
+
+
+def test_not_distributed_falls_back_to_the_plain_loss():
+    sc = make_scenario(4, 0.3)
+    proj = torch.nn.Conv2d(D_IN, D, 1).double()
+    proj.load_state_dict(sc["proj"])
+    assert not is_distributed()
+    f = proj(sc["x"]).detach().requires_grad_(True)
+    loss = gathered_contrastive_distillation(f, sc["g"], sc["z"], sc["y"])
+    loss.backward()
+    fr = f.detach().clone().requires_grad_(True)
+    expected, _ = dense_ucd(fr, sc["g"], sc["z"], sc["y"])
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    torch.testing.assert_close(f.grad, fr.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_options_are_rejected_before_any_collective():
+    f = torch.randn(1, D, H, W)
+    with pytest.raises(ValueError, match="temperature"):
+        gathered_contrastive_distillation(f, f, torch.randn(1, C_OLD, H, W), torch.zeros(1, H, W, dtype=torch.long),
+                                          temperature=0)
+    with pytest.raises(ValueError, match="formulation"):
+        gathered_contrastive_distillation(f, f, torch.randn(1, C_OLD, H, W), torch.zeros(1, H, W, dtype=torch.long),
+                                          formulation="simclr")
+
+
+def test_all_gather_rows_needs_2d_rows():
+    with pytest.raises(ValueError, match=r"\(n, F\)"):
+        all_gather_rows(torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine under torchrun: 2 processes x 4 images vs 1 process x 8 images
+# ----------------------------------------------------------------------------------------------
+# The two runs start from the same weights and see the same global batches (StepBatchSampler gives
+# rank r images [4r, 4r+4) of each global batch of 8), so they differ only by (1) BatchNorm batch
+# statistics, per process on CPU (SyncBatchNorm is CUDA-only): over 4 instead of 8 images, and the
+# ASPP image-pooling BN normalises over the batch alone; (2) the engine logs rank 0's own loss terms
+# (means over its 4 images), except ucd whose value is global by design; (3) DDP averages the
+# per-rank *means* of ce/unce (over each rank's non-void pixels) instead of one global mean.
+# * Logged terms differ mostly by (2), half a batch vs the whole batch. Observed relative differences
+#   at this size: ce/unce/loss < 4%, ucd < 12%, unkd 7-30% (depends on the images); the tolerances
+#   leave about 2x margin.
+# * Step 1's parameter update (step1.pt - step0.pt of each run) differs by ~5% of its norm (BN);
+#   summing instead of averaging the gradients, or scaling them by W, gives >= 100%: tolerance 25%.
+# * Final metrics: after 2 iterations per step both models still predict mostly background, so the
+#   metrics agree to < 1e-3 (tolerance 0.02); at this size this check is weak, the update check is not.
+# Exact agreement would need CPU BatchNorm synchronisation (a gloo all-reduce of the per-channel
+# sums, as SyncBatchNorm does on CUDA) and logged terms averaged over the ranks.
+LOSS_RTOL = {"loss": 0.15, "ce": 0.08, "unce": 0.08, "ucd": 0.25, "unkd": 0.5, "lr": 1e-6}
+METRIC_ATOL = 0.02
+UPDATE_RTOL = 0.25
+
+
+def engine_overrides(root: Path, out: Path, name: str) -> list[str]:
+    from conftest import BENCH
+
+    return [
+        f"name={name}", f"output_dir={out}", "device=cpu", "seed=0",
+        "data.dataset=embedded", f"data.root={root}", f"data.cache_dir={out / 'index-cache'}",
+        f"data.embedded_train={BENCH['num_train']}", f"data.embedded_val={BENCH['num_val']}",
+        f"data.embedded_size={BENCH['image_size']}", "data.crop_size=64", "task.name=8-2",
+        "model.backbone=resnet18", "train.batch_size=8", "train.iterations=2", "train.iterations_next=2",
+        "train.log_every=1", "method.name=mib+ucd", "method.ucd_gather=true", "eval.batch_size=16",
+        "eval.num_images=1",
+    ]
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every logged scalar of a run (tensorboard event files), by tag."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def relative_files(run_dir: Path) -> list[str]:
+    """Files of a run directory, tensorboard event files named by their folder only."""
+    names = []
+    for p in sorted(run_dir.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(run_dir).as_posix()
+            names.append("tensorboard/<events>" if rel.startswith("tensorboard/events.out.tfevents") else rel)
+    return names
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tiny_benchmark, tmp_path_factory):
+    """The same run under ``torchrun --nproc_per_node=2`` and in this process (one thread each)."""
+    from ucdseg.cli import packaged_config
+    from ucdseg.config import load_config
+    from ucdseg.engine import run
+
+    out = tmp_path_factory.mktemp("engine-ddp")
+    config = str(packaged_config("embedded/mib_ucd.yaml"))
+    cache = str(out / "ucdseg-cache")  # (module scope: conftest's per-test cache isolation is not active yet)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "UCDSEG_CACHE": cache}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "ucdseg.cli", "--quiet", "run", config,
+           *engine_overrides(tiny_benchmark, out, "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp_env:
+            mp_env.setenv("UCDSEG_CACHE", cache)
+            single = run(load_config(config, engine_overrides(tiny_benchmark, out, "single")), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ddp = json.loads((out / "ddp" / "results.json").read_text())
+    return out, ddp, single, proc.stdout
+
+
+def test_torchrun_run_matches_single_process_run(engine_runs):
+    out, ddp, single, _ = engine_runs
+    assert ddp["config"]["method"]["ucd_gather"] is True
+    assert [s["step"] for s in ddp["steps"]] == [s["step"] for s in single["steps"]] == [0, 1]
+    for a, b in zip(ddp["steps"], single["steps"]):
+        for key in ("classes", "seen", "num_train_images", "index_checksum", "iterations"):
+            assert a[key] == b[key], key
+        assert a["pixel_accuracy"] == pytest.approx(b["pixel_accuracy"], abs=METRIC_ATOL)
+        assert a["per_class_iou"].keys() == b["per_class_iou"].keys()
+        for name, value in a["per_class_iou"].items():
+            other = b["per_class_iou"][name]
+            assert (value is None) == (other is None), name
+            if value is not None:
+                assert value == pytest.approx(other, abs=METRIC_ATOL), name
+
+
+def test_torchrun_logged_losses_match_single_process_run(engine_runs):
+    out, *_ = engine_runs
+    got, want = scalars(out / "ddp"), scalars(out / "single")
+    loss_tags = {t for t in want if t.split("/")[0] in ("step0", "step1")}
+    assert loss_tags == {"step0/loss", "step0/ce", "step0/lr", "step1/loss", "step1/unce", "step1/unkd",
+                         "step1/ucd", "step1/lr"}
+    for tag in sorted(loss_tags):
+        assert len(got[tag]) == len(want[tag]) == 2, tag
+        rtol = LOSS_RTOL[tag.split("/")[1]]
+        for a, b in zip(got[tag], want[tag]):
+            assert math.isfinite(a) and a == pytest.approx(b, rel=rtol), (tag, got[tag], want[tag])
+
+
+def test_torchrun_parameter_update_matches_single_process_update(engine_runs):
+    """The step-1 update (from each run's own step 0) of the 2-process run vs the 1-process run."""
+    out, *_ = engine_runs
+
+    def update(name: str) -> dict[str, torch.Tensor]:
+        before, after = (torch.load(out / name / "checkpoints" / f"step{s}.pt", weights_only=True)["model"]
+                         for s in (0, 1))
+        return {k: after[k] - before[k] for k in before
+                if before[k].is_floating_point() and "running_" not in k}  # parameters, not BN statistics
+
+    got, want = update("ddp"), update("single")
+    assert got.keys() == want.keys()
+    diff = sum(((got[k] - want[k]) ** 2).sum() for k in want).sqrt()
+    norm = sum((want[k] ** 2).sum() for k in want).sqrt()
+    assert norm > 0 and diff / norm < UPDATE_RTOL, float(diff / norm)
+
+
+def test_only_rank_zero_prints_the_summary(engine_runs):
+    *_, stdout = engine_runs
+    assert stdout.count("results in ") == 1, stdout
+    assert stdout.count("| 1 | bag, ankle boot |") == 1
+
+
+def test_only_rank_zero_writes_files(engine_runs):
+    out, *_ = engine_runs
+    ddp, single = relative_files(out / "ddp"), relative_files(out / "single")
+    assert ddp == single  # no extra or duplicated file
+    assert len(list((out / "ddp" / "tensorboard").iterdir())) == 1  # one event file: rank 0's
+    assert ddp.count("tensorboard/<events>") == 1 and "checkpoints/step1.pt" in ddp
+    stray = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith("-last.pt")]
+    assert stray == []

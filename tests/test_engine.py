@@ -1,0 +1,322 @@
+"""End-to-end tests of the training engine: a two-step task on a tiny generated benchmark (seconds).
+
+Every output file of a run, determinism, resuming at a step boundary and inside a step, the
+saved-config check, reusing step 0 of another run, ``ucdseg eval`` and CLI errors. Runs use
+the tiny model of ``conftest.py`` except :func:`test_two_step_run_writes_every_output`, which
+trains the real ResNet-18 DeepLab.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import ucdseg
+from ucdseg import cli
+from ucdseg.config import to_dict, to_yaml
+from ucdseg.engine import run
+from ucdseg.engine.evaluate_checkpoint import evaluate_checkpoint
+from ucdseg.engine.trainer import Trainer
+from ucdseg.methods import Method
+
+NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+         "bag", "ankle boot")  # the embedded benchmark's classes
+STEPS = [list(range(9)), [9, 10]]  # embedded task 8-2
+METRIC_KEYS = ("step", "classes", "seen", "per_class_iou", "miou", "pixel_accuracy", "num_train_images",
+               "index_checksum", "iterations")
+# the reference run: 2 iterations at step 0, 6 at step 1 with a mid-step checkpoint every 2
+REFERENCE = ("train.iterations_next=6", "train.checkpoint_every=2")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics(results: dict) -> list[dict]:
+    """What a step's training determines (everything but its wall time)."""
+    return [{k: s[k] for k in METRIC_KEYS} for s in results["steps"]]
+
+
+def naive_mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def expected_miou(per_class: dict, num_base: int) -> dict:
+    """mIoU groups from the per-class IoUs: old = the first ``num_base`` classes, new = the rest."""
+    ious = list(per_class.values())
+    out = {}
+    for conv, first in (("with_background", 0), ("without_background", 1)):
+        new = ious[num_base:]
+        out[conv] = {"old": naive_mean(ious[first:num_base]), "new": naive_mean(new) if new else None,
+                     "all": naive_mean(ious[first:])}
+    return out
+
+
+def assert_groups_equal(actual: dict, expected: dict) -> None:
+    for conv in ("with_background", "without_background"):
+        for group in ("old", "new", "all"):
+            a, e = actual[conv][group], expected[conv][group]
+            assert (a is None) == (e is None), (conv, group, a, e)
+            if e is not None:
+                assert a == pytest.approx(e, abs=1e-12), (conv, group)
+
+
+class SimulatedCrash(Exception):
+    """Raised inside the training loop to simulate a killed run."""
+
+
+def count_loss_calls(monkeypatch, fail_at: tuple[int, int] | None = None) -> dict[int, int]:
+    """Count ``Method.losses`` calls (one per training iteration) per step; optionally raise at
+    ``fail_at = (step, call index)`` to simulate a crash."""
+    calls: dict[int, int] = {}
+    original = Method.losses
+
+    def losses(self, ctx, weights):
+        index = calls.get(ctx.step, 0)
+        if fail_at == (ctx.step, index):
+            raise SimulatedCrash(f"step {ctx.step}, iteration {index}")
+        calls[ctx.step] = index + 1
+        return original(self, ctx, weights)
+
+    monkeypatch.setattr(Method, "losses", losses)
+    return calls
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = load_state(a)["model"], load_state(b)["model"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(config_factory, tiny_engine, tmp_path_factory):
+    """One uninterrupted tiny run (read-only for the tests that use it)."""
+    cfg = config_factory(tmp_path_factory.mktemp("reference"), "reference", *REFERENCE)
+    with tiny_engine():
+        results = run(cfg, progress=False)
+    return cfg, results
+
+
+# ------------------------------------------------------------------------------- the outputs
+def test_two_step_run_writes_every_output(make_config):
+    cfg = make_config("e2e")
+    results = run(cfg, progress=False)
+    out = cfg.run_dir
+    assert out == Path(cfg.output_dir) / "e2e"
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == results
+    assert saved["config"] == to_dict(cfg) and saved["seed"] == 0 and saved["method"] == "mib+ucd"
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["versions"]["torchvision"] == torchvision.__version__
+    assert saved["versions"]["ucdseg"] == ucdseg.__version__
+    assert saved["task"]["dataset"] == "embedded" and saved["task"]["name"] == "8-2"
+    assert saved["task"]["steps"] == STEPS and saved["task"]["setting"] == "overlapped"
+    assert [s["step"] for s in saved["steps"]] == [0, 1]
+    for record, classes in zip(saved["steps"], STEPS):
+        step = record["step"]
+        seen = [c for s in STEPS[: step + 1] for c in s]
+        assert record["classes"] == classes
+        assert list(record["per_class_iou"]) == [NAMES[c] for c in seen]
+        assert all(v is None or 0 <= v <= 1 for v in record["per_class_iou"].values())
+        assert 0 <= record["pixel_accuracy"] <= 1
+        assert_groups_equal(record["miou"], expected_miou(record["per_class_iou"], num_base=9))
+        assert record["iterations"] == 2
+    first, last = saved["steps"]
+    assert first["miou"]["with_background"]["new"] is None and first["miou"]["without_background"]["new"] is None
+    assert last["miou"]["without_background"]["all"] is not None
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = ["step", "new_classes"] + [f"miou_{g}_{c}" for c in ("without_background", "with_background")
+                                        for g in ("old", "new", "all")]
+    header += ["pixel_accuracy"] + [f"iou_{n}" for n in NAMES]
+    assert list(rows[0]) == header and [r["step"] for r in rows] == ["0", "1"]
+    assert rows[0]["miou_new_without_background"] == "" and rows[0]["iou_bag"] == ""  # not seen yet
+    assert rows[1]["new_classes"] == "bag ankle boot"
+    assert float(rows[1]["miou_all_without_background"]) == last["miou"]["without_background"]["all"]
+
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# mib+ucd on embedded 8-2 (overlapped), seed 0")
+    row = next(line for line in summary.splitlines() if line.startswith("| 1 | bag, ankle boot |"))
+    assert f"| {100 * last['miou']['without_background']['all']:.1f} |" in row
+
+    for png in (out / "miou_per_step.png", out / "predictions" / "step0.png", out / "predictions" / "step1.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC, png
+        with Image.open(png) as image:
+            image.verify()
+
+    for step, classes_per_step in ((0, [9]), (1, [9, 2])):
+        state = load_state(out / "checkpoints" / f"step{step}.pt")
+        assert set(state) == {"model", "step", "config", "classes_per_step"}
+        assert state["step"] == step and state["classes_per_step"] == classes_per_step
+        assert state["config"] == to_dict(cfg)
+        assert state["model"]["classifier.0.weight"].shape == (9, 256, 1, 1)
+        assert ("classifier.1.weight" in state["model"]) == (step == 1)
+    assert load_state(out / "checkpoints" / "step1.pt")["model"]["classifier.1.weight"].shape == (2, 256, 1, 1)
+
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    data = events[0].read_bytes()
+    for tag in (b"step0/loss", b"step0/ce", b"step1/unce", b"step1/unkd", b"step1/ucd", b"step1/lr",
+                b"miou_without_background/all"):
+        assert tag in data, tag
+
+    assert (out / "config.yaml").read_text() == to_yaml(cfg)
+    stray = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert stray == [] and not list(out.rglob("*-last.pt"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.yaml", "results.json", "results.csv", "summary.md", "miou_per_step.png", "predictions",
+         "checkpoints", "tensorboard"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step0.pt", "step1.pt"]
+
+
+# ------------------------------------------------------------------------------- determinism
+def test_same_seed_same_results_other_seed_differs(reference, make_config, tiny_model):
+    ref_cfg, ref = reference
+    again = run(make_config("again", *REFERENCE), progress=False)
+    assert metrics(again) == metrics(ref)
+    for step in (0, 1):
+        assert_same_weights(ref_cfg.run_dir / "checkpoints" / f"step{step}.pt",
+                            make_config("again").run_dir / "checkpoints" / f"step{step}.pt")
+    other = run(make_config("seed1", *REFERENCE, "seed=1"), progress=False)
+    for a, b in zip(metrics(other), metrics(ref)):
+        assert (a["per_class_iou"], a["pixel_accuracy"]) != (b["per_class_iou"], b["pixel_accuracy"])
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_finished_run_is_not_retrained_and_missing_step_is(make_config, tiny_model, monkeypatch):
+    cfg = make_config("resume")
+    first = run(cfg, progress=False)
+    ckpts = cfg.run_dir / "checkpoints"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    results_bytes = (cfg.run_dir / "results.json").read_bytes()
+
+    calls = count_loss_calls(monkeypatch)
+    assert run(cfg, progress=False) == first
+    assert calls == {}  # no training iteration at all
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == mtimes
+    assert (cfg.run_dir / "results.json").read_bytes() == results_bytes
+
+    (ckpts / "step1.pt").unlink()  # as if killed between step 0 and the end of step 1
+    again = run(cfg, progress=False)
+    assert calls == {1: 2}  # step 1 only, all of its iterations
+    assert (ckpts / "step0.pt").stat().st_mtime_ns == mtimes["step0.pt"]
+    assert metrics(again) == metrics(first)
+    assert [s["step"] for s in json.loads((cfg.run_dir / "results.json").read_text())["steps"]] == [0, 1]
+
+
+def test_mid_step_resume_matches_uninterrupted_run(reference, make_config, tiny_model, monkeypatch):
+    ref_cfg, ref = reference
+    cfg = make_config("crash", *REFERENCE)
+    with monkeypatch.context() as mp:
+        count_loss_calls(mp, fail_at=(1, 4))  # dies in iteration 4 of step 1 (0-based)
+        with pytest.raises(SimulatedCrash, match="step 1, iteration 4"):
+            run(cfg, progress=False)
+    ckpts = cfg.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step0.pt", "step1-last.pt"]
+    partial = load_state(ckpts / "step1-last.pt")
+    assert partial["iteration"] == 4 and partial["step"] == 1
+    assert [s["step"] for s in json.loads((cfg.run_dir / "results.json").read_text())["steps"]] == [0]
+
+    calls = count_loss_calls(monkeypatch)
+    resumed = run(cfg, progress=False)
+    assert calls == {1: 2}  # iterations 4 and 5 only
+    assert metrics(resumed) == metrics(ref)
+    assert_same_weights(ckpts / "step1.pt", ref_cfg.run_dir / "checkpoints" / "step1.pt")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step0.pt", "step1.pt"]
+
+
+def test_changed_config_in_existing_run_dir_is_refused(make_config):
+    Trainer(make_config("cfg"), progress=False).writer.close()  # writes config.yaml
+    # settings that cannot change the results may differ
+    Trainer(make_config("cfg", "eval.batch_size=3", "train.checkpoint_every=5", "train.log_every=7"),
+            progress=False).writer.close()
+    with pytest.raises(ValueError, match=r"differing keys: method\.name, train\.lr_next\)") as err:
+        Trainer(make_config("cfg", "train.lr_next=0.5", "method.name=mib"), progress=False)
+    assert "cfg" in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ step0_from
+def test_step0_from_reuses_step_zero(reference, make_config, tiny_model, monkeypatch):
+    ref_cfg, ref = reference
+    trained: list[int] = []
+    original = Trainer.train_step
+
+    def spy(self, step):
+        trained.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    source = f"train.step0_from={ref_cfg.run_dir}"
+    results = run(make_config("mib", *REFERENCE, "method.name=mib", source), progress=False)
+    assert trained == [1]
+    assert metrics(results)[0] == metrics(ref)[0]
+    out = make_config("mib").run_dir
+    assert (out / "checkpoints" / "step0.pt").read_bytes() == (ref_cfg.run_dir / "checkpoints" / "step0.pt").read_bytes()
+    assert results["method"] == "mib" and [s["step"] for s in results["steps"]] == [0, 1]
+
+    for change, key in (("train.lr=0.5", "train.lr"), ("seed=3", "seed"), ("task.name=5-5", "task.name"),
+                        ("data.crop_size=48", "data.crop_size")):
+        with pytest.raises(ValueError, match=rf"step0_from=.*reference.*\b{re.escape(key)}\b"):
+            run(make_config(f"bad-{key}", *REFERENCE, source, change), progress=False)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run(make_config("missing", f"train.step0_from={out.parent / 'nowhere'}"), progress=False)
+    assert trained == [1]
+
+
+def test_step0_from_refuses_a_joint_run_either_way(reference, make_config, tiny_model):
+    """Joint training has one step with every class: its step 0 is not an incremental step 0."""
+    ref_cfg, _ = reference
+    with pytest.raises(ValueError, match="step0_from"):
+        run(make_config("joint", "method.name=joint", f"train.step0_from={ref_cfg.run_dir}"), progress=False)
+    joint_cfg = make_config("joint-source", "method.name=joint")
+    run(joint_cfg, progress=False)
+    with pytest.raises(ValueError, match="step0_from"):
+        run(make_config("from-joint", f"train.step0_from={joint_cfg.run_dir}"), progress=False)
+
+
+# --------------------------------------------------------------------------------------- CLI
+def test_cli_eval_reproduces_step_one(reference, tiny_model, capsys):
+    ref_cfg, ref = reference
+    checkpoint = ref_cfg.run_dir / "checkpoints" / "step1.pt"
+    assert cli.main(["--quiet", "eval", str(checkpoint)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = ref["steps"][1]
+    assert lines[0].startswith("step 1: mIoU ")
+    printed = dict((m[0], m[1:]) for m in re.findall(r"(\w+) ([\d.-]+)/([\d.-]+)/([\d.-]+)", lines[0]))
+    for conv, groups in expected["miou"].items():
+        assert printed[conv] == tuple("-" if v is None else f"{100 * v:.1f}" for v in groups.values())
+    assert [line.split()[0] for line in lines[1:]] == [n.split()[0] for n in expected["per_class_iou"]]
+    record = evaluate_checkpoint(checkpoint, progress=False)
+    assert {k: record[k] for k in ("per_class_iou", "miou", "pixel_accuracy")} == {
+        k: expected[k] for k in ("per_class_iou", "miou", "pixel_accuracy")}
+
+
+def test_cli_errors_are_one_line(make_config, tmp_path, capsys):
+    assert cli.main(["run", "missing.yaml"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("ucdseg: error: ") and "missing.yaml" in captured.err
+
+    assert cli.main(["eval", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.pt" in err and "does not exist" in err
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(to_yaml(make_config("cli")))
+    assert cli.main(["--quiet", "run", str(config), "method.name=nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown method 'nope'" in err and "mib+ucd" in err
+    assert cli.main(["--quiet", "run", str(config), "train.batch_size=0"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err

@@ -1,0 +1,240 @@
+"""The registered methods: each trains end to end, and each total loss is the documented sum.
+
+The compositions are checked against the loss functions of :mod:`ucdseg.losses` called by hand
+with the weights of the papers (SPEC §3), on a hand-made ``SegOutput``-like namedtuple.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ucdseg import cli, losses
+from ucdseg.config import MethodConfig
+from ucdseg.engine import run
+from ucdseg.losses import plop
+from ucdseg.methods import LossContext, Method, get_method, list_methods
+
+# step >= 1 loss terms of every method, as documented (SPEC §3 and the MiB / PLOP papers)
+TERMS = {
+    "ft": {"ce"},
+    "lwf": {"ce", "kd"},
+    "lwf-mc": {"bce"},
+    "ilt": {"ce", "kd", "de"},
+    "mib": {"unce", "unkd"},
+    "mib+ucd": {"unce", "unkd", "ucd"},
+    "plop": {"ce", "pod"},
+    "plop+ucd": {"ce", "pod", "ucd"},
+    "joint": {"ce"},
+}
+NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+         "bag", "ankle boot")
+Out = namedtuple("Out", "logits low_logits features stages")
+
+
+def finite_or_none(value) -> bool:
+    return value is None or (math.isfinite(value) and 0 <= value <= 1)
+
+
+def naive_mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+@pytest.fixture(scope="module")
+def trained(config_factory, tiny_engine, tmp_path_factory):
+    """``trained(method)`` -> (config, results, per-iteration log): one tiny 8-2 run per method, cached."""
+    out = tmp_path_factory.mktemp("methods")
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            log: list[tuple[int, dict, object]] = []
+            original = Method.losses
+
+            def losses_spy(self, ctx, weights):
+                terms = original(self, ctx, weights)
+                log.append((ctx.step, {k: v.item() for k, v in terms.items()}, ctx.state.get("thresholds")))
+                return terms
+
+            cfg = config_factory(out, name, f"method.name={name}", "eval.num_images=0")
+            with tiny_engine(), pytest.MonkeyPatch.context() as mp:
+                mp.setattr(Method, "losses", losses_spy)
+                cache[name] = (cfg, run(cfg, progress=False), log)
+        return cache[name]
+
+    return get
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_method_trains_two_steps(trained, name):
+    cfg, results, log = trained(name)
+    joint = name == "joint"
+    assert results["method"] == name
+    assert [s["step"] for s in results["steps"]] == ([0] if joint else [0, 1])
+    for record in results["steps"]:
+        assert all(finite_or_none(v) for v in record["per_class_iou"].values())
+        assert all(finite_or_none(v) for groups in record["miou"].values() for v in groups.values())
+        assert finite_or_none(record["pixel_accuracy"]) and record["miou"]["with_background"]["all"] is not None
+    # every iteration computed the method's terms, all finite
+    assert [step for step, _, _ in log] == ([0, 0] if joint else [0, 0, 1, 1])
+    for step, terms, thresholds in log:
+        assert set(terms) == ({"ce"} if step == 0 else TERMS[name])
+        assert all(math.isfinite(v) for v in terms.values()), terms
+        if step == 1 and name.startswith("plop"):  # PLOP's before_step pass produced one threshold per old class
+            assert thresholds.shape == (9,) and torch.isfinite(thresholds).all() and (thresholds > 0).all()
+        else:
+            assert thresholds is None
+    steps = ["step0.pt"] if joint else ["step0.pt", "step1.pt"]
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == steps
+
+
+def test_joint_is_one_step_scored_against_the_task(trained):
+    cfg, results, _ = trained("joint")
+    ckpt = torch.load(cfg.run_dir / "checkpoints" / "step0.pt", weights_only=True)
+    assert ckpt["classes_per_step"] == [11]
+    assert results["task"]["steps"] == [list(range(9)), [9, 10]]  # the benchmark's task, not the joint one
+    (record,) = results["steps"]
+    assert record["classes"] == list(range(11)) and list(record["per_class_iou"]) == list(NAMES)
+    ious = list(record["per_class_iou"].values())
+    expected = {
+        "with_background": {"old": naive_mean(ious[:9]), "new": naive_mean(ious[9:]), "all": naive_mean(ious)},
+        "without_background": {"old": naive_mean(ious[1:9]), "new": naive_mean(ious[9:]),
+                               "all": naive_mean(ious[1:])},
+    }
+    for conv, groups in expected.items():
+        for group, value in groups.items():
+            assert record["miou"][conv][group] == pytest.approx(value, abs=1e-12), (conv, group)
+    assert record["miou"]["without_background"]["new"] is not None or all(v is None for v in ious[9:])
+
+
+# -------------------------------------------------------------------------------- registry
+def test_registry_and_methods_command(capsys):
+    assert {m.name for m in list_methods()} == set(TERMS)
+    for method in list_methods():
+        assert set(method.default_weights) == TERMS[method.name]
+        assert set(method.first_step_terms) == {"ce"}
+    assert get_method("MiB+UCD").name == "mib+ucd"
+    with pytest.raises(KeyError, match=r"unknown method 'mib-ucd'; available: .*mib\+ucd"):
+        get_method("mib-ucd")
+
+    assert cli.main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(TERMS)
+    by_name = {line.split()[0]: line for line in lines}
+    assert by_name["mib+ucd"].endswith("[unce=1, unkd=10, ucd=0.01]")
+    assert by_name["lwf"].endswith("[ce=1, kd=100]") and by_name["ilt"].endswith("[ce=1, kd=100, de=100]")
+
+
+def test_weights_override_and_unknown_term(make_config):
+    method = get_method("mib+ucd")
+    assert method.weights() == {"unce": 1.0, "unkd": 10.0, "ucd": 0.01}
+    assert method.weights({"ucd": 0.5, "unkd": 2}) == {"unce": 1.0, "unkd": 2.0, "ucd": 0.5}
+    assert method.default_weights == {"unce": 1.0, "unkd": 10.0, "ucd": 0.01}  # defaults untouched
+    with pytest.raises(ValueError, match=r"method 'mib\+ucd' has no loss term 'kd'; its terms are \['ucd', 'unce', 'unkd'\]"):
+        method.weights({"kd": 1.0})
+    with pytest.raises(ValueError, match="has no loss term 'nope'"):  # through the run config
+        run(make_config("bad-weights", "method.weights.nope=1"), progress=False)
+
+
+# ------------------------------------------------------------------------ loss compositions
+def hand_made_batch(seed: int = 0):
+    """A step-1 batch: 3 old classes (background + 2), 2 new ones, 8 x 8 labels, 4 x 4 features."""
+    g = torch.Generator().manual_seed(seed)
+
+    def out(classes: int) -> Out:
+        low = torch.randn(2, classes, 4, 4, generator=g) * 2
+        stages = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 8), (4, 4), (6, 4), (6, 4))]
+        return Out(torch.randn(2, classes, 8, 8, generator=g) * 2, low, torch.randn(2, 6, 4, 4, generator=g), stages)
+
+    new, old = out(5), out(3)
+    labels = torch.tensor([0, 0, 0, 3, 4, 255])[torch.randint(0, 6, (2, 8, 8), generator=g)]
+    return new, old, labels
+
+
+def naive_ce(logits, labels):
+    logp = torch.log_softmax(logits, 1)
+    picked = [-logp[b, labels[b, i, j], i, j] for b in range(labels.shape[0]) for i in range(labels.shape[1])
+              for j in range(labels.shape[2]) if labels[b, i, j] != 255]
+    return torch.stack(picked).mean()
+
+
+def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options: MethodConfig,
+                   thresholds: torch.Tensor) -> torch.Tensor:
+    """The documented total loss of ``name`` at a step >= 1, from ucdseg.losses called by hand."""
+    num_old, num_new = 3, 2
+    ce = naive_ce(new.logits, labels)
+    kd = losses.knowledge_distillation(new.logits, old.logits)
+    if name in ("ft", "joint"):
+        return ce
+    if name == "lwf":
+        return ce + 100 * kd
+    if name == "lwf-mc":
+        return losses.multiclass_bce_distillation(new.logits, old.logits, labels)
+    if name == "ilt":
+        return ce + 100 * kd + 100 * losses.feature_distillation(new.stages[-1], old.stages[-1])
+
+    def ucd(y):
+        return losses.contrastive_distillation(new.features, old.features, old.low_logits, y,
+                                               temperature=options.ucd_temperature,
+                                               formulation=options.ucd_formulation)
+
+    if name.startswith("mib"):
+        total = losses.unbiased_cross_entropy(new.logits, labels, num_old) + 10 * losses.unbiased_kd(new.logits, old.logits)
+        return total + 0.01 * ucd(labels) if name == "mib+ucd" else total
+    pseudo, stats = losses.entropy_pseudo_labels(labels, old.logits, thresholds)
+    levels = [*new.stages, new.features, new.low_logits]
+    old_levels = [*old.stages, old.features, old.low_logits]
+    total = plop.adaptive_cross_entropy(new.logits, pseudo, stats.confident_fraction)
+    total = total + losses.local_pod(levels, old_levels, num_old, num_new)
+    return total + 0.01 * ucd(pseudo) if name == "plop+ucd" else total
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_total_loss_is_the_weighted_sum_of_its_terms(name):
+    new, old, labels = hand_made_batch()
+    options = MethodConfig(ucd_temperature=0.2, ucd_formulation="supcon")
+    thresholds = torch.tensor([0.3, 0.6, 0.9])
+    method = get_method(name)
+    ctx = LossContext(1, new, old, labels.clone(), num_old=3, num_new=2, options=options,
+                      state={"thresholds": thresholds})
+    terms = method.losses(ctx, method.weights())
+    assert set(terms) == TERMS[name]
+    total = sum(terms.values())
+    expected = expected_total(name, new, old, labels, options, thresholds)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    if "ucd" in terms:
+        assert terms["ucd"].item() != 0  # the case exercises the contrastive term
+    # step 0: plain cross-entropy for every method
+    first = method.losses(LossContext(0, new, None, labels.clone(), 0, 5, options=options), method.weights())
+    assert list(first) == ["ce"] and first["ce"].item() == pytest.approx(naive_ce(new.logits, labels).item(), rel=1e-5)
+
+
+def test_zero_weight_skips_a_term():
+    new, old, labels = hand_made_batch(1)
+    method = get_method("mib+ucd")
+    ctx = LossContext(1, new, old, labels, num_old=3, num_new=2, options=MethodConfig())
+    terms = method.losses(ctx, method.weights({"ucd": 0, "unkd": 1}))
+    assert set(terms) == {"unce", "unkd"}
+    assert terms["unkd"].item() == pytest.approx(losses.unbiased_kd(new.logits, old.logits).item(), rel=1e-6)
+
+
+def test_plop_target_hook_pseudo_labels_confident_background():
+    # one image, one row of 7 pixels; old model: background + classes 1, 2; new class 3
+    old_logits = torch.tensor([[0., 8, 0], [0, 0, 0], [8, 0, 0], [0, 8, 0], [0, 3, 0], [0, 0, 3], [0, 8, 0]])
+    old = Out(old_logits.T.reshape(1, 3, 1, 7), None, None, None)
+    labels = torch.tensor([[[0, 0, 0, 3, 0, 0, 255]]])
+    # normalised entropies: ~0.005 (pixels 0, 2, 3, 6), 1.0 (pixel 1), ~0.334 (pixels 4, 5)
+    thresholds = torch.tensor([0.5, 0.5, 0.2])
+    ctx = LossContext(1, None, old, labels, num_old=3, num_new=1, state={"thresholds": thresholds})
+    get_method("plop").targets(ctx)
+    # 0: confident class 1 -> 1; 1: uncertain -> 255; 2: confident background -> 0; 3: new class kept;
+    # 4: class 1 at entropy 0.33 < 0.5 -> 1; 5: class 2 at 0.33 >= 0.2 -> 255; 6: void kept
+    assert ctx.labels.tolist() == [[[1, 255, 0, 3, 1, 255, 255]]]
+    assert labels.tolist() == [[[0, 0, 0, 3, 0, 0, 255]]]  # the loader's tensor is not modified
+    assert ctx.batch["confident_fraction"].tolist() == pytest.approx([3 / 5])  # of 5 background pixels

@@ -29,10 +29,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.overrides)
     results = run(cfg, progress=not args.quiet)
-    from .reporting import summary_markdown
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        from .reporting import summary_markdown
 
-    print(summary_markdown(results))
-    print(f"results in {cfg.run_dir}")
+        print(summary_markdown(results))
+        print(f"results in {cfg.run_dir}")
     return 0
 
 

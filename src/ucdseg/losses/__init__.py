@@ -5,7 +5,8 @@
   :func:`multiclass_bce_distillation`
 * PLOP: :func:`local_pod`, :func:`entropy_pseudo_labels`, :class:`EntropyThresholds` (plop.py)
 * UCD: :func:`contrastive_distillation` (and its flat, gather-friendly core
-  :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`)
+  :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`), and
+  :func:`gathered_contrastive_distillation`, its global-batch version under DDP (distributed.py)
 """
 
 from .contrastive import (
@@ -15,6 +16,7 @@ from .contrastive import (
     prepare_contrastive_inputs,
     resize_labels_nearest,
 )
+from .distributed import gathered_contrastive_distillation
 from .distillation import feature_distillation, knowledge_distillation, multiclass_bce_distillation
 from .mib import unbiased_cross_entropy, unbiased_kd
 from .plop import EntropyThresholds, entropy_pseudo_labels, local_pod  # noqa: F401
@@ -27,6 +29,7 @@ __all__ = [
     "feature_distillation",
     "contrastive_distillation",
     "contrastive_distillation_flat",
+    "gathered_contrastive_distillation",
     "prepare_contrastive_inputs",
     "ContrastiveInputs",
     "resize_labels_nearest",

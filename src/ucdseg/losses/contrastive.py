@@ -386,9 +386,11 @@ def contrastive_distillation(
     anchor has a positive. Computed in float32 whatever the input precision (float64 stays float64).
     """
     _check_options(temperature, formulation, block_size)
-    inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels)
-    if inputs.anchors.shape[0] == 0:
-        return features.flatten()[:0].to(inputs.anchors.dtype).sum()
-    return contrastive_distillation_flat(
-        *inputs, temperature=temperature, formulation=formulation, block_size=block_size
-    )
+    # autocast would run the similarity matmuls in bfloat16/float16: SPEC §3 wants float32
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels)
+        if inputs.anchors.shape[0] == 0:
+            return features.flatten()[:0].to(inputs.anchors.dtype).sum()
+        return contrastive_distillation_flat(
+            *inputs, temperature=temperature, formulation=formulation, block_size=block_size
+        )

@@ -45,7 +45,7 @@ from .contrastive import (
     prepare_contrastive_inputs,
 )
 
-__all__ = ["gathered_contrastive_distillation", "all_gather_rows", "is_distributed"]
+__all__ = ["all_gather_rows", "gathered_contrastive_distillation", "is_distributed"]
 
 # Labels travel in the packed float tensor: integers below 2**24 are exact in float32.
 _MAX_PACKED_LABEL = 2**24

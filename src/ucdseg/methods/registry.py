@@ -41,7 +41,9 @@ def encoder_mse(ctx: LossContext):
 
 def ucd(ctx: LossContext):
     opts = ctx.options
-    return losses.contrastive_distillation(
+    gather = opts is not None and opts.ucd_gather  # contrast against the global batch under DDP
+    loss = losses.gathered_contrastive_distillation if gather else losses.contrastive_distillation
+    return loss(
         ctx.out.features,
         ctx.old.features,
         ctx.old.low_logits,

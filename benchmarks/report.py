@@ -93,6 +93,70 @@ def train_md(r: dict) -> list[str]:
     return lines
 
 
+def options_md(r: dict) -> list[str]:
+    c = r["config"]
+    lines = [
+        f"### 2b. Training-step options, {c['method']}, {c['backbone']} DeepLab-v3 (OS 16), batch {c['batch']}, "
+        f"{c['crop']} x {c['crop']} crops",
+        "",
+        "| variant | step s (median) | ratio to default (median of per-round ratios) | first call s "
+        "| first-step loss rel. diff |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, v in r["variants"].items():
+        lines.append(f"| {name} | {_s(v['median_s'])} | {v['ratio_to_default']:.2f} | {_s(v['first_call_s'])} "
+                     f"| {v['first_loss_rel_diff']:.1e} |")
+    for name, reason in r.get("unavailable", {}).items():
+        lines.append(f"| {name} | unavailable: {reason} | | | |")
+    lines += ["", f"Variants timed round-robin, {c['repeats']} rounds after {c['warmup_steps']} warm-up steps each; "
+              "the first call of `compile` is its compilation (`train.compile=true` pays it at every step "
+              "of a task" + ("; it is much shorter when torch's on-disk inductor cache already holds the graphs, "
+                             "e.g. from an earlier run" if c.get("inductor_fx_graph_cache") else "")
+              + "). A ratio below 1 is faster than the default."]
+    return lines
+
+
+def profile_md(r: dict) -> list[str]:
+    c, p, u = r["config"], r["profiled"], r["unprofiled"]
+    ours = set(r["groups"]["ours"])
+    lines = [
+        f"### 2c. Profile of a {c['method']} training step, {c['backbone']} DeepLab-v3 (OS 16), batch {c['batch']}, "
+        f"{c['crop']} x {c['crop']} crops",
+        "",
+        f"One iteration = fetch of a batch of the embedded benchmark ({c['data']['task']} step {c['data']['step']}, "
+        f"workers={c['data']['workers']}) + one training step; {c['iterations']} iterations after "
+        f"{c['warmup_iterations']} warm-up. Wall: without the profiler (median); CPU: inclusive CPU time "
+        "under `torch.profiler`, per iteration.",
+        "",
+        "| phase | code | wall s | % of iteration | profiled CPU s | % |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    wall_total = sum(u["phases_wall_s"].values())
+    cpu_total = sum(p["phases_cpu_s"].values())
+    for name, cpu in p["phases_cpu_s"].items():
+        wall = u["phases_wall_s"][name]
+        lines.append(f"| {name} | {'ours' if name in ours else 'PyTorch (new model)'} | {_s(wall)} "
+                     f"| {100 * wall / wall_total:.1f} % | {_s(cpu)} | {100 * cpu / cpu_total:.1f} % |")
+    fu, fp = u["fractions"], p["fractions"]
+    parts = ", ".join(f"{k.split(': ', 1)[1]} {_s(v)} s" for k, v in p["data_parts_cpu_s"].items())
+    lines += [
+        "",
+        f"Our code takes {100 * fu['ours']:.1f} % of the iteration (profiled: {100 * fp['ours']:.1f} %): "
+        f"data {100 * fu['data']:.1f} %, old-model forward {100 * fu['old_model_forward']:.1f} %, "
+        f"loss terms (forward + backward) {100 * fu['loss_terms']:.1f} %. Of the training step alone (without "
+        f"the data fetch): {100 * fu['step_ours']:.1f} % ours, of which loss terms "
+        f"{100 * fu['step_loss_terms']:.1f} %. Data fetch parts (profiled CPU per iteration): {parts}.",
+        "",
+        f"Top {len(p['top_self_cpu'])} operators by self CPU time (profiled, per iteration; % of all self CPU time):",
+        "",
+        "| operator | self CPU s | % | calls |",
+        "|---|---:|---:|---:|",
+    ]
+    for e in p["top_self_cpu"]:
+        lines.append(f"| `{e['name']}` | {_s(e['self_cpu_s'])} | {e['self_cpu_pct']:.1f} % | {e['calls']} |")
+    return lines
+
+
 def data_md(r: dict) -> list[str]:
     g, ix, ld = r["generation"], r["index"], r["loader"]
     lines = [
@@ -137,8 +201,8 @@ def eval_md(r: dict) -> list[str]:
 def render(res: dict) -> str:
     lines = ["# ucdseg benchmarks", "", *machine_md(res), ""]
     sections = res["benchmarks"]
-    for key, fn in (("contrastive", contrastive_md), ("train_step", train_md), ("data", data_md),
-                    ("evaluation", eval_md)):
+    for key, fn in (("contrastive", contrastive_md), ("train_step", train_md), ("options", options_md),
+                    ("profile", profile_md), ("data", data_md), ("evaluation", eval_md)):
         if key in sections:
             lines += [*fn(sections[key]), ""]
     return "\n".join(lines)

@@ -3,10 +3,12 @@
     python benchmarks/run.py [--quick] [--output benchmarks/results] [--threads N] [--only NAME ...]
 
 Benchmarks (see docs/performance.md): ``contrastive`` (streamed UCD loss vs a dense
-implementation), ``train_step`` (UCD's overhead on a MiB / PLOP training step), ``data``
-(embedded benchmark generation, index, DataLoader) and ``evaluation``. ``--quick`` shrinks every
-size and runs each case once (about a minute); the full run takes about 10-15 minutes on a
-2-core machine.
+implementation), ``train_step`` (UCD's overhead on a MiB / PLOP training step), ``options``
+(``train.channels_last`` and ``train.compile`` on a MiB+UCD step), ``profile`` (torch.profiler
+over MiB+UCD steps: top operators, share of our code), ``data`` (embedded benchmark generation,
+index, DataLoader) and ``evaluation``. ``--quick`` shrinks every size and runs each case once or
+a few times (about a minute; 2-3 minutes when torch.compile's on-disk cache is cold); the full
+run takes about 15-20 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, load_average, log, machine_info  # noqa: E402
 
-BENCHMARKS = ("data", "train_step", "contrastive")  # "data" also produces "evaluation"
+BENCHMARKS = ("data", "train_step", "options", "profile", "contrastive")  # "data" also produces "evaluation"
 DOC = REPO / "docs" / "performance.md"
 DOC_BEGIN, DOC_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the ucdseg benchmarks.")
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (about a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, few repeats (about a minute; more when torch.compile's cache is cold)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"),
                         help="folder for benchmarks.json and benchmarks.md (default: benchmarks/results)")
     parser.add_argument("--threads", type=int, default=None,
@@ -63,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     import bench_contrastive
     import bench_data
+    import bench_options
     import bench_train_step
+    import profile_step
     from report import render
 
     selected = args.only or list(BENCHMARKS)
@@ -87,10 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
             out["data"]["load_before"] = load
             out["evaluation"]["load_before"] = load
             result["benchmarks"].update(out)
-        elif name == "train_step":
-            out = bench_train_step.run(quick=args.quick)
+        elif name in ("train_step", "options", "profile"):
+            module = {"train_step": bench_train_step, "options": bench_options, "profile": profile_step}[name]
+            out = module.run(quick=args.quick)
             out["load_before"] = load
-            result["benchmarks"]["train_step"] = out
+            result["benchmarks"][name] = out
         else:
             out = bench_contrastive.run(quick=args.quick, threads=args.threads)
             out["load_before"], out["load_after"] = load, load_average()

@@ -320,3 +320,69 @@ def test_cli_errors_are_one_line(make_config, tmp_path, capsys):
     assert err.count("\n") == 1 and "unknown method 'nope'" in err and "mib+ucd" in err
     assert cli.main(["--quiet", "run", str(config), "train.batch_size=0"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ performance options
+def close_metrics(a: list[dict], b: list[dict], tol: float) -> None:
+    """Same steps, images and iterations; every IoU and the pixel accuracy within ``tol`` (absolute)."""
+    for sa, sb in zip(a, b, strict=True):
+        for key in ("step", "classes", "seen", "num_train_images", "index_checksum", "iterations"):
+            assert sa[key] == sb[key], key
+        assert sa["per_class_iou"].keys() == sb["per_class_iou"].keys()
+        for name, v in sa["per_class_iou"].items():
+            w = sb["per_class_iou"][name]
+            assert (v is None) == (w is None) and (v is None or abs(v - w) <= tol), (sa["step"], name, v, w)
+        assert abs(sa["pixel_accuracy"] - sb["pixel_accuracy"]) <= tol
+
+
+def test_channels_last_gives_the_same_run(reference, make_config, tiny_model):
+    # NHWC runs the same convolutions with other kernels: the floats may differ in their last bits
+    # (here: weights within 1e-6 after the 8 SGD iterations), which may flip the argmax of a few of
+    # the 16 x 64 x 64 validation pixels; IoUs and accuracy are allowed 1e-3 (about 65 pixels)
+    ref_cfg, ref = reference
+    cfg = make_config("nhwc", *REFERENCE, "train.channels_last=true")
+    results = run(cfg, progress=False)
+    for step in (0, 1):
+        ours = load_state(cfg.run_dir / "checkpoints" / f"step{step}.pt")["model"]
+        theirs = load_state(ref_cfg.run_dir / "checkpoints" / f"step{step}.pt")["model"]
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5, msg=key)
+        assert all(v.is_contiguous() for v in ours.values())  # saved in the default layout
+    close_metrics(metrics(results), metrics(ref), tol=1e-3)
+
+
+def _cxx_available() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler, or a torch without this helper
+        return False
+    return True
+
+
+def test_compile_gives_the_same_run(make_config, tiny_model):
+    if not _cxx_available():  # checked here, not at collection: importing inductor takes seconds
+        pytest.skip("torch.compile (inductor) needs a C++ compiler")
+    # one step (joint training): about 40 s on 2 shared cores with a cold inductor cache, seconds with a warm one
+    plain = run(make_config("plain", "method.name=joint"), progress=False)
+    cfg = make_config("compiled", "method.name=joint", "train.compile=true")
+    compiled = run(cfg, progress=False)
+    state = load_state(cfg.run_dir / "checkpoints" / "step0.pt")["model"]
+    assert not [k for k in state if "_orig_mod" in k]  # the checkpoint is the plain model's
+    ref = load_state(make_config("plain").run_dir / "checkpoints" / "step0.pt")["model"]
+    assert state.keys() == ref.keys()
+    for key in state:  # inductor fuses and reorders: float32 rounding only
+        torch.testing.assert_close(state[key], ref[key], rtol=0, atol=1e-4, msg=key)
+    close_metrics(metrics(compiled), metrics(plain), tol=1e-3)
+
+
+def test_compile_without_toolchain_is_a_one_line_error(make_config, tiny_model):
+    import torch._inductor.config as inductor_config
+
+    cfg = make_config("nocxx", "method.name=joint", "train.compile=true")
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-g++")}), \
+            pytest.raises(RuntimeError, match="train.compile=true: .* needs a working C/C.. toolchain") as err:
+        run(cfg, progress=False)
+    assert "\n" not in str(err.value) and "no-such-g++" in str(err.value)

@@ -66,6 +66,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     amp: str = "none"  # none | bf16 | fp16
+    # speed options (measured by benchmarks/bench_options.py; off by default, see docs/performance.md):
+    channels_last: bool = False  # train the model and feed the images in NHWC memory format
+    compile: bool = False  # torch.compile the training forward (needs a C/C++ toolchain)
     step0_from: Optional[str] = None  # reuse step 0 of this run directory (same data, task, model)
     checkpoint_every: int = 0  # also checkpoint every N iterations inside a step (0: only at step end)
     log_every: int = 10

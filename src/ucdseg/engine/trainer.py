@@ -9,6 +9,7 @@ again continues from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import sys
@@ -40,9 +41,13 @@ from .sampling import SeededSamples, StepBatchSampler, num_iterations
 
 # Keys that may change between a run and its resumption without changing its results.
 # The paths only locate the run and its inputs (a moved dataset or run directory may resume).
+# train.channels_last and train.compile only choose how the same computation is laid out in
+# memory and which kernels run it: like ``device`` they can change the last bits of the floats,
+# never what is computed, so a run may be resumed with them switched (e.g. on a machine without
+# a C++ compiler for torch.compile).
 RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every", "eval.batch_size",
                   "eval.num_images", "train.checkpoint_every", "name", "output_dir", "data.root",
-                  "model.pretrained"}
+                  "model.pretrained", "train.channels_last", "train.compile"}
 
 
 # Settings a reused step 0 must share with this run (the method may differ: step 0 is plain CE).
@@ -52,6 +57,28 @@ STEP0_TRAIN_KEYS = {f"train.{k}" for k in ("batch_size", "epochs", "iterations",
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class CompileError(RuntimeError):
+    """``train.compile=true`` but torch.compile cannot build the model here."""
+
+
+@contextlib.contextmanager
+def _compile_errors(active: bool):
+    """Turn a failure of torch.compile's backend (no C/C++ toolchain, ...) into one clear line."""
+    if not active:
+        yield
+        return
+    import torch._dynamo as dynamo
+
+    try:
+        yield
+    except dynamo.exc.BackendCompilerFailed as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CompileError(
+            "train.compile=true: torch.compile failed to build the model; it needs a working C/C++ toolchain "
+            f"(a C++ compiler such as g++ on the PATH and the Python headers; Triton on CUDA), "
+            f"or set train.compile=false ({first})") from exc
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -265,6 +292,11 @@ class Trainer:
             model.init_new_classifier(self.method.classifier_init)
         if dist.enabled and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+        if cfg.train.channels_last:  # parameters keep their identity: the optimizer below sees them
+            model.to(memory_format=memory_format)
+            if old_model is not None:
+                old_model.to(memory_format=memory_format)
 
         train_data, index = self._train_data(step)
         first = step == 0
@@ -291,6 +323,14 @@ class Trainer:
             start = state["iteration"]
 
         ddp_model = DistributedDataParallel(model) if dist.enabled else model
+        # the training forward may be compiled; ``model`` itself stays plain for state_dict
+        # (no ``_orig_mod.`` key prefix), checkpoints and evaluation
+        forward = ddp_model
+        if cfg.train.compile:
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # the previous step's graphs are of no use; keep clear of the recompile limit
+            forward = torch.compile(ddp_model)
         sampler = StepBatchSampler(len(train_data), cfg.train.batch_size, total, seed=cfg.seed * 1000 + step,
                                    start=start, rank=dist.rank, world_size=dist.world_size)
         state: dict = {}
@@ -309,10 +349,11 @@ class Trainer:
         bar = tqdm(self._loader(train_data, sampler), total=total, initial=start, desc=f"step {step} train",
                    disable=not (self.progress and dist.is_main), dynamic_ncols=True)
         for it, (images, labels) in enumerate(bar, start=start):
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                out = ddp_model(images)
+            with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
+                    _compile_errors(cfg.train.compile):
+                out = forward(images)
                 old = None
                 if old_model is not None:
                     with torch.no_grad():
@@ -327,7 +368,8 @@ class Trainer:
                     f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
                     f"the last good checkpoint is kept in {self.ckpt_dir}")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            with _compile_errors(cfg.train.compile):
+                scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -348,6 +390,8 @@ class Trainer:
                 barrier()
         bar.close()
         train_seconds = time.perf_counter() - t0
+        if cfg.train.channels_last:  # evaluate and save in the default layout, as without the option
+            model.to(memory_format=torch.contiguous_format)
 
         record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
                                self.progress, amp_dtype, predictions=self.run_dir / "predictions" / f"step{step}.png")

@@ -49,7 +49,7 @@ class TaskConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     output_stride: int = 16
-    pretrained: Optional[str] = None  # torchvision-format ImageNet checkpoint or weight-enum name
+    pretrained: Optional[str] = None  # torchvision-format ImageNet checkpoint, weight-enum name, or "embedded"
 
 
 @dataclass

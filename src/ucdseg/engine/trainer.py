@@ -31,7 +31,7 @@ from ..data import StepDataset, build_dataset, eval_transforms, prepare_embedded
 from ..data.embedded import default_root as default_embedded_root
 from ..data.index import scan_presence, step_index
 from ..methods import LossContext, get_method
-from ..models import build_model, load_previous_step
+from ..models import EMBEDDED_PRETRAINED, build_model, load_previous_step, pretrain_embedded_backbone
 from ..tasks import Task, get_task
 from . import checkpoint as ckpt
 from .distributed import Dist, barrier, setup
@@ -219,8 +219,18 @@ class Trainer:
         return self.ckpt_dir / f"step{step}-last.pt"
 
     # ----------------------------------------------------------------- building blocks
+    def _pretrained(self) -> str | None:
+        """``model.pretrained``, with ``embedded`` made (once, by rank 0) and resolved to its file."""
+        value = self.cfg.model.pretrained
+        if value != EMBEDDED_PRETRAINED:
+            return value
+        if self.dist.is_main:
+            pretrain_embedded_backbone(self.cfg.model.backbone, progress=self.progress)
+        barrier()
+        return str(pretrain_embedded_backbone(self.cfg.model.backbone, progress=False))
+
     def _model(self, step: int) -> torch.nn.Module:
-        pretrained = self.cfg.model.pretrained if step == 0 else None
+        pretrained = self._pretrained() if step == 0 else None
         return build_model(self.cfg.model.backbone, self.train_task.classes_per_step[: step + 1],
                            output_stride=self.cfg.model.output_stride, pretrained=pretrained).to(self.device)
 

@@ -11,6 +11,7 @@ from .backbones import (
     load_backbone_weights,
     read_state_dict,
 )
+from .pretrain import EMBEDDED_PRETRAINED, pretrain_embedded_backbone
 from .deeplab import (
     INIT_MODES,
     DeepLabV3Head,
@@ -21,6 +22,8 @@ from .deeplab import (
 )
 
 __all__ = [
+    "EMBEDDED_PRETRAINED",
+    "pretrain_embedded_backbone",
     "BACKBONES",
     "OUTPUT_STRIDES",
     "INIT_MODES",

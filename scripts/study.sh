@@ -14,8 +14,9 @@
 # stopped when the script is run again; finished runs are skipped.
 #
 # Environment:
-#   SEEDS="0 1 2"   the seeds (run two copies with different SEEDS and OMP_NUM_THREADS=1 to use
-#                   two cores for two seeds at once; REPORT=0 on all but the last)
+#   SEEDS="0 1 2"   the seeds; TASKS="4-3-3 6-1" the tasks. Two copies of the script may run at
+#                   once (e.g. with OMP_NUM_THREADS=1 each, to use two cores): a (task, seed) that
+#                   one copy is running is skipped by the other (flock); REPORT=0 on all but the last
 #   OUT=runs/study  where the runs go
 #   REPORT=1        write the reports at the end (0: only run)
 #   PYTHON=path     the Python that has ucdseg installed (default: .venv/bin/python if present)
@@ -35,10 +36,15 @@ common=(train.iterations=400)
 declare -A next_iters=([4-3-3]=50 [6-1]=30)
 
 for seed in ${SEEDS:-0 1 2}; do
-  for task in 4-3-3 6-1; do
-    echo "== study: task $task, seed $seed" >&2
-    "$py" -m ucdseg.cli --quiet demo --methods "$methods" --seed "$seed" --output-dir "$out/$task/seed$seed" \
-      "task.name=$task" "${common[@]}" "train.iterations_next=${next_iters[$task]}"
+  for task in ${TASKS:-4-3-3 6-1}; do
+    mkdir -p "$out/$task"
+    # one process per (task, seed): a second copy of this script skips what another one is running
+    (
+      if ! flock -n 9; then echo "== study: task $task, seed $seed is being run by another process" >&2; exit 0; fi
+      echo "== study: task $task, seed $seed" >&2
+      "$py" -m ucdseg.cli --quiet demo --methods "$methods" --seed "$seed" --output-dir "$out/$task/seed$seed" \
+        "task.name=$task" "${common[@]}" "train.iterations_next=${next_iters[$task]}"
+    ) 9>"$out/$task/seed$seed.lock"
   done
 done
 

@@ -7,8 +7,10 @@
 # Tasks: 4-3-3 (a few larger steps, the demo's task) and 6-1 (a long sequence of single-class
 # steps). Both start from the demo's config (src/ucdseg/configs/demo.yaml: ResNet-18 DeepLab-v3
 # with the embedded pre-trained backbone, 64 px crops, batch 16, lr 0.05); the study trains step 0
-# for 400 iterations and every later step for 50 (4-3-3) or 30 (6-1, one class per step), so
-# the whole study takes about an hour and a half on 2 CPU cores.
+# for 400 iterations and every later step for 50 (4-3-3) or 30 (6-1, one class per step) at a
+# later-step lr of 0.02 (docs/embedded.md: at the demo's 0.05 the papers' distillation weights
+# collapse LwF, ILT and PLOP to background; at 0.01 no method learns its new classes), so the
+# whole study takes about an hour and a half on 2 CPU cores (two copies of the script at once).
 # Each (task, seed) trains step 0 once and every method but joint reuses it; joint trains its
 # single step for the same number of iterations as step 0. Interrupted runs continue where they
 # stopped when the script is run again; finished runs are skipped.
@@ -32,7 +34,7 @@ else
 fi
 out=${OUT:-runs/study}
 methods=ft,lwf,lwf-mc,ilt,mib,mib+ucd,plop,plop+ucd,joint
-common=(train.iterations=400)
+common=(train.iterations=400 train.lr_next=0.02)
 declare -A next_iters=([4-3-3]=50 [6-1]=30)
 
 for seed in ${SEEDS:-0 1 2}; do

@@ -188,20 +188,35 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def aggregate(results_list: Sequence[dict]) -> list[dict]:
-    """Group runs by benchmark and method; mean and standard deviation over seeds of the last step.
+def _method_rank(method: str) -> tuple[int, str]:
+    """Sort key: the registry's order (ft, lwf, ..., plop+ucd), then joint training (the upper bound),
+    then unknown names."""
+    from .methods import list_methods
 
-    Each row: dataset, task, setting, method, seeds, and for every convention and group
-    ``{conv}_{group}_mean`` / ``_std`` (fractions; ``None`` where undefined), plus the mean curve
-    of mIoU per step (``curve``, all classes, without background).
-    """
+    order = [m.name for m in list_methods() if not m.joint] + [m.name for m in list_methods() if m.joint]
+    return (order.index(method) if method in order else len(order), method)
+
+
+def _group_runs(results_list: Sequence[dict]) -> dict[tuple, list[dict]]:
+    """Runs keyed by (dataset, task, setting, method), benchmarks sorted, methods in registry order."""
     groups: dict[tuple, list[dict]] = {}
     for results in results_list:
         task = results["task"]
         key = (task["dataset"], task["name"], task["setting"], results["method"])
         groups.setdefault(key, []).append(results)
+    return dict(sorted(groups.items(), key=lambda item: (item[0][:3], _method_rank(item[0][3]))))
+
+
+def aggregate(results_list: Sequence[dict]) -> list[dict]:
+    """Group runs by benchmark and method; mean and standard deviation over seeds of the last step.
+
+    Each row: dataset, task, setting, method, seeds, and for every convention and group
+    ``{conv}_{group}_mean`` / ``_std`` (fractions; ``None`` where undefined), plus the mean curves
+    of mIoU per step (``curves[group]``, without background; ``nan`` where undefined, as "new" at
+    step 0). Rows are sorted by benchmark, then by method in the registry's order.
+    """
     rows = []
-    for (dataset, task, setting, method), runs in groups.items():
+    for (dataset, task, setting, method), runs in _group_runs(results_list).items():
         row: dict = {"dataset": dataset, "task": task, "setting": setting, "method": method,
                      "seeds": sorted(r["seed"] for r in runs)}
         for conv in CONVENTIONS:
@@ -211,8 +226,44 @@ def aggregate(results_list: Sequence[dict]) -> list[dict]:
                 mean, std = _mean_std(values) if values else (None, None)
                 row[f"{conv}_{group}_mean"], row[f"{conv}_{group}_std"] = mean, std
         length = min(len(r["steps"]) for r in runs)
-        row["curve"] = [float(np.mean([r["steps"][i]["miou"]["without_background"]["all"] or 0.0 for r in runs]))
-                        for i in range(length)]
+        row["curves"] = {group: [float(np.mean([np.nan if (v := r["steps"][i]["miou"]["without_background"][group])
+                                                is None else v for r in runs])) for i in range(length)]
+                         for group in GROUPS}
+        rows.append(row)
+    return rows
+
+
+def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
+    """What UCD adds to its base method, paired by seed: for every ``X+ucd`` whose ``X`` ran on the
+    same benchmark, the per-seed difference ``(X+ucd) - X`` of the last step's mIoU.
+
+    Pairing by seed removes what both runs share (step 0, the data order), so the spread left is
+    the spread of UCD's effect. Each row: dataset, task, setting, method (``X+ucd``), base, seeds
+    (those both ran), and per convention and group ``{conv}_{group}_mean`` / ``_std`` (fractions)
+    and ``{conv}_{group}_wins`` (seeds where UCD is strictly higher).
+    """
+    groups = _group_runs(results_list)
+    rows = []
+    for (dataset, task, setting, method), runs in groups.items():
+        base = method.removesuffix("+ucd")
+        if base == method or (dataset, task, setting, base) not in groups:
+            continue
+        base_by_seed = {r["seed"]: r for r in groups[(dataset, task, setting, base)]}
+        pairs = sorted(((r["seed"], r, base_by_seed[r["seed"]]) for r in runs if r["seed"] in base_by_seed),
+                       key=lambda pair: pair[0])
+        if not pairs:
+            continue
+        row: dict = {"dataset": dataset, "task": task, "setting": setting, "method": method, "base": base,
+                     "seeds": [seed for seed, _, _ in pairs]}
+        for conv in CONVENTIONS:
+            for group in GROUPS:
+                deltas = [ucd["steps"][-1]["miou"][conv][group] - ref["steps"][-1]["miou"][conv][group]
+                          for _, ucd, ref in pairs
+                          if ucd["steps"][-1]["miou"][conv][group] is not None
+                          and ref["steps"][-1]["miou"][conv][group] is not None]
+                mean, std = _mean_std(deltas) if deltas else (None, None)
+                row[f"{conv}_{group}_mean"], row[f"{conv}_{group}_std"] = mean, std
+                row[f"{conv}_{group}_wins"] = sum(d > 0 for d in deltas)
         rows.append(row)
     return rows
 
@@ -243,36 +294,86 @@ def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _signed(mean: float | None, std: float | None, wins: int, n: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:+.2f} ± {100 * std:.2f} ({wins}/{n})"
+
+
+def ucd_gains_markdown(rows: Sequence[dict]) -> str:
+    lines = ["UCD over its base method, paired by seed: mean ± standard deviation of (X+ucd) - X in mIoU "
+             "points after the last step; in brackets, the seeds where UCD is higher.", "",
+             "| benchmark | method | seeds | old | new | all | old (w/ bg) | new (w/ bg) | all (w/ bg) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        n = len(row["seeds"])
+        cells = [f"{row['dataset']} {row['task']} {row['setting']}", f"{row['method']} - {row['base']}",
+                 ",".join(map(str, row["seeds"]))]
+        for conv in CONVENTIONS:
+            cells += [_signed(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"], row[f"{conv}_{g}_wins"], n)
+                      for g in GROUPS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def aggregate_csv(rows: Sequence[dict]) -> str:
-    flat = [{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()} for row in rows]
-    return to_csv(flat)
+    """One line per row; lists joined by spaces, the curves as ``curve_old`` / ``_new`` / ``_all``."""
+    def flat(row: dict) -> dict:
+        row = {k: v for k, v in row.items() if k != "curves"} | {
+            f"curve_{group}": curve for group, curve in row.get("curves", {}).items()}
+        return {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()}
+
+    return to_csv([flat(row) for row in rows])
 
 
 def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
-    """mIoU (all classes, without background) per step, one line per method, one panel per benchmark."""
+    """Mean mIoU (old, new, all; without background) per step: one row of panels per benchmark,
+    one line per method; ``X+ucd`` dashed in the colour of ``X``, joint training (one step) as a
+    dotted horizontal line at its score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    bases = list(dict.fromkeys(row["method"].removesuffix("+ucd") for row in rows))
+    colours = {base: f"C{i % 10}" for i, base in enumerate(bases)}
     benchmarks = sorted({(r["dataset"], r["task"], r["setting"]) for r in rows})
-    fig, axes = plt.subplots(1, len(benchmarks), figsize=(5 * len(benchmarks), 3.6), squeeze=False)
-    for ax, bench in zip(axes[0], benchmarks):
-        for row in rows:
-            if (row["dataset"], row["task"], row["setting"]) == bench:
-                ax.plot(range(len(row["curve"])), [100 * v for v in row["curve"]], marker="o", label=row["method"])
-        ax.set_title(" ".join(bench))
-        ax.set_xlabel("step")
-        ax.set_ylabel("mIoU all (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(benchmarks), len(GROUPS), figsize=(13, 3.6 * len(benchmarks)), squeeze=False)
+    for panels, bench in zip(axes, benchmarks):
+        bench_rows = [row for row in rows if (row["dataset"], row["task"], row["setting"]) == bench]
+        num_steps = max(len(row["curves"]["all"]) for row in bench_rows)
+        for ax, group in zip(panels, GROUPS):
+            for row in bench_rows:
+                curve = [100 * v for v in row["curves"][group]]
+                base = row["method"].removesuffix("+ucd")
+                style = {"color": colours[base], "label": row["method"]}
+                if len(curve) == 1 and num_steps > 1:  # a one-step run (joint): its level across the steps
+                    ax.axhline(curve[0], linestyle=":", **style)
+                else:
+                    ucd = base != row["method"]
+                    ax.plot(range(len(curve)), curve, marker="x" if ucd else "o", linestyle="--" if ucd else "-",
+                            **style)
+            ax.set_title(f"{' '.join(bench)}: mIoU {group}")
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        panels[0].set_ylabel("mIoU % (without background)")
+        panels[-1].legend(fontsize=8)
     _save_figure(fig, path)
 
 
 def write_aggregate(run_dirs: Sequence[str | Path], out_dir: str | Path, paper: bool = False) -> str:
-    rows = aggregate([load_results(d) for d in run_dirs])
+    """``report.md``, ``report.csv`` and ``report.png`` in *out_dir*; with a ``X+ucd`` run beside its
+    ``X``, the paired UCD gains too (a second table in ``report.md``, ``report_ucd.csv``)."""
+    results_list = [load_results(d) for d in run_dirs]
+    rows = aggregate(results_list)
+    gains = ucd_gains(results_list)
     out_dir = Path(out_dir)
     table = aggregate_markdown(rows, paper=paper)
+    if gains:
+        table += "\n" + ucd_gains_markdown(gains)
+        write_text(out_dir / "report_ucd.csv", aggregate_csv(gains))
     write_text(out_dir / "report.md", table)
     write_text(out_dir / "report.csv", aggregate_csv(rows))
     plot_aggregate(rows, out_dir / "report.png")

@@ -1,0 +1,133 @@
+"""``ucdseg report``: aggregation of runs over seeds (mean, sample standard deviation), the paired
+UCD-over-base table, the paper column, and the files the command writes; checked on hand-made
+``results.json`` whose expected figures are worked out in the tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from ucdseg.reporting import aggregate, aggregate_markdown, load_results, ucd_gains, write_aggregate
+
+
+def fake_results(method: str, seed: int, old: float, new: float, *, task: str = "4-3-3",
+                 dataset: str = "embedded", setting: str = "overlapped", steps: int = 2) -> dict:
+    """A results.json whose last step scores (old, new) without background; with background, old
+    is shifted by +0.1 (as a background IoU would); 'all' is the plain mean of old and new."""
+    def miou(o, n):
+        return {"without_background": {"old": o, "new": n, "all": (o + n) / 2},
+                "with_background": {"old": o + 0.1, "new": n, "all": (o + 0.1 + n) / 2}}
+
+    records = [{"step": i, "classes": [i], "miou": miou(0.5, 0.5)} for i in range(steps - 1)]
+    records.append({"step": steps - 1, "classes": [steps - 1], "miou": miou(old, new)})
+    return {"method": method, "seed": seed, "task": {"dataset": dataset, "name": task, "setting": setting},
+            "steps": records}
+
+
+def test_mean_and_sample_std_over_seeds():
+    rows = aggregate([fake_results("mib", 0, 0.10, 0.02), fake_results("mib", 1, 0.20, 0.04),
+                      fake_results("mib", 2, 0.30, 0.06)])
+    (row,) = rows
+    assert row["seeds"] == [0, 1, 2]
+    assert row["without_background_old_mean"] == pytest.approx(0.20)
+    assert row["without_background_old_std"] == pytest.approx(0.10)  # sqrt((0.01 + 0 + 0.01) / 2)
+    assert row["without_background_new_mean"] == pytest.approx(0.04)
+    assert row["without_background_new_std"] == pytest.approx(0.02)
+    assert row["with_background_old_mean"] == pytest.approx(0.30)
+    # the curves: mean over seeds at each step; step 0 is 0.5 for every seed
+    assert row["curves"]["old"] == pytest.approx([0.5, 0.20])
+    assert row["curves"]["all"] == pytest.approx([0.5, (0.06 + 0.12 + 0.18) / 3])
+
+
+def test_single_seed_has_zero_std_and_undefined_groups_stay_undefined():
+    results = fake_results("ft", 0, 0.0, 0.0, steps=1)
+    results["steps"][-1]["miou"]["without_background"]["new"] = None
+    (row,) = aggregate([results])
+    assert math.isnan(row["curves"]["new"][0])
+    assert row["without_background_old_std"] == 0.0
+    assert row["without_background_new_mean"] is None and row["without_background_new_std"] is None
+    assert "| - |" in aggregate_markdown([row])
+
+
+def test_rows_sorted_by_benchmark_then_registry_order_not_alphabetically():
+    names = ["plop+ucd", "joint", "mib+ucd", "lwf-mc", "mib", "lwf", "ft", "plop", "ilt"]
+    runs = [fake_results(m, 0, 0.1, 0.1, task="6-1") for m in names]
+    runs += [fake_results(m, 0, 0.1, 0.1) for m in ("mib", "ft")]
+    rows = aggregate(runs)
+    assert [(r["task"], r["method"]) for r in rows] == [
+        ("4-3-3", "ft"), ("4-3-3", "mib"),
+        *[("6-1", m) for m in ("ft", "lwf", "lwf-mc", "ilt", "mib", "mib+ucd", "plop", "plop+ucd", "joint")]]
+
+
+def test_ucd_gains_pair_runs_by_seed():
+    runs = [
+        fake_results("mib", 0, 0.10, 0.05), fake_results("mib+ucd", 0, 0.13, 0.04),
+        fake_results("mib", 1, 0.20, 0.05), fake_results("mib+ucd", 1, 0.21, 0.05),
+        fake_results("mib", 2, 0.90, 0.90),  # no mib+ucd with seed 2: left out of the pairing
+        fake_results("plop+ucd", 0, 0.5, 0.5),  # no plop at all: no row
+    ]
+    (row,) = ucd_gains(runs)
+    assert (row["method"], row["base"], row["seeds"]) == ("mib+ucd", "mib", [0, 1])
+    # old: deltas +0.03 and +0.01 -> mean 0.02, sample std sqrt(2 * 0.01**2) = 0.01414
+    assert row["without_background_old_mean"] == pytest.approx(0.02)
+    assert row["without_background_old_std"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert row["without_background_old_wins"] == 2
+    # new: deltas -0.01 and 0 -> UCD higher on no seed
+    assert row["without_background_new_mean"] == pytest.approx(-0.005)
+    assert row["without_background_new_wins"] == 0
+    # all = (old + new) / 2: deltas +0.01 and +0.005
+    assert row["without_background_all_mean"] == pytest.approx(0.0075)
+    assert row["without_background_all_wins"] == 2
+
+
+def test_report_command_writes_tables_csv_and_plot(tmp_path):
+    dirs = []
+    for method, seed, old in [("mib", 0, 0.10), ("mib", 1, 0.20), ("mib+ucd", 0, 0.13), ("mib+ucd", 1, 0.21)]:
+        run_dir = tmp_path / f"seed{seed}" / method
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps(fake_results(method, seed, old, 0.05)))
+        dirs.append(str(run_dir))
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "ucdseg.cli", "report", *dirs, "--output-dir", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    assert "| embedded 4-3-3 overlapped | mib | 0,1 | 15.0 ± 7.1 |" in text
+    assert "| embedded 4-3-3 overlapped | mib+ucd - mib | 0,1 | +2.00 ± 1.41 (2/2) |" in text
+    assert (out / "report.png").stat().st_size > 0
+    csv_lines = (out / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[1].startswith("embedded,4-3-3,overlapped,mib,0 1,")
+    assert csv_lines[0].endswith(",curve_old,curve_new,curve_all")
+    curves = [float(v) for cell in csv_lines[1].split(",")[-3:] for v in cell.split()]
+    assert curves == pytest.approx([0.5, 0.15, 0.5, 0.05, 0.5, 0.10])  # old (0.10 + 0.20) / 2, new 0.05
+    assert (out / "report_ucd.csv").read_text().splitlines()[1].startswith("embedded,4-3-3,overlapped,mib+ucd,mib,0 1,")
+
+
+def test_no_ucd_table_without_a_pair(tmp_path):
+    run_dir = tmp_path / "ft"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps(fake_results("ft", 0, 0.0, 0.1)))
+    text = write_aggregate([run_dir], tmp_path / "out")
+    assert "UCD over its base" not in text and not (tmp_path / "out" / "report_ucd.csv").exists()
+
+
+def test_paper_column_only_for_voc_cells_the_paper_has():
+    rows = aggregate([fake_results("mib+ucd", 0, 0.5, 0.1, dataset="voc", task="15-1", setting="overlapped"),
+                      fake_results("mib+ucd", 0, 0.5, 0.1)])
+    text = aggregate_markdown(rows, paper=True)
+    assert "paper old/new/all" in text
+    assert "| 51.9/13.1/42.2 |" in text  # UCD Table 1, MiB+UCD, VOC 15-1 overlapped
+    embedded_line = next(line for line in text.splitlines() if line.startswith("| embedded"))
+    assert embedded_line.endswith("| - |")
+
+
+def test_load_results_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"results\.json does not exist"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"steps": []}))
+    with pytest.raises(ValueError, match="has no finished step"):
+        load_results(tmp_path)

@@ -120,6 +120,7 @@ def test_two_step_run_writes_every_output(make_config):
     assert saved["versions"]["torch"] == torch.__version__
     assert saved["versions"]["torchvision"] == torchvision.__version__
     assert saved["versions"]["ucdseg"] == ucdseg.__version__
+    assert saved["versions"]["torch_threads"] == torch.get_num_threads()
     assert saved["task"]["dataset"] == "embedded" and saved["task"]["name"] == "8-2"
     assert saved["task"]["steps"] == STEPS and saved["task"]["setting"] == "overlapped"
     assert [s["step"] for s in saved["steps"]] == [0, 1]

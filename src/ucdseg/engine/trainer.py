@@ -124,10 +124,13 @@ def open_dataset(cfg: RunConfig, split: str, prepare: bool = True, progress: boo
 
 
 def versions() -> dict:
+    """Versions, platform and torch's intra-op thread count: on CPU a seed fixes a run for a given
+    thread count (reductions split across threads add in another order)."""
     import torchvision
 
     return {"ucdseg": ucdseg.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+            "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def _float(out):

@@ -35,14 +35,7 @@ if [ ! -d "$folder" ]; then
   exit 2
 fi
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ -n "${PYTHON:-}" ]; then
-  py=$PYTHON
-elif [ -x "$repo/.venv/bin/python" ]; then
-  py=$repo/.venv/bin/python
-else
-  py=python3
-fi
+source "$(dirname "$0")/_python.sh"
 
 # ------------------------------------------------------------------ the configs, in method order
 default_order="ft lwf ilt mib mib_ucd plop plop_ucd joint"

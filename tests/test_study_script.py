@@ -1,0 +1,58 @@
+"""scripts/study.sh, the one command that regenerates docs/results/: what it runs (dry run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def study(**env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SEEDS", "TASKS", "WEIGHTS", "OUT", "JOBS")}
+    full_env.update(PYTHON=sys.executable, DRY_RUN="1", **env)
+    return subprocess.run(["bash", str(REPO / "scripts" / "study.sh")], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_study_runs_every_method_per_task_and_seed_then_the_ablation_and_reports():
+    proc = study(SEEDS="0 1", OUT="runs/s")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(line.startswith(f"+ {sys.executable} -m ucdseg.cli ") for line in lines)
+    prefix = f"+ {sys.executable} -m ucdseg.cli --quiet "
+    demos = [line[len(prefix):] for line in lines if line.startswith(prefix + "demo ")]
+    methods = "--methods ft,lwf,lwf-mc,ilt,mib,mib+ucd,plop,plop+ucd,joint"
+    assert demos == [
+        f"demo {methods} --seed {seed} --output-dir runs/s/{task}/seed{seed} task.name={task} "
+        f"train.iterations=400 train.lr_next=0.02 train.iterations_next={iters}"
+        for seed in (0, 1) for task, iters in (("4-3-3", 50), ("6-1", 30))]
+    # the ablation: 4-3-3 only, both UCD methods at both weights, on the study's step 0 of the seed
+    ablation = [line for line in lines if line.startswith(prefix + "run ")]
+    assert len(ablation) == 2 * 2 * 2
+    for seed in (0, 1):
+        for weight in ("0.1", "1"):
+            for method in ("mib+ucd", "plop+ucd"):
+                line = next(a for a in ablation if f" seed={seed} " in a and f" name={method}-w{weight} " in a)
+                assert line.split()[6].endswith("configs/demo.yaml")
+                assert (f"task.name=4-3-3 train.iterations=400 train.lr_next=0.02 train.iterations_next=50 "
+                        f"seed={seed} method.name={method} method.weights.ucd={weight} ") in line
+                assert line.endswith(f"output_dir=runs/s-ucd-weight/4-3-3/seed{seed} "
+                                     f"train.step0_from=runs/s/4-3-3/seed{seed}/ft")
+    reports = [line for line in lines if " report " in line]
+    assert reports[0].endswith(f"report runs/s/4-3-3/seed*/*/ --output-dir {REPO}/docs/results/4-3-3")
+    assert reports[1].endswith(f"report runs/s/6-1/seed*/*/ --output-dir {REPO}/docs/results/6-1")
+    assert reports[2].endswith("report runs/s/4-3-3/seed*/mib/ runs/s/4-3-3/seed*/plop/ "
+                               f"runs/s-ucd-weight/4-3-3/seed*/*-w0.1/ --output-dir {REPO}/docs/results/ucd-weight-0.1")
+    assert len(reports) == 4
+    assert not (REPO / "runs" / "s").exists()  # a dry run creates nothing
+
+
+def test_study_subsets_and_bad_task():
+    proc = study(SEEDS="2", TASKS="6-1", WEIGHTS="", REPORT="0")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1 and " --seed 2 " in proc.stdout and "task.name=6-1" in proc.stdout
+    proc = study(TASKS="5-5")
+    assert proc.returncode == 2 and "TASKS names 5-5; the study's tasks are" in proc.stderr and not proc.stdout

@@ -24,8 +24,8 @@ def fake_results(method: str, seed: int, old: float, new: float, *, task: str = 
 
     records = [{"step": i, "classes": [i], "miou": miou(0.5, 0.5)} for i in range(steps - 1)]
     records.append({"step": steps - 1, "classes": [steps - 1], "miou": miou(old, new)})
-    return {"method": method, "seed": seed, "task": {"dataset": dataset, "name": task, "setting": setting},
-            "steps": records}
+    return {"method": method, "seed": seed, "steps": records,
+            "task": {"dataset": dataset, "name": task, "setting": setting, "steps": [[0, 1]] + [[i + 1] for i in range(1, steps)]}}
 
 
 def test_mean_and_sample_std_over_seeds():
@@ -131,3 +131,15 @@ def test_load_results_errors_name_the_file(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"steps": []}))
     with pytest.raises(ValueError, match="has no finished step"):
         load_results(tmp_path)
+
+
+def test_unfinished_runs_are_refused_but_joint_has_one_step(tmp_path):
+    results = fake_results("mib", 0, 0.1, 0.1, steps=3)
+    results["steps"] = results["steps"][:2]  # killed during step 2: its last record is step 1
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=r"results\.json: the run has finished 2 of its 3 steps"):
+        load_results(tmp_path)
+    joint = fake_results("joint", 0, 0.1, 0.1, steps=1)
+    joint["task"] = results["task"]  # the task has 3 steps; joint trains them as one
+    (tmp_path / "results.json").write_text(json.dumps(joint))
+    assert load_results(tmp_path)["method"] == "joint"

@@ -180,7 +180,22 @@ def load_results(run_dir: str | Path) -> dict:
     results = json.loads(path.read_text())
     if not results.get("steps"):
         raise ValueError(f"{path} has no finished step yet")
+    done, expected = len(results["steps"]), _expected_steps(results)
+    if done < expected:
+        raise ValueError(f"{path}: the run has finished {done} of its {expected} steps; finish it (run the same "
+                         "command again) or leave it out of the report")
     return results
+
+
+def _expected_steps(results: dict) -> int:
+    """How many steps a finished run has: 1 for joint training, else the task's number of steps."""
+    from .methods import get_method
+
+    try:
+        joint = get_method(results["method"]).joint
+    except KeyError:  # a method registered by the user's own code
+        joint = False
+    return 1 if joint else len(results["task"]["steps"])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

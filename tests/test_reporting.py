@@ -143,3 +143,23 @@ def test_unfinished_runs_are_refused_but_joint_has_one_step(tmp_path):
     joint["task"] = results["task"]  # the task has 3 steps; joint trains them as one
     (tmp_path / "results.json").write_text(json.dumps(joint))
     assert load_results(tmp_path)["method"] == "joint"
+
+
+def test_runs_with_other_weights_are_their_own_rows_and_pair_with_the_default_base():
+    def weighted(method, seed, old, weights):
+        results = fake_results(method, seed, old, 0.1)
+        results["weights"] = weights
+        return results
+
+    runs = [weighted("mib", 0, 0.30, {"unce": 1.0, "unkd": 10.0}),
+            weighted("mib+ucd", 0, 0.31, {"unce": 1.0, "unkd": 10.0, "ucd": 0.01}),  # the defaults
+            weighted("mib+ucd", 0, 0.20, {"unce": 1.0, "unkd": 10.0, "ucd": 1.0}),
+            weighted("mib+ucd", 1, 0.90, {"unce": 1.0, "unkd": 5.0, "ucd": 1.0})]
+    rows = aggregate(runs)
+    assert [(r["method"], r["seeds"]) for r in rows] == [
+        ("mib", [0]), ("mib+ucd", [0]), ("mib+ucd [ucd=1, unkd=5]", [1]), ("mib+ucd [ucd=1]", [0])]
+    gains = {r["method"]: r for r in ucd_gains(runs)}
+    assert set(gains) == {"mib+ucd", "mib+ucd [ucd=1]"}  # seed 1 has no mib run to pair with
+    assert gains["mib+ucd [ucd=1]"]["base"] == "mib"
+    assert gains["mib+ucd [ucd=1]"]["without_background_old_mean"] == pytest.approx(-0.10)
+    assert gains["mib+ucd"]["without_background_old_mean"] == pytest.approx(0.01)

@@ -203,21 +203,41 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def _method_rank(method: str) -> tuple[int, str]:
+def run_label(results: dict) -> str:
+    """The method's name, followed by the loss weights that differ from its defaults, if any:
+    ``mib+ucd`` or ``mib+ucd [ucd=1]``; runs are grouped by this label, so runs with other weights
+    are never averaged with the defaults."""
+    from .methods import get_method
+
+    method = results["method"]
+    try:
+        defaults = get_method(method).default_weights
+    except KeyError:  # a method registered by the user's own code
+        defaults = {}
+    changed = {k: v for k, v in results.get("weights", {}).items() if k in defaults and defaults[k] != v}
+    return method + (" [" + ", ".join(f"{k}={v:g}" for k, v in sorted(changed.items())) + "]" if changed else "")
+
+
+def _method_name(label: str) -> str:
+    return label.split(" [")[0]
+
+
+def _method_rank(label: str) -> tuple[int, str]:
     """Sort key: the registry's order (ft, lwf, ..., plop+ucd), then joint training (the upper bound),
-    then unknown names."""
+    then unknown names; a method's default weights before its variants."""
     from .methods import list_methods
 
     order = [m.name for m in list_methods() if not m.joint] + [m.name for m in list_methods() if m.joint]
-    return (order.index(method) if method in order else len(order), method)
+    method = _method_name(label)
+    return (order.index(method) if method in order else len(order), label)
 
 
 def _group_runs(results_list: Sequence[dict]) -> dict[tuple, list[dict]]:
-    """Runs keyed by (dataset, task, setting, method), benchmarks sorted, methods in registry order."""
+    """Runs keyed by (dataset, task, setting, run label), benchmarks sorted, methods in registry order."""
     groups: dict[tuple, list[dict]] = {}
     for results in results_list:
         task = results["task"]
-        key = (task["dataset"], task["name"], task["setting"], results["method"])
+        key = (task["dataset"], task["name"], task["setting"], run_label(results))
         groups.setdefault(key, []).append(results)
     return dict(sorted(groups.items(), key=lambda item: (item[0][:3], _method_rank(item[0][3]))))
 
@@ -249,8 +269,9 @@ def aggregate(results_list: Sequence[dict]) -> list[dict]:
 
 
 def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
-    """What UCD adds to its base method, paired by seed: for every ``X+ucd`` whose ``X`` ran on the
-    same benchmark, the per-seed difference ``(X+ucd) - X`` of the last step's mIoU.
+    """What UCD adds to its base method, paired by seed: for every ``X+ucd`` (with any weights) whose
+    ``X`` ran on the same benchmark with its default weights, the per-seed difference
+    ``(X+ucd) - X`` of the last step's mIoU.
 
     Pairing by seed removes what both runs share (step 0, the data order), so the spread left is
     the spread of UCD's effect. Each row: dataset, task, setting, method (``X+ucd``), base, seeds
@@ -260,8 +281,8 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
     groups = _group_runs(results_list)
     rows = []
     for (dataset, task, setting, method), runs in groups.items():
-        base = method.removesuffix("+ucd")
-        if base == method or (dataset, task, setting, base) not in groups:
+        base = _method_name(method).removesuffix("+ucd")
+        if base == _method_name(method) or (dataset, task, setting, base) not in groups:
             continue
         base_by_seed = {r["seed"]: r for r in groups[(dataset, task, setting, base)]}
         pairs = sorted(((r["seed"], r, base_by_seed[r["seed"]]) for r in runs if r["seed"] in base_by_seed),
@@ -303,7 +324,7 @@ def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
         for conv in CONVENTIONS:
             cells += [_pm(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"]) for g in GROUPS]
         if paper:
-            value = paper_value(row["dataset"], row["task"], row["setting"], row["method"])
+            value = paper_value(row["dataset"], row["task"], row["setting"], row["method"])  # defaults only
             cells.append("/".join(f"{v:.1f}" for v in value) if value else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -351,7 +372,7 @@ def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    bases = list(dict.fromkeys(row["method"].removesuffix("+ucd") for row in rows))
+    bases = list(dict.fromkeys(_method_name(row["method"]).removesuffix("+ucd") for row in rows))
     colours = {base: f"C{i % 10}" for i, base in enumerate(bases)}
     benchmarks = sorted({(r["dataset"], r["task"], r["setting"]) for r in rows})
     fig, axes = plt.subplots(len(benchmarks), len(GROUPS), figsize=(13, 3.6 * len(benchmarks)), squeeze=False)
@@ -361,12 +382,12 @@ def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
         for ax, group in zip(panels, GROUPS):
             for row in bench_rows:
                 curve = [100 * v for v in row["curves"][group]]
-                base = row["method"].removesuffix("+ucd")
+                base = _method_name(row["method"]).removesuffix("+ucd")
                 style = {"color": colours[base], "label": row["method"]}
                 if len(curve) == 1 and num_steps > 1:  # a one-step run (joint): its level across the steps
                     ax.axhline(curve[0], linestyle=":", **style)
                 else:
-                    ucd = base != row["method"]
+                    ucd = base != _method_name(row["method"])
                     ax.plot(range(len(curve)), curve, marker="x" if ucd else "o", linestyle="--" if ucd else "-",
                             **style)
             ax.set_title(f"{' '.join(bench)}: mIoU {group}")

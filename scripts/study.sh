@@ -13,7 +13,8 @@
 # Each (task, seed) trains step 0 once and every method but joint reuses it; joint trains its
 # single step for the same number of iterations as step 0.
 # The ablation (4-3-3 only): MiB+UCD and PLOP+UCD with UCD weighted 0.1 and 1 instead of the
-# paper's 0.01, reusing the same step 0; its report pairs each run with the MiB / PLOP of its seed.
+# paper's 0.01, reusing the same step 0; its report (docs/results/ucd-weight/) shows the three
+# weights side by side and pairs each run with the MiB / PLOP of its seed.
 # (task, seed) units run JOBS at a time, one torch thread each, so the numbers do not depend on
 # the machine's core count (docs/methods.md, Determinism). Interrupted runs continue where they
 # stopped when the script is run again; finished runs are skipped.
@@ -90,8 +91,8 @@ if [ "${REPORT:-1}" != "0" ]; then
   for task in $tasks; do
     run "$py" -m ucdseg.cli report "$out/$task"/seed*/*/ --output-dir "$repo/docs/results/$task"
   done
-  for weight in $weights; do
-    run "$py" -m ucdseg.cli report "$out/4-3-3"/seed*/mib/ "$out/4-3-3"/seed*/plop/ \
-      "$out-ucd-weight/4-3-3"/seed*/*-w"$weight"/ --output-dir "$repo/docs/results/ucd-weight-$weight"
-  done
+  if [ -n "$weights" ]; then  # the weight sweep: the study's runs at 0.01 beside the ablation's
+    run "$py" -m ucdseg.cli report "$out/4-3-3"/seed*/{mib,mib+ucd,plop,plop+ucd}/ "$out-ucd-weight/4-3-3"/seed*/*/ \
+      --output-dir "$repo/docs/results/ucd-weight"
+  fi
 fi

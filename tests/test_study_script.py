@@ -44,9 +44,10 @@ def test_study_runs_every_method_per_task_and_seed_then_the_ablation_and_reports
     reports = [line for line in lines if " report " in line]
     assert reports[0].endswith(f"report runs/s/4-3-3/seed*/*/ --output-dir {REPO}/docs/results/4-3-3")
     assert reports[1].endswith(f"report runs/s/6-1/seed*/*/ --output-dir {REPO}/docs/results/6-1")
-    assert reports[2].endswith("report runs/s/4-3-3/seed*/mib/ runs/s/4-3-3/seed*/plop/ "
-                               f"runs/s-ucd-weight/4-3-3/seed*/*-w0.1/ --output-dir {REPO}/docs/results/ucd-weight-0.1")
-    assert len(reports) == 4
+    assert reports[2].endswith(
+        "report runs/s/4-3-3/seed*/mib/ runs/s/4-3-3/seed*/mib+ucd/ runs/s/4-3-3/seed*/plop/ "
+        f"runs/s/4-3-3/seed*/plop+ucd/ runs/s-ucd-weight/4-3-3/seed*/*/ --output-dir {REPO}/docs/results/ucd-weight")
+    assert len(reports) == 3
     assert not (REPO / "runs" / "s").exists()  # a dry run creates nothing
 
 

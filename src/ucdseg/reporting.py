@@ -222,6 +222,11 @@ def _method_name(label: str) -> str:
     return label.split(" [")[0]
 
 
+def _base_method(label: str) -> str:
+    """``mib`` for ``mib``, ``mib+ucd`` and ``mib+ucd [ucd=1]``."""
+    return _method_name(label).removesuffix("+ucd")
+
+
 def _method_rank(label: str) -> tuple[int, str]:
     """Sort key: the registry's order (ft, lwf, ..., plop+ucd), then joint training (the upper bound),
     then unknown names; a method's default weights before its variants."""
@@ -281,7 +286,7 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
     groups = _group_runs(results_list)
     rows = []
     for (dataset, task, setting, method), runs in groups.items():
-        base = _method_name(method).removesuffix("+ucd")
+        base = _base_method(method)
         if base == _method_name(method) or (dataset, task, setting, base) not in groups:
             continue
         base_by_seed = {r["seed"]: r for r in groups[(dataset, task, setting, base)]}
@@ -364,16 +369,23 @@ def aggregate_csv(rows: Sequence[dict]) -> str:
 
 def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
     """Mean mIoU (old, new, all; without background) per step: one row of panels per benchmark,
-    one line per method; ``X+ucd`` dashed in the colour of ``X``, joint training (one step) as a
-    dotted horizontal line at its score."""
+    one line per method; ``X+ucd`` dashed in the colour of ``X`` (other weights in other line
+    styles), joint training (one step) as a dotted horizontal line at its score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    bases = list(dict.fromkeys(_method_name(row["method"]).removesuffix("+ucd") for row in rows))
-    colours = {base: f"C{i % 10}" for i, base in enumerate(bases)}
+    # one colour per base method; within it a line style per variant: X solid, X+ucd dashed, other
+    # weights of either dash-dotted, dotted, ...
+    styles = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    variants: dict[str, list[str]] = {}  # base method -> its labels, in row order
+    for row in rows:
+        labels = variants.setdefault(_base_method(row["method"]), [])
+        if row["method"] not in labels:
+            labels.append(row["method"])
+    colours = {base: f"C{i % 10}" for i, base in enumerate(variants)}
     benchmarks = sorted({(r["dataset"], r["task"], r["setting"]) for r in rows})
     fig, axes = plt.subplots(len(benchmarks), len(GROUPS), figsize=(13, 3.6 * len(benchmarks)), squeeze=False)
     for panels, bench in zip(axes, benchmarks):
@@ -382,14 +394,17 @@ def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
         for ax, group in zip(panels, GROUPS):
             for row in bench_rows:
                 curve = [100 * v for v in row["curves"][group]]
-                base = _method_name(row["method"]).removesuffix("+ucd")
+                base = _base_method(row["method"])
                 style = {"color": colours[base], "label": row["method"]}
                 if len(curve) == 1 and num_steps > 1:  # a one-step run (joint): its level across the steps
                     ax.axhline(curve[0], linestyle=":", **style)
                 else:
                     ucd = base != _method_name(row["method"])
-                    ax.plot(range(len(curve)), curve, marker="x" if ucd else "o", linestyle="--" if ucd else "-",
-                            **style)
+                    variant = variants[base].index(row["method"])
+                    if variant == 0 and ucd:  # X+ucd without X: still dashed
+                        variant = 1
+                    ax.plot(range(len(curve)), curve, marker="x" if ucd else "o",
+                            linestyle=styles[variant % len(styles)], **style)
             ax.set_title(f"{' '.join(bench)}: mIoU {group}")
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

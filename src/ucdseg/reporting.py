@@ -187,15 +187,26 @@ def load_results(run_dir: str | Path) -> dict:
     return results
 
 
-def _expected_steps(results: dict) -> int:
-    """How many steps a finished run has: 1 for joint training, else the task's number of steps."""
+def _registered(method: str):
+    """The registered :class:`~ucdseg.methods.Method` of that name, or None (a method the user's own
+    code registered in the process that trained it)."""
     from .methods import get_method
 
     try:
-        joint = get_method(results["method"]).joint
-    except KeyError:  # a method registered by the user's own code
-        joint = False
-    return 1 if joint else len(results["task"]["steps"])
+        return get_method(method)
+    except KeyError:
+        return None
+
+
+def _expected_steps(results: dict) -> int:
+    """How many steps a finished run has: 1 for joint training, else the task's number of steps."""
+    method = _registered(results["method"])
+    return 1 if method is not None and method.joint else len(results["task"]["steps"])
+
+
+def _final(results: dict, conv: str, group: str) -> float | None:
+    """A run's mIoU after its last step."""
+    return results["steps"][-1]["miou"][conv][group]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -207,13 +218,9 @@ def run_label(results: dict) -> str:
     """The method's name, followed by the loss weights that differ from its defaults, if any:
     ``mib+ucd`` or ``mib+ucd [ucd=1]``; runs are grouped by this label, so runs with other weights
     are never averaged with the defaults."""
-    from .methods import get_method
-
     method = results["method"]
-    try:
-        defaults = get_method(method).default_weights
-    except KeyError:  # a method registered by the user's own code
-        defaults = {}
+    registered = _registered(method)
+    defaults = registered.default_weights if registered is not None else {}
     changed = {k: v for k, v in results.get("weights", {}).items() if k in defaults and defaults[k] != v}
     return method + (" [" + ", ".join(f"{k}={v:g}" for k, v in sorted(changed.items())) + "]" if changed else "")
 
@@ -261,8 +268,7 @@ def aggregate(results_list: Sequence[dict]) -> list[dict]:
                      "seeds": sorted(r["seed"] for r in runs)}
         for conv in CONVENTIONS:
             for group in GROUPS:
-                values = [r["steps"][-1]["miou"][conv][group] for r in runs]
-                values = [v for v in values if v is not None]
+                values = [v for r in runs if (v := _final(r, conv, group)) is not None]
                 mean, std = _mean_std(values) if values else (None, None)
                 row[f"{conv}_{group}_mean"], row[f"{conv}_{group}_std"] = mean, std
         length = min(len(r["steps"]) for r in runs)
@@ -298,10 +304,8 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
                      "seeds": [seed for seed, _, _ in pairs]}
         for conv in CONVENTIONS:
             for group in GROUPS:
-                deltas = [ucd["steps"][-1]["miou"][conv][group] - ref["steps"][-1]["miou"][conv][group]
-                          for _, ucd, ref in pairs
-                          if ucd["steps"][-1]["miou"][conv][group] is not None
-                          and ref["steps"][-1]["miou"][conv][group] is not None]
+                deltas = [_final(ucd, conv, group) - _final(ref, conv, group) for _, ucd, ref in pairs
+                          if _final(ucd, conv, group) is not None and _final(ref, conv, group) is not None]
                 mean, std = _mean_std(deltas) if deltas else (None, None)
                 row[f"{conv}_{group}_mean"], row[f"{conv}_{group}_std"] = mean, std
                 row[f"{conv}_{group}_wins"] = sum(d > 0 for d in deltas)
@@ -315,19 +319,25 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+_TABLE_HEAD = "| benchmark | method | seeds | old | new | all | old (w/ bg) | new (w/ bg) | all (w/ bg) |"
+_TABLE_SEP = "|---|---|---|---|---|---|---|---|---|"
+
+
+def _table_cells(row: dict, method: str, cell) -> list[str]:
+    """A table line's cells: benchmark, *method*, seeds, then ``cell(conv, group)`` per column."""
+    return ([f"{row['dataset']} {row['task']} {row['setting']}", method, ",".join(map(str, row["seeds"]))]
+            + [cell(conv, group) for conv in CONVENTIONS for group in GROUPS])
+
+
 def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
     from .paper import paper_value
 
-    head = "| benchmark | method | seeds | old | new | all | old (w/ bg) | new (w/ bg) | all (w/ bg) |"
-    sep = "|---|---|---|---|---|---|---|---|---|"
+    head, sep = _TABLE_HEAD, _TABLE_SEP
     if paper:
         head, sep = head + " paper old/new/all |", sep + "---|"
     lines = ["mIoU (%) after the last step, mean ± standard deviation over seeds.", "", head, sep]
     for row in rows:
-        cells = [f"{row['dataset']} {row['task']} {row['setting']}", row["method"],
-                 ",".join(map(str, row["seeds"]))]
-        for conv in CONVENTIONS:
-            cells += [_pm(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"]) for g in GROUPS]
+        cells = _table_cells(row, row["method"], lambda conv, g: _pm(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"]))
         if paper:
             value = paper_value(row["dataset"], row["task"], row["setting"], row["method"])  # defaults only
             cells.append("/".join(f"{v:.1f}" for v in value) if value else "-")
@@ -343,16 +353,11 @@ def _signed(mean: float | None, std: float | None, wins: int, n: int) -> str:
 
 def ucd_gains_markdown(rows: Sequence[dict]) -> str:
     lines = ["UCD over its base method, paired by seed: mean ± standard deviation of (X+ucd) - X in mIoU "
-             "points after the last step; in brackets, the seeds where UCD is higher.", "",
-             "| benchmark | method | seeds | old | new | all | old (w/ bg) | new (w/ bg) | all (w/ bg) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "points after the last step; in brackets, the seeds where UCD is higher.", "", _TABLE_HEAD, _TABLE_SEP]
     for row in rows:
         n = len(row["seeds"])
-        cells = [f"{row['dataset']} {row['task']} {row['setting']}", f"{row['method']} - {row['base']}",
-                 ",".join(map(str, row["seeds"]))]
-        for conv in CONVENTIONS:
-            cells += [_signed(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"], row[f"{conv}_{g}_wins"], n)
-                      for g in GROUPS]
+        cells = _table_cells(row, f"{row['method']} - {row['base']}", lambda conv, g: _signed(
+            row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"], row[f"{conv}_{g}_wins"], n))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from ucdseg.losses import (
     feature_distillation,
     knowledge_distillation,
+    label_bce,
     multiclass_bce_distillation,
+    old_sigmoid_bce,
     unbiased_cross_entropy,
     unbiased_kd,
 )
@@ -255,6 +257,64 @@ def test_multiclass_bce_distillation_errors():
         multiclass_bce_distillation(z, make_logits(34, c=4), make_labels(35, [0, 6]))
     with pytest.raises(ValueError, match="old_logits"):
         multiclass_bce_distillation(z, make_logits(34, c=8), make_labels(35, [0, 5]))
+
+
+def naive_label_bce(z, y, ignore=255):
+    """MiB's BCEWithLogitsLossWithIgnoreIndex(reduction='none'): sum over channels, 0 on void."""
+    b, c_all, h, w = z.shape
+    out = torch.zeros(b, h, w, dtype=z.dtype)
+    for i, j, k in pixels(b, h, w):
+        if int(y[i, j, k]) == ignore:
+            continue
+        for c in range(c_all):
+            t = 1.0 if int(y[i, j, k]) == c else 0.0
+            s = torch.sigmoid(z[i, c, j, k])
+            out[i, j, k] -= t * torch.log(s) + (1 - t) * torch.log(1 - s)
+    return out
+
+
+def naive_old_sigmoid_bce(z, z_old):
+    """MiB's icarl_combined term without its weight: C_old * mean over (B, C_old, H, W) of BCE."""
+    b, _, h, w = z.shape
+    c_old = z_old.shape[1]
+    total = 0.0
+    for i, j, k in pixels(b, h, w):
+        for c in range(c_old):
+            t, s = torch.sigmoid(z_old[i, c, j, k]), torch.sigmoid(z[i, c, j, k])
+            total = total - (t * torch.log(s) + (1 - t) * torch.log(1 - s))
+    return c_old * total / (b * c_old * h * w)
+
+
+def test_label_bce_matches_loop_and_averages_over_all_pixels():
+    z = make_logits(40)
+    y = make_labels(41, [0, 1, 3, 5, 255])
+    want = naive_label_bce(z, y)
+    torch.testing.assert_close(label_bce(z, y, reduction="none"), want)
+    torch.testing.assert_close(label_bce(z, y), want.sum() / y.numel())  # void pixels count in the mean
+    torch.testing.assert_close(label_bce(z, y, reduction="sum"), want.sum())
+    assert (label_bce(z, y, reduction="none")[y == 255] == 0).all()
+
+
+def test_label_bce_hand_value():
+    # 1 pixel, 2 channels, z = (0, 10), label 1: log 2 + log(1 + e^-10)
+    z = torch.tensor([[[[0.0]], [[10.0]]]])
+    assert label_bce(z, torch.tensor([[[1]]])).item() == pytest.approx(
+        math.log(2.0) + math.log1p(math.exp(-10.0)), rel=1e-6)
+    with pytest.raises(ValueError, match="contain 2"):
+        label_bce(z, torch.tensor([[[2]]]))
+
+
+def test_old_sigmoid_bce_matches_mib_combined_term():
+    z = make_logits(42)
+    z_old = make_logits(43, c=4)
+    want = naive_old_sigmoid_bce(z, z_old)
+    torch.testing.assert_close(old_sigmoid_bce(z, z_old), want)
+    # MiB: icarl_importance * n_cl_old * BCEWithLogitsLoss(reduction='mean')(z[:, :C_old], sigmoid(z_old))
+    mib = 4 * F.binary_cross_entropy_with_logits(z[:, :4], torch.sigmoid(z_old))
+    torch.testing.assert_close(old_sigmoid_bce(z, z_old), mib)
+    z.requires_grad_(True)
+    old_sigmoid_bce(z, z_old).backward()
+    assert (z.grad[:, 4:] == 0).all() and (z.grad[:, :4] != 0).any()  # new channels are not distilled
 
 
 # ----------------------------------------------------------------------------------------------

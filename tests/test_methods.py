@@ -23,7 +23,7 @@ from ucdseg.methods import LossContext, Method, get_method, list_methods
 TERMS = {
     "ft": {"ce"},
     "lwf": {"ce", "kd"},
-    "lwf-mc": {"bce"},
+    "lwf-mc": {"bce", "icarl"},
     "ilt": {"ce", "kd", "de"},
     "mib": {"unce", "unkd"},
     "mib+ucd": {"unce", "unkd", "ucd"},
@@ -33,7 +33,8 @@ TERMS = {
 }
 NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
          "bag", "ankle boot")
-Out = namedtuple("Out", "logits low_logits features stages")
+Out = namedtuple("Out", "logits low_logits features stages pod_stages")
+FIRST_STEP = {"lwf-mc": {"bce"}}  # MiB's LwF-MC trains step 0 with BCE too; every other method with CE
 
 
 def finite_or_none(value) -> bool:
@@ -84,7 +85,7 @@ def test_method_trains_two_steps(trained, name):
     # every iteration computed the method's terms, all finite
     assert [step for step, _, _ in log] == ([0, 0] if joint else [0, 0, 1, 1])
     for step, terms, thresholds in log:
-        assert set(terms) == ({"ce"} if step == 0 else TERMS[name])
+        assert set(terms) == (FIRST_STEP.get(name, {"ce"}) if step == 0 else TERMS[name])
         assert all(math.isfinite(v) for v in terms.values()), terms
         if step == 1 and name.startswith("plop"):  # PLOP's before_step pass produced one threshold per old class
             assert thresholds.shape == (9,) and torch.isfinite(thresholds).all() and (thresholds > 0).all()
@@ -118,7 +119,8 @@ def test_registry_and_methods_command(capsys):
     assert {m.name for m in list_methods()} == set(TERMS)
     for method in list_methods():
         assert set(method.default_weights) == TERMS[method.name]
-        assert set(method.first_step_terms) == {"ce"}
+        assert set(method.first_step_terms) == FIRST_STEP.get(method.name, {"ce"})
+        assert method.first_step == ("bce" if method.name == "lwf-mc" else "ce")
     assert get_method("MiB+UCD").name == "mib+ucd"
     with pytest.raises(KeyError, match=r"unknown method 'mib-ucd'; available: .*mib\+ucd"):
         get_method("mib-ucd")
@@ -129,6 +131,7 @@ def test_registry_and_methods_command(capsys):
     by_name = {line.split()[0]: line for line in lines}
     assert by_name["mib+ucd"].endswith("[unce=1, unkd=10, ucd=0.01]")
     assert by_name["lwf"].endswith("[ce=1, kd=100]") and by_name["ilt"].endswith("[ce=1, kd=100, de=100]")
+    assert by_name["lwf-mc"].endswith("[bce=1, icarl=10]")
 
 
 def test_weights_override_and_unknown_term(make_config):
@@ -149,8 +152,10 @@ def hand_made_batch(seed: int = 0):
 
     def out(classes: int) -> Out:
         low = torch.randn(2, classes, 4, 4, generator=g) * 2
-        stages = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 8), (4, 4), (6, 4), (6, 4))]
-        return Out(torch.randn(2, classes, 8, 8, generator=g) * 2, low, torch.randn(2, 6, 4, 4, generator=g), stages)
+        pre = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 8), (4, 4), (6, 4), (6, 4))]
+        stages = [p.clamp(min=0) for p in pre]  # activated outputs; POD reads the pre-activations
+        return Out(torch.randn(2, classes, 8, 8, generator=g) * 2, low, torch.randn(2, 6, 4, 4, generator=g),
+                   stages, pre)
 
     new, old = out(5), out(3)
     labels = torch.tensor([0, 0, 0, 3, 4, 255])[torch.randint(0, 6, (2, 8, 8), generator=g)]
@@ -158,10 +163,33 @@ def hand_made_batch(seed: int = 0):
 
 
 def naive_ce(logits, labels):
+    """CE summed over non-void pixels, divided by ALL pixels (MiB's, PLOP's, UCD's reduction)."""
     logp = torch.log_softmax(logits, 1)
     picked = [-logp[b, labels[b, i, j], i, j] for b in range(labels.shape[0]) for i in range(labels.shape[1])
               for j in range(labels.shape[2]) if labels[b, i, j] != 255]
-    return torch.stack(picked).mean()
+    return torch.stack(picked).sum() / labels.numel()
+
+
+def naive_bce(z, t):
+    return -(t * torch.log(torch.sigmoid(z)) + (1 - t) * torch.log(1 - torch.sigmoid(z)))
+
+
+def naive_lwf_mc(logits, old_logits, labels, first_step=False):
+    """MiB's LwF-MC by loops: BCE on the one-hot labels (void: 0) + 10 * sum_c<C_old BCE(z_c, sigmoid(old_c))."""
+    b_, c_all, h, w = logits.shape
+    c_old = old_logits.shape[1]
+    label_term, distill = 0.0, 0.0
+    for b in range(b_):
+        for i in range(h):
+            for j in range(w):
+                y = int(labels[b, i, j])
+                if y != 255:
+                    for c in range(c_all):
+                        label_term = label_term + naive_bce(logits[b, c, i, j], float(c == y))
+                for c in range(c_old):
+                    distill = distill + naive_bce(logits[b, c, i, j], torch.sigmoid(old_logits[b, c, i, j]))
+    pixels = b_ * h * w
+    return label_term / pixels if first_step else label_term / pixels + 10 * distill / pixels
 
 
 def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options: MethodConfig,
@@ -175,7 +203,7 @@ def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options:
     if name == "lwf":
         return ce + 100 * kd
     if name == "lwf-mc":
-        return losses.multiclass_bce_distillation(new.logits, old.logits, labels)
+        return naive_lwf_mc(new.logits, old.logits, labels)
     if name == "ilt":
         return ce + 100 * kd + 100 * losses.feature_distillation(new.stages[-1], old.stages[-1])
 
@@ -185,20 +213,22 @@ def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options:
                                                formulation=options.ucd_formulation)
 
     if name.startswith("mib"):
-        total = losses.unbiased_cross_entropy(new.logits, labels, num_old) + 10 * losses.unbiased_kd(new.logits, old.logits)
+        unce = losses.unbiased_cross_entropy(new.logits, labels, num_old, reduction="sum") / labels.numel()
+        total = unce + 10 * losses.unbiased_kd(new.logits, old.logits)
         return total + 0.01 * ucd(labels) if name == "mib+ucd" else total
     pseudo, stats = losses.entropy_pseudo_labels(labels, old.logits, thresholds)
-    levels = [*new.stages, new.features, new.low_logits]
-    old_levels = [*old.stages, old.features, old.low_logits]
+    levels = [*new.pod_stages, new.features, new.low_logits]
+    old_levels = [*old.pod_stages, old.features, old.low_logits]
     total = plop.adaptive_cross_entropy(new.logits, pseudo, stats.confident_fraction)
-    total = total + losses.local_pod(levels, old_levels, num_old, num_new)
-    return total + 0.01 * ucd(pseudo) if name == "plop+ucd" else total
+    total = total + losses.local_pod(levels, old_levels, num_old, num_new, factor=options.pod_factor,
+                                     last_factor=options.pod_last_factor)
+    return total + 0.01 * ucd(labels) if name == "plop+ucd" else total  # UCD: the labels before pseudo-labelling
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_total_loss_is_the_weighted_sum_of_its_terms(name):
     new, old, labels = hand_made_batch()
-    options = MethodConfig(ucd_temperature=0.2, ucd_formulation="supcon")
+    options = MethodConfig(ucd_temperature=0.2, ucd_formulation="supcon", pod_factor=0.001, pod_last_factor=1e-5)
     thresholds = torch.tensor([0.3, 0.6, 0.9])
     method = get_method(name)
     ctx = LossContext(1, new, old, labels.clone(), num_old=3, num_new=2, options=options,
@@ -210,9 +240,13 @@ def test_total_loss_is_the_weighted_sum_of_its_terms(name):
     assert total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
     if "ucd" in terms:
         assert terms["ucd"].item() != 0  # the case exercises the contrastive term
-    # step 0: plain cross-entropy for every method
+    # step 0: plain cross-entropy for every method but LwF-MC (BCE on the labels, as MiB)
     first = method.losses(LossContext(0, new, None, labels.clone(), 0, 5, options=options), method.weights())
-    assert list(first) == ["ce"] and first["ce"].item() == pytest.approx(naive_ce(new.logits, labels).item(), rel=1e-5)
+    if name == "lwf-mc":
+        expected0 = naive_lwf_mc(new.logits, old.logits, labels, first_step=True)
+        assert list(first) == ["bce"] and first["bce"].item() == pytest.approx(expected0.item(), rel=1e-5)
+    else:
+        assert list(first) == ["ce"] and first["ce"].item() == pytest.approx(naive_ce(new.logits, labels).item(), rel=1e-5)
 
 
 def test_zero_weight_skips_a_term():
@@ -227,7 +261,7 @@ def test_zero_weight_skips_a_term():
 def test_plop_target_hook_pseudo_labels_confident_background():
     # one image, one row of 7 pixels; old model: background + classes 1, 2; new class 3
     old_logits = torch.tensor([[0., 8, 0], [0, 0, 0], [8, 0, 0], [0, 8, 0], [0, 3, 0], [0, 0, 3], [0, 8, 0]])
-    old = Out(old_logits.T.reshape(1, 3, 1, 7), None, None, None)
+    old = Out(old_logits.T.reshape(1, 3, 1, 7), None, None, None, None)
     labels = torch.tensor([[[0, 0, 0, 3, 0, 0, 255]]])
     # normalised entropies: ~0.005 (pixels 0, 2, 3, 6), 1.0 (pixel 1), ~0.334 (pixels 4, 5)
     thresholds = torch.tensor([0.5, 0.5, 0.2])
@@ -237,4 +271,81 @@ def test_plop_target_hook_pseudo_labels_confident_background():
     # 4: class 1 at entropy 0.33 < 0.5 -> 1; 5: class 2 at 0.33 >= 0.2 -> 255; 6: void kept
     assert ctx.labels.tolist() == [[[1, 255, 0, 3, 1, 255, 255]]]
     assert labels.tolist() == [[[0, 0, 0, 3, 0, 0, 255]]]  # the loader's tensor is not modified
+    assert ctx.step_labels is labels  # and stays available to UCD
     assert ctx.batch["confident_fraction"].tolist() == pytest.approx([3 / 5])  # of 5 background pixels
+
+
+# ------------------------------------------------------------------ PLOP + UCD wiring (SPEC §3)
+def plop_ucd_batch(seed: int = 0):
+    """B=4, 16 old classes (background included) + 1 new: mostly background labels, a few new-class cells."""
+    g = torch.Generator().manual_seed(seed)
+    b, c_old, c_all, h, w, s = 4, 16, 17, 4, 4, 4
+
+    def out(classes: int) -> Out:
+        low = torch.randn(b, classes, h, w, generator=g) * 3
+        pre = [torch.randn(b, 3, h, w, generator=g) for _ in range(4)]
+        return Out(low.repeat_interleave(s, 2).repeat_interleave(s, 3), low, torch.randn(b, 8, h, w, generator=g),
+                   [p.clamp(min=0) for p in pre], pre)
+
+    new, old = out(c_all), out(c_old)
+    cells = torch.where(torch.rand(b, h, w, generator=g) < 0.25, 16, 0)
+    labels = cells.repeat_interleave(s, 1).repeat_interleave(s, 2)
+    return new, old, labels
+
+
+def test_plop_ucd_contrasts_the_step_labels_with_old_model_features():
+    new, old, labels = plop_ucd_batch()
+    options = MethodConfig()
+    method = get_method("plop+ucd")
+    ctx = LossContext(1, new, old, labels.clone(), num_old=16, num_new=1, options=options,
+                      state={"thresholds": torch.ones(16)})  # every background pixel is pseudo-labelled
+    terms = method.losses(ctx, method.weights())
+    assert bool((ctx.labels != labels).any())  # PLOP's CE saw pseudo-labels ...
+    assert torch.equal(ctx.step_labels, labels)  # ... UCD the step's labels
+    expected = losses.contrastive_distillation(new.features, old.features, old.low_logits, labels)
+    assert terms["ucd"].item() == pytest.approx(0.01 * expected.item(), rel=1e-6)
+    # what the UCD term saw, as logged: old-model elements and uncertainty weights other than 1
+    seen = ctx.diagnostics
+    cells = labels[:, ::4, ::4]  # labels are constant on each 4 x 4 feature cell
+    old_kept = ((cells == 0) & (old.low_logits.argmax(1) != 0)).sum().item()  # background the old model calls old
+    assert seen["ucd_old_elements"] == old_kept > 0
+    assert seen["ucd_anchors"] == old_kept + (cells == 16).sum().item()
+    assert seen["ucd_contrast"] == seen["ucd_anchors"] + old_kept
+    assert 0 < seen["ucd_weighted_pair_share"] < 1  # exact value: tests/test_contrastive_stats.py
+    # the pseudo-labels would have left UCD with GT-GT pairs only (the defect this wiring avoids)
+    pseudo = losses.contrastive_input_stats(
+        losses.prepare_contrastive_inputs(new.features, old.features, old.low_logits, ctx.labels))
+    assert pseudo["old_elements"] == 0 and pseudo["weighted_pair_share"] == 0
+
+
+def test_mib_ucd_logs_what_the_ucd_term_sees():
+    new, old, labels = plop_ucd_batch(1)
+    method = get_method("mib+ucd")
+    ctx = LossContext(1, new, old, labels, num_old=16, num_new=1, options=MethodConfig())
+    method.losses(ctx, method.weights())
+    assert set(ctx.batch["diagnostics"]) == {"ucd_anchors", "ucd_contrast", "ucd_old_elements",
+                                             "ucd_positive_pairs", "ucd_weighted_pair_share"}
+    assert all(isinstance(v, float) for v in ctx.batch["diagnostics"].values())
+    assert ctx.diagnostics["ucd_old_elements"] > 0
+
+
+# -------------------------------------------------------------- normalisation over void pixels
+@pytest.mark.parametrize("name,term", [("ft", "ce"), ("lwf", "ce"), ("ilt", "ce"), ("mib", "unce"),
+                                       ("lwf-mc", "bce"), ("plop", "ce"), ("joint", "ce")])
+def test_classification_terms_average_over_all_pixels_void_included(name, term):
+    """MiB, PLOP and UCD divide their CE-type loss by every pixel of the batch, void ones included."""
+    new, old, labels = hand_made_batch(2)
+    labels[1] = 255  # the second image is entirely void: it adds pixels to the mean and no loss
+    method = get_method(name)
+    state = {"thresholds": torch.tensor([0.3, 0.6, 0.9])}
+
+    def value(n: int, step: int):
+        first = Out(*(t[:n] if torch.is_tensor(t) else [x[:n] for x in t] for t in new))
+        previous = Out(*(t[:n] if torch.is_tensor(t) else [x[:n] for x in t] for t in old))
+        ctx = LossContext(step, first, previous if step else None, labels[:n].clone(), 3, 2,
+                          options=MethodConfig(), state=state)
+        terms = method.losses(ctx, method.weights())
+        return terms[term if step else next(iter(method.first_step_terms))].item()
+
+    for step in (0, 1) if name != "joint" else (0,):
+        assert value(2, step) == pytest.approx(value(1, step) / 2, rel=1e-6)

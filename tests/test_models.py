@@ -420,3 +420,85 @@ def test_build_errors() -> None:
         with pytest.raises(ValueError, match="classes_per_step"):
             build_model("resnet18", bad)
     assert isinstance(build_model("resnet18", (2, 1)), IncrementalDeepLab)
+
+
+# ------------------------------------------------------------- pre-activations (PLOP's POD)
+def naive_bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    shape = (1, -1, 1, 1)
+    scale = bn.weight.view(shape) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+    return (x - bn.running_mean.view(shape)) * scale + bn.bias.view(shape)
+
+
+def naive_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+
+
+def hand_preactivation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv-BN(-ReLU) chain of a BasicBlock / Bottleneck plus its (projected) identity, no final ReLU."""
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if hasattr(block, "conv3"):
+        pairs.append((block.conv3, block.bn3))
+    out = x
+    for i, (conv, bn) in enumerate(pairs):
+        out = naive_bn(naive_conv(out, conv), bn)
+        if i < len(pairs) - 1:
+            out = out.clamp(min=0)
+    identity = x
+    if block.downsample is not None:
+        identity = naive_bn(naive_conv(x, block.downsample[0]), block.downsample[1])
+    return out + identity
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_block_preactivation_matches_a_hand_written_block(kind: str) -> None:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from ucdseg.models.backbones import block_preactivation, stage_with_preactivation
+
+    torch.manual_seed(0)
+    if kind == "basic":
+        downsample = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        stage = nn.Sequential(BasicBlock(8, 16, stride=2, downsample=downsample), BasicBlock(16, 16))
+    else:
+        downsample = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+        stage = nn.Sequential(Bottleneck(8, 4, downsample=downsample), Bottleneck(16, 4))
+    randomize_bn(stage, 1)
+    stage.eval()
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        expected = hand_preactivation(stage[0], x)
+        torch.testing.assert_close(block_preactivation(stage[0], x), expected)
+        out, pre = stage_with_preactivation(stage, x)
+        torch.testing.assert_close(pre, hand_preactivation(stage[1], stage[0](x)))
+        torch.testing.assert_close(out, stage(x), rtol=0, atol=0)  # the stage's own output, bit for bit
+    assert (pre < 0).any()  # the pre-activation keeps what the final ReLU removes
+    with pytest.raises(ValueError, match="needs an nn.Sequential ending with a torchvision BasicBlock"):
+        stage_with_preactivation(nn.Sequential(nn.ReLU()), x)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "mobilenet_v3_large"])
+def test_model_exposes_stage_preactivations(backbone: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(backbone, [3, 2])
+    randomize_bn(model, 2)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    assert len(out.pod_stages) == 4
+    for stage, pre in zip(out.stages, out.pod_stages):
+        assert pre.shape == stage.shape
+    if backbone == "mobilenet_v3_large":  # inverted residuals end linearly: the output is the pre-activation
+        assert all(p is s for p, s in zip(out.pod_stages, out.stages))
+        return
+    for stage, pre in zip(out.stages, out.pod_stages):
+        torch.testing.assert_close(stage, pre.clamp(min=0), rtol=0, atol=0)
+        assert (pre < 0).any()
+    # the last stage's pre-activation by hand, from the third stage's output
+    body = model.backbone.body
+    with torch.no_grad():
+        x4 = out.stages[2]
+        for block in list(body["layer4"])[:-1]:
+            x4 = block(x4)
+        expected = hand_preactivation(body["layer4"][-1], x4)
+    torch.testing.assert_close(out.pod_stages[3], expected, rtol=1e-4, atol=1e-4)

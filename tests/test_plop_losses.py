@@ -187,7 +187,8 @@ def test_collapse_new_channels_sum_and_trim():
 
 def test_pod_levels_order():
     class Out:
-        stages = ["s1", "s2"]
+        stages = ["relu(s1)", "relu(s2)"]  # activated stage outputs: not what POD reads
+        pod_stages = ["s1", "s2"]  # the stages' pre-activations
         features = "f"
         low_logits = "z"
 

@@ -81,6 +81,11 @@ class MethodConfig:
     ucd_temperature: float = 0.07
     ucd_formulation: str = "reference"  # reference | supcon
     ucd_gather: bool = False  # contrast against the global batch under DDP
+    # PLOP's Local POD: weight of every level but the last (--pod_factor) and of the last level,
+    # the logits (pod_options switch.after.factor). VOC preset 0.01 / 0.0005; PLOP's ADE scripts
+    # 0.001 / 0.00001 (configs/ade/*/plop*.yaml).
+    pod_factor: float = 0.01
+    pod_last_factor: float = 0.0005
 
 
 @dataclass

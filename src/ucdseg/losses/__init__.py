@@ -2,11 +2,13 @@
 
 * MiB: :func:`unbiased_cross_entropy`, :func:`unbiased_kd`
 * LwF / ILT / LwF-MC: :func:`knowledge_distillation`, :func:`feature_distillation`,
-  :func:`multiclass_bce_distillation`
+  :func:`label_bce` + :func:`old_sigmoid_bce` (MiB's LwF-MC), :func:`multiclass_bce_distillation`
+  (MiB's single-target ``IcarlLoss``)
 * PLOP: :func:`local_pod`, :func:`entropy_pseudo_labels`, :class:`EntropyThresholds` (plop.py)
 * UCD: :func:`contrastive_distillation` (and its flat, gather-friendly core
   :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`), and
-  :func:`gathered_contrastive_distillation`, its global-batch version under DDP (distributed.py)
+  :func:`gathered_contrastive_distillation`, its global-batch version under DDP (distributed.py);
+  :func:`contrastive_input_stats` counts what it sees (for the logs)
 """
 
 from .contrastive import (
@@ -16,8 +18,15 @@ from .contrastive import (
     prepare_contrastive_inputs,
     resize_labels_nearest,
 )
+from .contrastive_stats import contrastive_input_stats
 from .distributed import gathered_contrastive_distillation
-from .distillation import feature_distillation, knowledge_distillation, multiclass_bce_distillation
+from .distillation import (
+    feature_distillation,
+    knowledge_distillation,
+    label_bce,
+    multiclass_bce_distillation,
+    old_sigmoid_bce,
+)
 from .mib import unbiased_cross_entropy, unbiased_kd
 from .plop import EntropyThresholds, entropy_pseudo_labels, local_pod  # noqa: F401
 
@@ -25,12 +34,15 @@ __all__ = [
     "unbiased_cross_entropy",
     "unbiased_kd",
     "knowledge_distillation",
+    "label_bce",
+    "old_sigmoid_bce",
     "multiclass_bce_distillation",
     "feature_distillation",
     "contrastive_distillation",
     "contrastive_distillation_flat",
     "gathered_contrastive_distillation",
     "prepare_contrastive_inputs",
+    "contrastive_input_stats",
     "ContrastiveInputs",
     "resize_labels_nearest",
     "local_pod",

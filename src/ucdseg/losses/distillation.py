@@ -16,7 +16,13 @@ import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["knowledge_distillation", "multiclass_bce_distillation", "feature_distillation"]
+__all__ = [
+    "knowledge_distillation",
+    "label_bce",
+    "old_sigmoid_bce",
+    "multiclass_bce_distillation",
+    "feature_distillation",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +133,53 @@ def knowledge_distillation(
     return reduce_pixels(loss, reduction)
 
 
+def label_bce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Multi-label BCE on the one-hot labels: LwF-MC's classification term (MiB, ``--method LWF-MC``).
+
+    MiB's ``BCEWithLogitsLossWithIgnoreIndex`` as its trainer uses it (``reduction='none'``, then
+    ``.mean()``): per pixel, the **sum** over all ``C`` channels of
+    ``BCE_with_logits(logits_c, [labels == c])``; pixels labelled ``ignore_index`` cost 0 (their
+    one-hot row is empty, and MiB multiplies by it). ``"mean"`` averages over **all** pixels,
+    ignored ones included as zeros, as MiB's ``loss.mean()``; ``"sum"`` sums; ``"none"`` returns
+    the ``(B, *spatial)`` map.
+    """
+    check_reduction(reduction)
+    check_logits(logits)
+    check_labels(labels, logits, ignore_index)
+    dtype = compute_dtype(logits)
+    c_all = logits.shape[1]
+    ignored = labels == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    targets = F.one_hot(safe, c_all).movedim(-1, 1).to(dtype)
+    loss = F.binary_cross_entropy_with_logits(upcast(logits, dtype), targets, reduction="none").sum(1)
+    loss = torch.where(ignored, torch.zeros_like(loss), loss)
+    return reduce_pixels(loss, reduction)
+
+
+def old_sigmoid_bce(
+    logits: torch.Tensor, old_logits: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """LwF-MC's distillation term: BCE of the old channels against the old model's sigmoids.
+
+    MiB (``icarl_combined``): ``C_old * BCEWithLogitsLoss(reduction='mean')(logits[:, :C_old],
+    sigmoid(old_logits))``, i.e. per pixel the **sum** over the ``C_old`` old channels of
+    ``BCE_with_logits(logits_c, sigmoid(old_logits_c))``, averaged over all pixels (no ignore
+    mask). MiB weights it by ``--icarl_importance 10``. Targets are detached.
+    """
+    check_reduction(reduction)
+    check_old_logits(logits, old_logits)
+    dtype = compute_dtype(logits, old_logits)
+    c_old = old_logits.shape[1]
+    targets = torch.sigmoid(upcast(old_logits.detach(), dtype))
+    loss = F.binary_cross_entropy_with_logits(upcast(logits[:, :c_old], dtype), targets, reduction="none")
+    return reduce_pixels(loss.sum(dim=1), reduction)
+
+
 def multiclass_bce_distillation(
     logits: torch.Tensor,
     old_logits: torch.Tensor,
@@ -134,7 +187,7 @@ def multiclass_bce_distillation(
     ignore_index: int = 255,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """LwF-MC (iCaRL-style) loss, as MiB's ``IcarlLoss`` (the ``--icarl_disjoint`` variant).
+    """Single mixed-target iCaRL loss, as MiB's ``IcarlLoss`` (the ``--icarl_disjoint`` variant).
 
     Every channel ``c`` of ``logits`` gets a binary cross-entropy with logits against a target
     ``t_c``: on the old channels (``c < C_old``) ``t_c = sigmoid(old_logits_c)``; on the new
@@ -147,9 +200,9 @@ def multiclass_bce_distillation(
     same targets a background pixel gets. (MiB turned void into background, so on void pixels
     this reproduces its numbers.)
 
-    MiB's default ``--method LWF-MC`` ("combined") instead adds two separate terms: a BCE against
-    the one-hot labels on all channels plus ``10 * C_old * mean BCE(logits[:, :C_old],
-    sigmoid(old_logits))``; this function implements the single combined-target loss above.
+    MiB's ``--method LWF-MC`` ("combined", what the MiB paper reports and what our ``lwf-mc``
+    method computes) instead adds two separate terms: :func:`label_bce` plus
+    ``10 *`` :func:`old_sigmoid_bce`. No registered method uses this function.
     """
     check_reduction(reduction)
     check_old_logits(logits, old_logits)

@@ -65,13 +65,14 @@ def pod_levels(output: Any, logits: bool = True) -> list[Tensor]:
     """The feature maps PLOP distils, from a model output (``SegOutput``-like).
 
     PLOP's list (``train.py``, ``features_distillation`` call) is ``features["attentions"]`` --
-    the four ResNet stage outputs (taken before the stage's last activation in the release's
-    ``ResidualBlock(last=True)``) and the head's 256-channel pre-logits output -- followed, with
-    ``--pod_logits`` (on in the PLOP preset), by the logits at feature resolution
-    (``sem_logits_small``). Here: ``[*output.stages, output.features]`` plus
+    the four ResNet stages taken before the stage's last activation (the release's
+    ``ResidualBlock(last=True)`` returns ``out + identity``) and the head's 256-channel
+    pre-logits output (after the head's last BN + activation, ``red_bn`` being an ABN) --
+    followed, with ``--pod_logits`` (on in the PLOP preset), by the logits at feature resolution
+    (``sem_logits_small``). Here: ``[*output.pod_stages, output.features]`` plus
     ``output.low_logits`` when ``logits`` is true, i.e. 6 levels for a ResNet.
     """
-    levels = [*output.stages, output.features]
+    levels = [*output.pod_stages, output.features]
     if logits:
         levels.append(output.low_logits)
     return levels

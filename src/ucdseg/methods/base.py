@@ -23,6 +23,18 @@ class LossContext:
     options: Any = None  # the run's MethodConfig
     state: dict = field(default_factory=dict)  # per-step state from the method's hooks
     batch: dict = field(default_factory=dict)  # per-batch values a target hook computed
+    # The step's training labels as the loader gave them. A ``targets`` hook (PLOP's
+    # pseudo-labels) rebinds ``labels`` and leaves this one alone: UCD reads it (SPEC §3 "Totals").
+    step_labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_labels is None:
+            self.step_labels = self.labels
+
+    @property
+    def diagnostics(self) -> dict:
+        """Per-batch values that are not losses (floats), for the logs: ``batch["diagnostics"]``."""
+        return self.batch.setdefault("diagnostics", {})
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,10 @@ class Method:
     ``terms`` maps a term name to ``(function, default weight)``; the total loss is the weighted
     sum. ``first_step_terms`` are used at step 0 (no old model). ``before_step`` runs once at the
     start of a step ``t >= 1`` and returns the step's state (e.g. PLOP's entropy thresholds);
-    ``targets`` may rewrite the labels of a batch before the terms see them.
+    ``targets`` may rewrite ``ctx.labels`` of a batch before the terms see them (it must bind a
+    new tensor, not write into the loader's one: ``ctx.step_labels`` keeps the original).
+    ``first_step`` names the step-0 loss, so that runs can share step 0 only when it matches
+    (``"ce"``: plain cross-entropy, every method but LwF-MC, whose step 0 is BCE as in MiB).
     """
 
     name: str
@@ -43,6 +58,7 @@ class Method:
     joint: bool = False  # train every class in a single step (the upper bound)
     before_step: Callable[..., dict] | None = None
     targets: Callable[[LossContext], None] | None = None
+    first_step: str = "ce"
 
     @property
     def default_weights(self) -> dict[str, float]:

@@ -2,6 +2,10 @@
 
 Default weights follow the MiB paper's baselines (LwF, LwF-MC, ILT, MiB) and UCD (SPEC §3):
 MiB+UCD = UNCE + 10 UNKD + 0.01 L_UCD.
+
+Normalisation over void: every release (MiB, PLOP, UCD) computes its classification loss with
+``reduction="none"`` and then ``.mean()``, i.e. it averages over **all** pixels of the batch,
+void pixels counting as 0. The classification terms below do the same (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from .base import LossContext, Method, register
 
 
 def cross_entropy(ctx: LossContext):
-    return F.cross_entropy(ctx.out.logits, ctx.labels, ignore_index=255)
+    """CE averaged over all pixels, void (255) counting as 0, as ``CrossEntropyLoss(reduction='none')
+    ... .mean()`` in MiB's, PLOP's and UCD's trainers."""
+    return F.cross_entropy(ctx.out.logits, ctx.labels, ignore_index=255, reduction="none").mean()
 
 
 def unbiased_ce(ctx: LossContext):
-    return losses.unbiased_cross_entropy(ctx.out.logits, ctx.labels, ctx.num_old)
+    """MiB's UNCE averaged over all pixels (void as 0), as MiB's trainer does."""
+    return losses.unbiased_cross_entropy(ctx.out.logits, ctx.labels, ctx.num_old, reduction="none").mean()
 
 
 def kd(ctx: LossContext):
@@ -31,8 +38,12 @@ def unbiased_kd(ctx: LossContext):
     return losses.unbiased_kd(ctx.out.logits, ctx.old.logits)
 
 
-def multiclass_bce(ctx: LossContext):
-    return losses.multiclass_bce_distillation(ctx.out.logits, ctx.old.logits, ctx.labels)
+def label_bce(ctx: LossContext):
+    return losses.label_bce(ctx.out.logits, ctx.labels)
+
+
+def old_sigmoid_bce(ctx: LossContext):
+    return losses.old_sigmoid_bce(ctx.out.logits, ctx.old.logits)
 
 
 def encoder_mse(ctx: LossContext):
@@ -40,17 +51,29 @@ def encoder_mse(ctx: LossContext):
 
 
 def ucd(ctx: LossContext):
+    """UCD on the step's training labels, read *before* any target hook (SPEC §3 "Totals")."""
     opts = ctx.options
     gather = opts is not None and opts.ucd_gather  # contrast against the global batch under DDP
     loss = losses.gathered_contrastive_distillation if gather else losses.contrastive_distillation
+    log_ucd_inputs(ctx)
     return loss(
         ctx.out.features,
         ctx.old.features,
         ctx.old.low_logits,
-        ctx.labels,
+        ctx.step_labels,
         temperature=opts.ucd_temperature if opts is not None else 0.07,
         formulation=opts.ucd_formulation if opts is not None else "reference",
     )
+
+
+@torch.no_grad()
+def log_ucd_inputs(ctx: LossContext) -> None:
+    """Record in ``ctx.diagnostics`` what this process's UCD term sees (``ucd_*`` floats)."""
+    inputs = losses.prepare_contrastive_inputs(
+        ctx.out.features.detach(), ctx.old.features, ctx.old.low_logits, ctx.step_labels
+    )
+    stats = losses.contrastive_input_stats(inputs)
+    ctx.diagnostics.update({f"ucd_{key}": value for key, value in stats.items()})
 
 
 def plop_ce(ctx: LossContext):
@@ -58,7 +81,12 @@ def plop_ce(ctx: LossContext):
 
 
 def local_pod(ctx: LossContext):
-    return plop.local_pod(plop.pod_levels(ctx.out), plop.pod_levels(ctx.old), ctx.num_old, ctx.num_new)
+    opts = ctx.options
+    factors = {}
+    if opts is not None:
+        factors = {"factor": opts.pod_factor, "last_factor": opts.pod_last_factor}
+    return plop.local_pod(plop.pod_levels(ctx.out), plop.pod_levels(ctx.old), ctx.num_old, ctx.num_new,
+                          **factors)
 
 
 @torch.no_grad()
@@ -72,7 +100,10 @@ def plop_thresholds(old_model, loader, device, num_old: int, num_new: int, progr
 
 
 def plop_pseudo_labels(ctx: LossContext) -> None:
-    """Background pixels take the old model's class where its entropy is below the threshold."""
+    """Background pixels take the old model's class where its entropy is below the threshold.
+
+    Rebinds ``ctx.labels`` to a new tensor; ``ctx.step_labels`` keeps the step's labels for UCD.
+    """
     ctx.labels, stats = plop.entropy_pseudo_labels(ctx.labels, ctx.old.logits, ctx.state["thresholds"])
     ctx.batch["confident_fraction"] = stats.confident_fraction
 
@@ -91,9 +122,10 @@ register(
 register(
     Method(
         "lwf-mc",
-        "LwF-MC: multi-class binary cross-entropy with the old model's sigmoid outputs as targets",
-        {"bce": (multiclass_bce, 1.0)},
-        CE,
+        "LwF-MC (MiB's --method LWF-MC): BCE on the labels + 10 BCE of the old channels against the old sigmoids",
+        {"bce": (label_bce, 1.0), "icarl": (old_sigmoid_bce, 10.0)},
+        {"bce": (label_bce, 1.0)},
+        first_step="bce",
     )
 )
 register(
@@ -135,7 +167,7 @@ register(
 for name, extra, description in (
     ("plop", {}, "PLOP: entropy pseudo-labels, adaptive cross-entropy and local POD distillation"),
     ("plop+ucd", {"ucd": (ucd, 0.01)},
-     "PLOP + UCD contrastive distillation on PLOP's pseudo-labelled targets"),
+     "PLOP + UCD contrastive distillation on the step's labels (PLOP's pseudo-labels feed its CE only)"),
 ):
     register(
         Method(

@@ -15,9 +15,18 @@ Backbones (all built with ``weights=None``; weights come from :func:`load_backbo
   stride 8, ``features.12``: 112 ch at stride 16) and the final 1x1 conv ``features.16``
   (960 ch), which feeds the segmentation head (as torchvision's DeepLab does).
 
-Stage outputs are the modules' outputs, i.e. after the final ReLU/activation of each stage.
-(PLOP's In-Place-ABN ResNet returned the sum before the last activation; torchvision's
-in-place ReLU does not keep it.)
+Stage outputs are the modules' outputs, i.e. after the final ReLU/activation of each stage
+(what MiB's ILT distils: its ``features["body"]`` is the activated last stage).
+:meth:`Backbone.forward_with_preactivation` also returns, for PLOP's POD, each stage's
+**pre-activation**: ``out + identity`` of the stage's last residual block before its final ReLU,
+as PLOP's In-Place-ABN ``ResidualBlock(last=True)`` returns it. torchvision's blocks apply an
+in-place ReLU to that sum, so :func:`stage_with_preactivation` runs the last block by hand
+(:func:`block_preactivation`); it works for any ``nn.Sequential`` stage whose last module is a
+torchvision ``BasicBlock`` or ``Bottleneck``. Other stages (MobileNetV3's) return their output as
+the pre-activation: its inverted-residual blocks (``features.3/6/12``) end with a linear
+projection and the residual sum, with no activation after it, so their output already is the
+pre-activation sum; the last stage (``features.16``, 1x1 conv + BN + Hardswish) keeps its
+Hardswish. PLOP's release has no MobileNet.
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
+from torch.nn import functional as F
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 __all__ = [
     "BACKBONES",
@@ -40,6 +51,9 @@ __all__ = [
     "Backbone",
     "build_backbone",
     "dilate_resnet_stage",
+    "has_preactivation",
+    "block_preactivation",
+    "stage_with_preactivation",
     "read_state_dict",
     "load_backbone_weights",
 ]
@@ -78,7 +92,63 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Return the four stage outputs of ``x`` (B, 3, H, W), shallowest first."""
-        return list(self.body(x).values())
+        return self.forward_with_preactivation(x)[0]
+
+    def forward_with_preactivation(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The four stage outputs and the four stage pre-activations (module docstring), shallowest first.
+
+        Runs ``body``'s modules in order as ``IntermediateLayerGetter`` does; a stage for which
+        :func:`has_preactivation` holds goes through :func:`stage_with_preactivation`, whose
+        output equals the stage's own forward.
+        """
+        stages: list[Tensor] = []
+        preactivations: list[Tensor] = []
+        for name, module in self.body.items():
+            if name not in self.stage_names:
+                x = module(x)
+                continue
+            if has_preactivation(module):
+                x, pre = stage_with_preactivation(module, x)
+            else:
+                x = pre = module(x)
+            stages.append(x)
+            preactivations.append(pre)
+        return stages, preactivations
+
+
+def has_preactivation(stage: nn.Module) -> bool:
+    """True for an ``nn.Sequential`` whose last module is a torchvision ``BasicBlock``/``Bottleneck``.
+
+    Exact types only: a subclass may change ``forward``, which :func:`block_preactivation`
+    re-implements.
+    """
+    return isinstance(stage, nn.Sequential) and len(stage) > 0 and type(stage[-1]) in (BasicBlock, Bottleneck)
+
+
+def block_preactivation(block: BasicBlock | Bottleneck, x: Tensor) -> Tensor:
+    """``out + identity`` of a torchvision ``BasicBlock``/``Bottleneck``: its forward without the final ReLU."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    identity = x if block.downsample is None else block.downsample(x)
+    return out + identity
+
+
+def stage_with_preactivation(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a ResNet stage; return its output and its last block's pre-activation ``out + identity``.
+
+    The output is ``relu(pre-activation)``, the same values as ``stage(x)``.
+    """
+    if not has_preactivation(stage):
+        raise ValueError(f"stage_with_preactivation needs an nn.Sequential ending with a torchvision "
+                         f"BasicBlock or Bottleneck, got {type(stage).__name__}")
+    for block in list(stage)[:-1]:
+        x = block(x)
+    pre = block_preactivation(stage[-1], x)
+    return F.relu(pre), pre
 
 
 def dilate_resnet_stage(stage: nn.Sequential, previous_dilation: int, dilation: int) -> None:

@@ -45,7 +45,10 @@ class SegOutput(NamedTuple):
     logits: Tensor  # (B, C, H, W), bilinearly upsampled to the input size
     low_logits: Tensor  # (B, C, h, w) at feature resolution
     features: Tensor  # (B, 256, h, w) pre-logits features (head output)
-    stages: list[Tensor]  # the four backbone stage outputs, shallowest first
+    stages: list[Tensor]  # the four backbone stage outputs (after their last activation), shallowest first
+    # the four stages' pre-activations (``out + identity`` of each stage's last residual block,
+    # before its final ReLU; what PLOP's POD distils), see ucdseg.models.backbones
+    pod_stages: list[Tensor]
 
 
 class DeepLabV3Head(nn.Module):
@@ -120,11 +123,11 @@ class IncrementalDeepLab(nn.Module):
         return self.backbone.output_stride
 
     def forward(self, x: Tensor) -> SegOutput:
-        stages = self.backbone(x)
+        stages, pod_stages = self.backbone.forward_with_preactivation(x)
         features = self.head(stages[-1])
         low_logits = torch.cat([conv(features) for conv in self.classifier], dim=1)
         logits = F.interpolate(low_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return SegOutput(logits, low_logits, features, stages)
+        return SegOutput(logits, low_logits, features, stages, pod_stages)
 
     @torch.no_grad()
     def init_new_classifier(self, mode: str = "mib") -> None:

@@ -40,6 +40,13 @@ METHODS = {"ft": "ft", "lwf": "lwf", "ilt": "ilt", "mib": "mib", "mib_ucd": "mib
            "plop_ucd": "plop+ucd", "joint": "joint"}
 ROOTS = {"voc": "VOCdevkit/VOC2012", "ade": "ADEChallengeData2016", "cityscapes": "cityscapes"}
 EPOCHS = {"voc": 30, "ade": 60, "cityscapes": 60}
+# Written by hand from the releases (issue 12): later-step epochs where they differ from step 0,
+# loss-weight overrides, and PLOP's ADE POD factors (VOC preset 0.01 / 0.0005 everywhere else).
+EPOCHS_NEXT = {"voc/10-1-overlapped": 10}  # PLOP's scripts/voc/plop_10-1.sh: EPOCHS=10
+WEIGHT_OVERRIDES = {"voc/15-1-disjoint/mib.yaml": {"unkd": 100.0},  # MiB issue #43: loss_kd 100 on 15-1
+                    "voc/15-1-overlapped/mib.yaml": {"unkd": 100.0}}
+POD_FACTORS = {f"ade/{t}/{m}.yaml": (0.001, 0.00001)  # PLOP's scripts/ade/plop_ade_*.sh
+               for t in ("100-50", "100-10", "50-50") for m in ("plop", "plop_ucd")}
 WEIGHTS = "resnet101-63fe2227.pth"
 
 PAPER_CONFIGS = [f"{bench}/{m}.yaml" for bench in BENCHMARKS for m in METHODS]
@@ -76,13 +83,15 @@ def test_config_has_the_paper_protocol_task_and_a_clear_missing_data_error(rel, 
     assert cfg.name == expected_name(bench, method)
     assert (cfg.data.dataset, cfg.task.name, cfg.data.setting, cfg.method.name) == (dataset, task_name, setting, method)
     assert get_method(cfg.method.name).name == method
-    assert cfg.task.order is None and cfg.task.order_seed is None and cfg.method.weights == {}
+    assert cfg.task.order is None and cfg.task.order_seed is None
+    assert cfg.method.weights == WEIGHT_OVERRIDES.get(rel, {})
+    assert (cfg.method.pod_factor, cfg.method.pod_last_factor) == POD_FACTORS.get(rel, (0.01, 0.0005))
     # SPEC §5
     assert (cfg.model.backbone, cfg.model.output_stride) == ("resnet101", 16)
     assert (cfg.data.crop_size, cfg.data.eval_crop_size, cfg.data.scale_min, cfg.data.scale_max) == (512, 512, 0.5, 2.0)
     t = cfg.train
-    assert (t.batch_size, t.epochs, t.epochs_next, t.iterations, t.iterations_next) == (24, EPOCHS[dataset], None,
-                                                                                           None, None)
+    assert (t.batch_size, t.epochs, t.epochs_next, t.iterations, t.iterations_next) == (
+        24, EPOCHS[dataset], EPOCHS_NEXT.get(bench), None, None)
     assert (t.lr, t.lr_next, t.momentum, t.nesterov, t.weight_decay, t.poly_power) == (0.01, 0.001, 0.9, True,
                                                                                         1e-4, 0.9)
     assert t.amp == "none" and t.step0_from is None

@@ -383,7 +383,8 @@ class PseudoLabelStats:
     ``confident_fraction`` (B,) is PLOP's ``classif_adaptive_factor``, computed **per image**:
     confident background pixels / background pixels. Multiply the per-pixel classification loss
     of image ``b`` by it (:func:`adaptive_cross_entropy`). An image without background pixels
-    gets 1 (the release divides 0 by 0 there and gets NaN).
+    gets 1; the release computes ``num / (den + 1e-6)``, i.e. 0 there, and so drops that image's
+    whole classification loss (docs/methods.md).
     """
 
     confident_fraction: Tensor  # (B,) float

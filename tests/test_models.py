@@ -476,6 +476,23 @@ def test_block_preactivation_matches_a_hand_written_block(kind: str) -> None:
         stage_with_preactivation(nn.Sequential(nn.ReLU()), x)
 
 
+def test_has_preactivation_only_for_torchvision_residual_forwards() -> None:
+    from torchvision.models.resnet import BasicBlock
+
+    from ucdseg.models.backbones import has_preactivation
+
+    class Renamed(BasicBlock):  # same forward: still a torchvision block
+        pass
+
+    class Other(BasicBlock):  # its own forward: block_preactivation would not reproduce it
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert has_preactivation(nn.Sequential(BasicBlock(4, 4), Renamed(4, 4)))
+    assert not has_preactivation(nn.Sequential(BasicBlock(4, 4), Other(4, 4)))
+    assert not has_preactivation(nn.Sequential()) and not has_preactivation(BasicBlock(4, 4))
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "mobilenet_v3_large"])
 def test_model_exposes_stage_preactivations(backbone: str) -> None:
     torch.manual_seed(0)
@@ -486,6 +503,7 @@ def test_model_exposes_stage_preactivations(backbone: str) -> None:
     with torch.no_grad():
         out = model(x)
     assert len(out.pod_stages) == 4
+    assert model.backbone.preactivation_stages == [backbone != "mobilenet_v3_large"] * 4
     for stage, pre in zip(out.stages, out.pod_stages):
         assert pre.shape == stage.shape
     if backbone == "mobilenet_v3_large":  # inverted residuals end linearly: the output is the pre-activation

@@ -77,6 +77,8 @@ class Backbone(nn.Module):
         out_channels: channels of the last stage (the head's input).
         key_prefix: prefix that torchvision's classification state dict puts before ``body``'s
             keys (``"features."`` for MobileNetV3, ``""`` for ResNets).
+        preactivation_stages: per stage, whether :meth:`forward_with_preactivation` returns its
+            last block's pre-activation (ResNet stages) or its output (other stages).
     """
 
     def __init__(self, name: str, output_stride: int, body: IntermediateLayerGetter,
@@ -89,6 +91,8 @@ class Backbone(nn.Module):
         self.stage_channels = list(stage_channels)
         self.out_channels = stage_channels[-1]
         self.key_prefix = key_prefix
+        # which stages return a true pre-activation (the others return their output), see the module docstring
+        self.preactivation_stages = [has_preactivation(body[name]) for name in self.stage_names]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Return the four stage outputs of ``x`` (B, 3, H, W), shallowest first."""
@@ -98,16 +102,17 @@ class Backbone(nn.Module):
         """The four stage outputs and the four stage pre-activations (module docstring), shallowest first.
 
         Runs ``body``'s modules in order as ``IntermediateLayerGetter`` does; a stage for which
-        :func:`has_preactivation` holds goes through :func:`stage_with_preactivation`, whose
-        output equals the stage's own forward.
+        :func:`has_preactivation` held at construction (``preactivation_stages``) goes through
+        :func:`stage_with_preactivation`, whose output equals the stage's own forward.
         """
         stages: list[Tensor] = []
         preactivations: list[Tensor] = []
+        exposes = dict(zip(self.stage_names, self.preactivation_stages))
         for name, module in self.body.items():
-            if name not in self.stage_names:
+            if name not in exposes:
                 x = module(x)
                 continue
-            if has_preactivation(module):
+            if exposes[name]:
                 x, pre = stage_with_preactivation(module, x)
             else:
                 x = pre = module(x)
@@ -119,10 +124,13 @@ class Backbone(nn.Module):
 def has_preactivation(stage: nn.Module) -> bool:
     """True for an ``nn.Sequential`` whose last module is a torchvision ``BasicBlock``/``Bottleneck``.
 
-    Exact types only: a subclass may change ``forward``, which :func:`block_preactivation`
+    A subclass counts only if it keeps torchvision's ``forward``, which :func:`block_preactivation`
     re-implements.
     """
-    return isinstance(stage, nn.Sequential) and len(stage) > 0 and type(stage[-1]) in (BasicBlock, Bottleneck)
+    if not isinstance(stage, nn.Sequential) or len(stage) == 0:
+        return False
+    block = stage[-1]
+    return any(isinstance(block, kind) and type(block).forward is kind.forward for kind in (BasicBlock, Bottleneck))
 
 
 def block_preactivation(block: BasicBlock | Bottleneck, x: Tensor) -> Tensor:

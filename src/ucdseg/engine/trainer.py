@@ -211,7 +211,9 @@ class Trainer:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
+        except ImportError as exc:  # a dependency since issue 14: only a broken install lacks it
+            print(f"ucdseg: warning: TensorBoard logging is off ({exc}); install it with "
+                  f"`pip install tensorboard` to log to {self.run_dir / 'tensorboard'}", file=sys.stderr)
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 

@@ -87,6 +87,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    rows = predict(args.checkpoint, args.inputs, args.output, batch_size=args.batch_size, device=args.device,
+                   size=args.size, overlays=not args.no_overlays, progress=not args.quiet)
+    out = Path(args.output)
+    images = len({row["image"] for row in rows})
+    print(f"{images} image(s) segmented: masks in {out / 'masks'}"
+          + ("" if args.no_overlays else f", overlays in {out / 'overlays'}") + f", summary in {out / 'summary.csv'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .reporting import write_aggregate
 
@@ -171,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=DIR)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment your own images with a step checkpoint")
+    p.add_argument("checkpoint", help="a finished step's checkpoint, runs/<name>/checkpoints/stepN.pt")
+    p.add_argument("inputs", nargs="+", help="image files and folders of images")
+    p.add_argument("--output", required=True, help="folder for masks/, overlays/ and summary.csv")
+    p.add_argument("--batch-size", type=int, default=4, help="images of the same size per forward pass")
+    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to this for the model (default: the image's own size)")
+    p.add_argument("--no-overlays", action="store_true", help="write only the masks and the summary")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="one table (mean and std over seeds) and plot from several runs")
     p.add_argument("run_dirs", nargs="+")

@@ -147,6 +147,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .data.check import run_check
 
+    if args.dataset == "folder":
+        from .data.folder import run_check_folder
+
+        return run_check_folder(args.root, limit=args.limit)
+
     return run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet)
 
 
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("index", help="per-step image counts and checksums of a task")
-    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded"))
+    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded", "folder"))
     p.add_argument("--root", default=None)
     p.add_argument("--task", required=True)
     p.add_argument("--setting", default="overlapped", choices=("overlapped", "disjoint", "partitioned"))
@@ -221,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="verify a dataset's layout, lists, images and masks")
-    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded"))
+    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded", "folder"))
     p.add_argument("--root", required=True)
     p.add_argument("--limit", type=int, default=None,
                    help="read N evenly spaced image/mask pairs per split; every entry is still checked for existence")

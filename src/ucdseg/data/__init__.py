@@ -9,7 +9,7 @@ transforms image and mask together; ``prepare_embedded(root)`` writes the embedd
 
 from .base import SegmentationDataset, StepDataset, build_dataset, dataset_meta, dataset_names
 from .meta import METAS, DatasetMeta, colorize
-from . import ade, cityscapes, voc  # noqa: F401  (register the readers)
+from . import ade, cityscapes, folder, voc  # noqa: F401  (register the readers)
 from .embedded import prepare_embedded
 from .transforms import eval_transforms, train_transforms
 

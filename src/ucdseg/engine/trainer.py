@@ -99,7 +99,7 @@ def config_differences(a: dict, b: dict, ignore: set[str] = RESUMABLE_KEYS) -> l
 
 def build_task(cfg: RunConfig) -> Task:
     order: Any = cfg.task.order if cfg.task.order is not None else cfg.task.order_seed
-    return get_task(cfg.data.dataset, cfg.task.name, order=order)
+    return get_task(cfg.data.dataset, cfg.task.name, order=order, root=cfg.data.root)
 
 
 def joint_task(task: Task) -> Task:

@@ -155,6 +155,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet)
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import run_prepare
+
+    return run_prepare(args.dataset, args.root, args.archives, checksums=args.checksum, verify=not args.skip_checksums,
+                       download=args.download, progress=not args.quiet, limit=args.limit)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare_embedded
     from .data.embedded import default_root
@@ -231,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="read N evenly spaced image/mask pairs per split; every entry is still checked for existence")
     p.set_defaults(func=cmd_data_check)
+    p = data_sub.add_parser("prepare", help="build a dataset's layout from its official archives, then check it",
+                            description="Archives and their URLs: docs/datasets.md (ucdseg.data.prepare.ARCHIVES).")
+    p.add_argument("dataset", choices=("voc", "ade", "cityscapes"))
+    p.add_argument("--root", required=True, help="the folder to build (what data.root will name)")
+    p.add_argument("--archives", required=True, help="the folder holding the downloaded archives")
+    p.add_argument("--download", action="store_true", help="download the missing archives first (not Cityscapes)")
+    p.add_argument("--checksum", action="append", default=[], metavar="ARCHIVE=ALGO:HEX",
+                   help="expect this checksum for an archive instead of the official one (repeatable)")
+    p.add_argument("--skip-checksums", action="store_true", help="do not verify the archives (says so)")
+    p.add_argument("--limit", type=int, default=None, help="the final data check reads N pairs per split")
+    p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("prepare-embedded", help="generate the embedded Fashion-MNIST benchmark")
     p.add_argument("--root", default=None)

@@ -109,6 +109,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
+    from .plugins import load_plugins
+
+    load_plugins()
 
     for method in list_methods():
         weights = ", ".join(f"{k}={v:g}" for k, v in method.default_weights.items())

@@ -271,3 +271,31 @@ def test_prepare_ade_and_cityscapes(tmp_path, capsys):
     assert "verdict: OK" in capsys.readouterr().out
     assert sorted(p.name for p in cs_root.iterdir() if not p.name.startswith(".")) == ["gtFine", "leftImg8bit"]
     assert len(build_dataset("cityscapes", cs_root, "val")) == 1
+
+
+def test_an_interrupted_extraction_keeps_the_files_already_written(tmp_path, monkeypatch):
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    names = [f"ADE_train_{k:08d}" for k in range(1, 7)]
+    with zipfile.ZipFile(archives / "ADEChallengeData2016.zip", "w") as zf:
+        for k, name in enumerate(names):
+            zf.writestr(f"ADEChallengeData2016/images/training/{name}.jpg", jpg_bytes(k))
+    root = tmp_path / "ADEChallengeData2016"
+    real = prep.shutil.copyfileobj
+    written = []
+
+    def interrupted(src, out, *args):
+        if len(written) == 4:
+            raise KeyboardInterrupt
+        written.append(src.name)
+        real(src, out, *args)
+
+    monkeypatch.setattr(prep.shutil, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare("ade", root, archives, verify=False, progress=False)
+    assert len(list((root / "images" / "training").glob("*.jpg"))) == 4
+    assert not list(root.rglob("*.tmp"))  # no partial file left behind
+    again = []
+    monkeypatch.setattr(prep.shutil, "copyfileobj", lambda src, out, *a: again.append(src.name) or real(src, out, *a))
+    prep.prepare("ade", root, archives, verify=False, progress=False)
+    assert len(again) == 2 and sorted(p.stem for p in (root / "images" / "training").iterdir()) == names

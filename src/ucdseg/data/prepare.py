@@ -22,9 +22,9 @@ Safety and resumption:
   components and links are refused (the whole archive); tar members are then extracted with
   tarfile's ``data`` filter, zip members are written by us to checked paths;
 * each finished stage leaves a marker in ``root/.ucdseg-prepare/`` (checksum verified for this
-  size and modification time, archive extracted, masks converted), and converted masks are
-  written atomically one by one, so running the same command after an interruption continues
-  where it stopped.
+  size and modification time, archive extracted, masks converted); inside a stage, files already
+  extracted (same size) and masks already converted (written atomically) are not redone, so
+  running the same command after an interruption continues where it stopped.
 
 ``download=True`` fetches the missing archives from :data:`ARCHIVES`'s URLs first (Cityscapes
 needs a login: it says so). Nothing is downloaded otherwise.
@@ -225,6 +225,8 @@ def _selector(prefix: str, keep: Iterable[str]) -> Selector:
 
     def select(name: str) -> Optional[str]:
         name = name.replace("\\", "/")
+        while name.startswith("./"):  # some tar tools store ./member
+            name = name[2:]
         if not name.startswith(prefix):
             return None
         rel = name[len(prefix):]
@@ -233,8 +235,12 @@ def _selector(prefix: str, keep: Iterable[str]) -> Selector:
     return select
 
 
-def _extract(archive: Path, dest: Path, select: Selector, expect: str, progress: bool) -> int:
-    """Extract the selected members of ``archive`` into ``dest``; returns the number of files."""
+def _extract(archive: Path, dest: Path, select: Selector, expect: str, progress: bool, resume: bool = False) -> int:
+    """Extract the selected members of ``archive`` into ``dest``; returns the number of files written.
+
+    ``resume``: an extraction of this same archive was interrupted; files already there with the
+    member's size are kept.
+    """
     names = safe_members(archive)  # refuse the whole archive before writing anything
     chosen = {n: select(n) for n in names}
     chosen = {n: rel for n, rel in chosen.items() if rel is not None}
@@ -253,6 +259,8 @@ def _extract(archive: Path, dest: Path, select: Selector, expect: str, progress:
                 target = dest / rel
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
+                elif resume and target.is_file() and target.stat().st_size == info.file_size:
+                    pass  # written (atomically) by an earlier, interrupted prepare
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -273,7 +281,14 @@ def _extract(archive: Path, dest: Path, select: Selector, expect: str, progress:
                     continue
                 renamed = copy.copy(member)
                 renamed.name = rel
-                tar.extract(renamed, dest, filter="data")
+                target = dest / rel
+                if resume and member.isfile() and target.is_file() and target.stat().st_size == member.size:
+                    bar.update(1)  # extracted by an earlier, interrupted prepare
+                    continue
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+                    tar.extract(renamed, dest, filter="data")
+                else:  # every member was checked by safe_members above
+                    tar.extract(renamed, dest)
                 count += member.isfile()
                 bar.update(1)
     bar.close()
@@ -285,7 +300,10 @@ def _extract_once(archive: Path, dest: Path, select: Selector, expect: str, stat
     stamp = _file_stamp(archive)
     if state.get(marker) == stamp:
         return
-    _extract(archive, dest, select, expect, progress)
+    started = f"extracting-{archive.name}.json"
+    resume = state.get(started) == stamp  # an interrupted extraction of this very archive
+    state.set(started, stamp)
+    _extract(archive, dest, select, expect, progress, resume=resume)
     state.set(marker, stamp)
 
 

@@ -12,16 +12,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import ucdseg
 from ucdseg.cli import main
 from ucdseg.config import load_config
 from ucdseg.data import build_dataset, dataset_meta
@@ -140,16 +136,13 @@ def test_every_method_and_setting_trains_on_a_folder_dataset(every_method):
         assert last["miou"]["with_background"]["all"] is not None
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    src = str(Path(ucdseg.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ucdseg.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+def test_check_run_and_predict_from_the_command_line(folder, tmp_path, capsys, tiny_model, monkeypatch):
+    """``ucdseg data check``, ``run`` and ``predict`` through the command line's entry point, in-process
+    (tiny models; ``ucdseg run`` and ``predict`` in subprocesses are tested by test_plugins and test_predict)."""
+    import ucdseg.models
+    from conftest import tiny_build_model
 
-
-def test_check_run_and_predict_from_the_command_line(folder, tmp_path, capsys):
-    """``ucdseg run`` in a subprocess as a user runs it; check and predict through the same CLI in-process."""
+    monkeypatch.setattr(ucdseg.models, "build_model", tiny_build_model)  # what predict builds
     root, _ = folder
     assert main(["--quiet", "data", "check", "--dataset", "folder", "--root", str(root)]) == 0
     out = capsys.readouterr().out
@@ -160,8 +153,7 @@ def test_check_run_and_predict_from_the_command_line(folder, tmp_path, capsys):
                       f"data: {{dataset: folder, root: {root}, crop_size: 64, cache_dir: {tmp_path / 'cache'}}}\n"
                       "task: {name: 3-1}\nmodel: {backbone: resnet18}\nmethod: {name: mib}\n"
                       "train: {batch_size: 4, iterations: 1, iterations_next: 1}\neval: {num_images: 1}\n")
-    proc = run_cli("--quiet", "run", str(config))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["--quiet", "run", str(config)]) == 0
     results = json.loads((tmp_path / "runs" / "shapes" / "results.json").read_text())
     assert results["class_names"] == NAMES and len(results["steps"]) == 2
 

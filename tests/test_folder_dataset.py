@@ -205,3 +205,24 @@ def test_rgb_mask_with_a_colour_outside_the_palette(tmp_path):
     i = [p.stem for p in dataset._images].index("img02")
     with pytest.raises(ValueError, match=r"img02.png holds colour\(s\) \(77, 77, 77\) that are not in the palette"):
         dataset.load_mask(i)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("classes: [background, a, a]\n", "'classes' repeats a"),
+    ("classes: [background]\n", "'classes' has 1 names: expected 2..255"),
+    ("classes: [background, a]\npalette: [[0, 0, 0]]\n", "'palette' has 1 colours for 2 classes"),
+    ("classes: [background, a]\npalette: [[0, 0, 0], [0, 0, 300]]\n", "values 0..255"),
+    ("classes: [background, a]\nignore_background_in_eval: 1\n", "must be true or false"),
+    ("- background\n- a\n", "expected a mapping"),
+])
+def test_classes_yaml_mistakes_are_named(tmp_path, text, message):
+    (tmp_path / "classes.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        dataset_meta("folder", tmp_path)
+    assert str(tmp_path / "classes.yaml") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_background_not_scored_when_the_yaml_says_so(tmp_path):
+    (tmp_path / "classes.yaml").write_text("classes: [void, a, b]\nignore_background_in_eval: true\n")
+    meta = dataset_meta("folder", tmp_path)
+    assert meta.ignore_background_in_eval and meta.class_names == ("void", "a", "b")

@@ -140,17 +140,28 @@ def test_two_step_run_writes_every_output(make_config):
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     header = ["step", "new_classes"] + [f"miou_{g}_{c}" for c in ("without_background", "with_background")
-                                        for g in ("old", "new", "all")]
+                                        for g in ("old", "new", "all", "avg")]
     header += ["pixel_accuracy"] + [f"iou_{n}" for n in NAMES]
     assert list(rows[0]) == header and [r["step"] for r in rows] == ["0", "1"]
     assert rows[0]["miou_new_without_background"] == "" and rows[0]["iou_bag"] == ""  # not seen yet
     assert rows[1]["new_classes"] == "bag ankle boot"
     assert float(rows[1]["miou_all_without_background"]) == last["miou"]["without_background"]["all"]
+    # avg: the mean over the steps of mIoU all, so far (the CSV) and over the run (results.json)
+    for conv in ("without_background", "with_background"):
+        mean = (first["miou"][conv]["all"] + last["miou"][conv]["all"]) / 2
+        assert saved["avg"][conv] == pytest.approx(mean, abs=1e-12)
+        assert float(rows[0][f"miou_avg_{conv}"]) == first["miou"][conv]["all"]
+        assert float(rows[1][f"miou_avg_{conv}"]) == pytest.approx(mean, abs=1e-12)
+    # one process trained each step, on the whole batch
+    assert [(s["world_size"], s["batch_per_process"]) for s in saved["steps"]] == [(1, 4), (1, 4)]
+    assert [s["num_eval_images"] for s in saved["steps"]] == [16, 16]
 
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# mib+ucd on embedded 8-2 (overlapped), seed 0")
     row = next(line for line in summary.splitlines() if line.startswith("| 1 | bag, ankle boot |"))
     assert f"| {100 * last['miou']['without_background']['all']:.1f} |" in row
+    assert (f"avg (the mean over the 2 steps of mIoU all): {100 * saved['avg']['without_background']:.1f} "
+            f"(without background), {100 * saved['avg']['with_background']:.1f} (with background)") in summary
 
     for png in (out / "miou_per_step.png", out / "predictions" / "step0.png", out / "predictions" / "step1.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC, png

@@ -70,6 +70,10 @@ class TrainConfig:
     channels_last: bool = False  # train the model and feed the images in NHWC memory format
     compile: bool = False  # torch.compile the training forward (needs a C/C++ toolchain)
     step0_from: Optional[str] = None  # reuse step 0 of this run directory (same data, task, model)
+    # BatchNorm under several processes (docs/distributed.md): sync = SyncBatchNorm on CUDA+DDP
+    # (per-process statistics elsewhere), local = per-process statistics, frozen = every BatchNorm
+    # in eval mode (running statistics used and never updated; its affine parameters still trained)
+    bn: str = "sync"  # sync | local | frozen
     checkpoint_every: int = 0  # also checkpoint every N iterations inside a step (0: only at step end)
     log_every: int = 10
 
@@ -87,6 +91,10 @@ class MethodConfig:
 class EvalConfig:
     batch_size: int = 32
     num_images: int = 4  # prediction images written per step
+    # conventions of the evaluation after an intermediate step (docs/benchmarks.md); the last step,
+    # where every class is seen, is scored the same under all of them
+    images: str = "all"  # all | seen (drop the images whose foreground classes are all unseen: MiB, PLOP, UCD)
+    unseen: str = "ignore"  # ignore (unseen classes void: MiB) | background (labelled as background: PLOP, UCD)
 
 
 @dataclass
@@ -110,6 +118,9 @@ class RunConfig:
 _CHOICES = {
     "data.setting": ("overlapped", "disjoint", "partitioned"),
     "train.amp": ("none", "bf16", "fp16"),
+    "train.bn": ("sync", "local", "frozen"),
+    "eval.images": ("all", "seen"),
+    "eval.unseen": ("ignore", "background"),
     "method.ucd_formulation": ("reference", "supcon"),
     "device": ("auto", "cpu", "cuda"),
     "model.output_stride": (8, 16),

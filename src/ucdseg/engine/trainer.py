@@ -36,7 +36,7 @@ from ..tasks import Task, get_task
 from . import checkpoint as ckpt
 from .distributed import Dist, barrier, setup
 from .evaluate import evaluate
-from .metrics import miou_summary
+from .metrics import average_over_steps, miou_summary
 from .sampling import SeededSamples, StepBatchSampler, num_iterations
 
 # Keys that may change between a run and its resumption without changing its results.
@@ -52,7 +52,7 @@ RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every",
 
 # Settings a reused step 0 must share with this run (the method may differ: step 0 is plain CE).
 STEP0_TRAIN_KEYS = {f"train.{k}" for k in ("batch_size", "epochs", "iterations", "lr", "momentum", "nesterov",
-                                           "weight_decay", "poly_power", "amp")}
+                                           "weight_decay", "poly_power", "amp", "bn")}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,8 +93,35 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(a: dict, b: dict, ignore: set[str] = RESUMABLE_KEYS) -> list[str]:
-    fa, fb = _flatten(a), _flatten(b)
+    """Keys whose values differ; a key missing from a config (saved before the key existed) has
+    its default value."""
+    defaults = _flatten(to_dict(RunConfig()))
+    fa, fb = defaults | _flatten(a), defaults | _flatten(b)
     return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """``train.bn=frozen``: every BatchNorm layer in eval mode, so it normalises with its running
+    statistics and never updates them; its affine weight and bias are still trained."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def distributed_notes(cfg: RunConfig, weights: dict, dist: Dist) -> list[str]:
+    """Warning lines for a run of several processes (printed by rank 0 only)."""
+    if not (dist.enabled and dist.is_main):
+        return []
+    notes = []
+    if weights.get("ucd") and not cfg.method.ucd_gather:
+        per_process = cfg.train.batch_size // dist.world_size
+        notes.append(f"ucdseg: warning: {dist.world_size} processes and method.ucd_gather=false: UCD contrasts each "
+                     f"pixel with its own process's {per_process} images only, so the result depends on the "
+                     "number of processes (method.ucd_gather=true contrasts with the global batch)")
+    if cfg.train.bn == "sync" and dist.device.type != "cuda":
+        notes.append(f"ucdseg: warning: train.bn=sync: SyncBatchNorm needs CUDA; on {dist.device.type} each of the "
+                     f"{dist.world_size} processes normalises with its own batch statistics (as train.bn=local)")
+    return notes
 
 
 def build_task(cfg: RunConfig) -> Task:
@@ -162,9 +189,15 @@ class Trainer:
         if not self.dist.is_main:
             self.train_set = open_dataset(cfg, "train", prepare=False)
         self.val_set = open_dataset(cfg, "val", prepare=False)
+        if cfg.eval.images == "seen":  # the validation images' classes, scanned once for every rank
+            if self.dist.is_main:
+                scan_presence(self.val_set, cache_dir=cfg.data.cache_dir, progress=progress)
+            barrier()
         self.meta = self.train_set.meta
         self.results = self._load_results()
         self.writer = self._tensorboard()
+        for note in distributed_notes(cfg, self.weights, self.dist):
+            print(note, file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------- run directory
     def _check_saved_config(self) -> None:
@@ -214,6 +247,21 @@ class Trainer:
         except ImportError:  # tensorboard is optional
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _add_step(self, record: dict) -> None:
+        """Append a finished step to ``results.json``, with the average over the steps so far."""
+        self.results["steps"].append(record)
+        self.results["avg"] = average_over_steps(self.results["steps"])
+        ckpt.write_json(self.run_dir / "results.json", self.results)
+
+    def _logged_values(self, loss: torch.Tensor, terms: dict) -> dict[str, float]:
+        """The total loss and its terms, averaged over the processes: under DDP the quantity whose
+        gradient is applied (each process's value alone is a mean over its slice of the batch)."""
+        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).float()
+        if self.dist.enabled:
+            torch.distributed.all_reduce(values)
+            values /= self.dist.world_size
+        return dict(zip(["loss", *terms], values.tolist()))
 
     def _final_ckpt(self, step: int) -> Path:
         return self.ckpt_dir / f"step{step}.pt"
@@ -287,8 +335,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             with ckpt.atomic_path(self._final_ckpt(0)) as tmp:
                 shutil.copyfile(source / "checkpoints" / "step0.pt", tmp)
-            self.results["steps"].append(results["steps"][0])
-            ckpt.write_json(self.run_dir / "results.json", self.results)
+            self._add_step(results["steps"][0])
         barrier()
 
     def train_step(self, step: int) -> dict:
@@ -303,7 +350,7 @@ class Trainer:
             old_model.eval().requires_grad_(False)
             load_previous_step(model, previous)
             model.init_new_classifier(self.method.classifier_init)
-        if dist.enabled and self.device.type == "cuda":
+        if cfg.train.bn == "sync" and dist.enabled and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
         if cfg.train.channels_last:  # parameters keep their identity: the optimizer below sees them
@@ -359,6 +406,8 @@ class Trainer:
         num_new = self.train_task.classes_per_step[step]
         t0 = time.perf_counter()
         ddp_model.train()
+        if cfg.train.bn == "frozen":
+            freeze_batchnorm(model)
         bar = tqdm(self._loader(train_data, sampler), total=total, initial=start, desc=f"step {step} train",
                    disable=not (self.progress and dist.is_main), dynamic_ncols=True)
         for it, (images, labels) in enumerate(bar, start=start):
@@ -387,10 +436,10 @@ class Trainer:
             scaler.update()
             scheduler.step()
             if (it + 1) % cfg.train.log_every == 0 or it + 1 == total:
-                values = {k: v.item() for k, v in terms.items()}
-                bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in values.items()})
+                values = self._logged_values(loss, terms)
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in values.items()})
+                values.update(_diagnostics(ctx))
                 if self.writer is not None:
-                    self.writer.add_scalar(f"step{step}/loss", loss.item(), it + 1)
                     for k, v in values.items():
                         self.writer.add_scalar(f"step{step}/{k}", v, it + 1)
                     self.writer.add_scalar(f"step{step}/lr", scheduler.get_last_lr()[0], it + 1)
@@ -409,13 +458,13 @@ class Trainer:
         record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
                                self.progress, amp_dtype, predictions=self.run_dir / "predictions" / f"step{step}.png")
         record.update(num_train_images=len(index.indices), index_checksum=index.checksum, iterations=total,
-                      train_seconds=round(train_seconds, 2))
+                      train_seconds=round(train_seconds, 2), world_size=dist.world_size,
+                      batch_per_process=cfg.train.batch_size // dist.world_size)
         if dist.is_main:
             ckpt.save_checkpoint(self._final_ckpt(step), {
                 "model": model.state_dict(), "step": step, "config": to_dict(cfg),
                 "classes_per_step": self.train_task.classes_per_step[: step + 1]})
-            self.results["steps"].append(record)
-            ckpt.write_json(self.run_dir / "results.json", self.results)
+            self._add_step(record)
             partial.unlink(missing_ok=True)
             if self.writer is not None:
                 for conv, groups in record["miou"].items():
@@ -426,10 +475,21 @@ class Trainer:
         return record
 
 
+def _diagnostics(ctx: LossContext) -> dict[str, float]:
+    """Non-loss values a method reported for the batch (``ctx.batch["diagnostics"]``), rank 0's own."""
+    return {k: float(v) for k, v in ctx.batch.get("diagnostics", {}).items()}
+
+
 def val_dataset(cfg: RunConfig, task: Task, val_set, step: int) -> StepDataset:
-    """All validation images, labelled for evaluation after ``step`` (unseen classes ignored)."""
-    lut = label_maps.eval_lut(task, step, ignore_background=val_set.meta.ignore_background_in_eval)
-    return StepDataset(val_set, range(len(val_set)), lut, eval_transforms(cfg.data.eval_crop_size))
+    """The validation images scored after ``step`` and their labels, by ``cfg.eval``'s conventions
+    (``eval.images``, ``eval.unseen``; see :func:`ucdseg.labels.eval_images` and ``eval_lut``)."""
+    lut = label_maps.eval_lut(task, step, ignore_background=val_set.meta.ignore_background_in_eval,
+                              unseen=cfg.eval.unseen)
+    indices: Any = range(len(val_set))
+    if cfg.eval.images != "all":
+        presence = scan_presence(val_set, cache_dir=cfg.data.cache_dir, progress=False)
+        indices = label_maps.eval_images(presence, task, step, images=cfg.eval.images)
+    return StepDataset(val_set, indices, lut, eval_transforms(cfg.data.eval_crop_size))
 
 
 def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: int, val_set, step: int,
@@ -454,6 +514,7 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
         "per_class_iou": {meta.class_names[c]: (None if np.isnan(v) else v) for c, v in zip(seen, iou)},
         "miou": miou_summary(iou, num_base, len(seen), score_background=not meta.ignore_background_in_eval),
         "pixel_accuracy": cm.pixel_accuracy(),
+        "num_eval_images": len(val),
     }
     if dist.is_main and predictions is not None and cfg.eval.num_images:
         from .. import reporting

@@ -34,13 +34,16 @@ def all_pixel_cross_entropy(ctx):
     return F.cross_entropy(ctx.out.logits, ctx.labels, ignore_index=255, reduction="sum") / ctx.labels.numel()
 
 
-def register_method() -> None:
+def register_method(base: str = "plop+ucd") -> str:
+    """Registers ``base`` with the all-pixel cross-entropy at step 0 as ``{base}-exact``; its name."""
     from ucdseg.methods import get_method
     from ucdseg.methods.base import _METHODS, register
 
-    if NAME not in _METHODS:
-        register(dataclasses.replace(get_method("plop+ucd"), name=NAME, description="plop+ucd, all-pixel CE at step 0",
+    name = f"{base}-exact"
+    if name not in _METHODS:
+        register(dataclasses.replace(get_method(base), name=name, description=f"{base}, all-pixel CE at step 0",
                                      first_step_terms={"ce": (all_pixel_cross_entropy, 1.0)}))
+    return name
 
 
 def launch() -> int:

@@ -236,3 +236,56 @@ def test_a_key_missing_from_an_old_config_counts_as_its_default(make_config, tin
     changed = make_config("old", "train.bn=frozen")
     with pytest.raises(ValueError, match=r"differing keys: train\.bn\)"):
         Trainer(changed, progress=False)
+
+
+# ----------------------------------------------------------------------- gradient accumulation
+# N micro-batches of B/N images, each loss divided by N, give the update of one batch of B when
+# nothing couples the images of a batch (train.bn=frozen) and every loss term divides by the same
+# count in every micro-batch (all pixels, void included: ddp_exact.py explains why, the argument
+# is the one for DDP's gradient average). PLOP (no UCD: its contrast set is the micro-batch) with an
+# all-pixel CE at step 0 is such a method.
+def _weights(cfg, step):
+    return torch.load(cfg.run_dir / "checkpoints" / f"step{step}.pt", weights_only=True)["model"]
+
+
+def _max_difference(a, b, step, buffers=True) -> float:
+    wa, wb = _weights(a, step), _weights(b, step)
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa
+               if wa[k].is_floating_point() and (buffers or "running_" not in k))
+
+
+def test_accumulated_micro_batches_give_the_full_batch_update(make_config, tiny_model):
+    from ddp_exact import register_method
+
+    method = register_method("plop")
+    common = (f"method.name={method}", "train.batch_size=8", "train.iterations_next=3")
+    full = make_config("full", *common, "train.bn=frozen")
+    results = {n: run(c, progress=False) for n, c in (
+        ("full", full), ("acc2", make_config("acc2", *common, "train.bn=frozen", "train.accumulate=2")),
+        ("acc4", make_config("acc4", *common, "train.bn=frozen", "train.accumulate=4")))}
+    for name in ("acc2", "acc4"):
+        cfg = make_config(name, *common, "train.bn=frozen", f"train.accumulate={name[-1]}")
+        for step in (0, 1):
+            assert _max_difference(full, cfg, step) < 1e-5, (name, step)
+        for a, b in zip(results[name]["steps"], results["full"]["steps"]):
+            assert a["accumulate"] == int(name[-1]) and b["accumulate"] == 1
+            assert a["per_class_iou"] == pytest.approx(b["per_class_iou"], abs=1e-5)
+        logged, want = scalars(cfg.run_dir), scalars(full.run_dir)
+        for tag in ("step0/loss", "step0/ce", "step1/loss", "step1/ce", "step1/pod"):
+            assert logged[tag] == pytest.approx(want[tag], rel=1e-5), tag
+    w0, w1 = _weights(full, 0), _weights(full, 1)
+    assert max(float((w1[k] - w0[k]).abs().max()) for k in w0 if w0[k].is_floating_point()) > 1e-3  # it trained
+    # with batch statistics (train.bn=local) the micro-batches are normalised over 4 images, not 8
+    local = make_config("local", *common, "train.bn=local")
+    local2 = make_config("local2", *common, "train.bn=local", "train.accumulate=2")
+    run(local, progress=False)
+    run(local2, progress=False)
+    assert _max_difference(local, local2, 0, buffers=False) > 1e-3
+
+
+def test_accumulate_must_split_the_batch_evenly(make_config, tiny_model):
+    with pytest.raises(ValueError, match=r"train\.batch_size=4 does not split into 1 process\(es\) x "
+                                         r"train\.accumulate=3 equal micro-batches"):
+        run(make_config("bad", "train.accumulate=3"), progress=False)
+    with pytest.raises(ConfigError, match="'train.accumulate' must be >= 1"):
+        make_config("bad", "train.accumulate=0")

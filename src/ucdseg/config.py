@@ -74,6 +74,9 @@ class TrainConfig:
     # (per-process statistics elsewhere), local = per-process statistics, frozen = every BatchNorm
     # in eval mode (running statistics used and never updated; its affine parameters still trained)
     bn: str = "sync"  # sync | local | frozen
+    # gradient accumulation: each process's share of the global batch in N equal micro-batches
+    # (same global batch and schedule, 1/N of the activation memory; see docs/distributed.md)
+    accumulate: int = 1
     checkpoint_every: int = 0  # also checkpoint every N iterations inside a step (0: only at step end)
     log_every: int = 10
 
@@ -145,7 +148,7 @@ def _validate(cfg: RunConfig) -> None:
         value = getattr(getattr(cfg, section) if section else cfg, attr)
         if value not in choices:
             raise ConfigError(f"config key {dotted!r} is {value!r}; expected one of {list(choices)}")
-    for dotted in ("train.batch_size", "eval.batch_size", "data.crop_size"):
+    for dotted in ("train.batch_size", "train.accumulate", "eval.batch_size", "data.crop_size"):
         section, attr = dotted.split(".")
         if getattr(getattr(cfg, section), attr) < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1")

@@ -52,7 +52,8 @@ def launch() -> int:
     from conftest import tiny_build_model
     from ucdseg.cli import main
 
-    register_method()
+    register_method("plop+ucd")
+    register_method("plop")
     trainer.build_model = tiny_build_model
     return main()
 

@@ -10,7 +10,8 @@
 2. A two-step engine run under ``torchrun --nproc_per_node=2`` vs a one-process run with the same
    global batch: with ``train.bn=frozen`` and losses normalised over equal pixel counts (see
    ``ddp_exact.py``) they are equal to float rounding (weights, metrics, logged losses); with
-   ``train.bn=local`` they are not (BatchNorm statistics over each process's half batch).
+   ``train.bn=local`` they are not (BatchNorm statistics over each process's half batch); with
+   ``train.accumulate=2`` on both processes the update is still the one-process one.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ def test_all_gather_rows_needs_2d_rows():
 TOLERANCE = 1e-5
 
 
-def engine_overrides(root: Path, out: Path, name: str, bn: str = "frozen") -> list[str]:
+def engine_overrides(root: Path, out: Path, name: str, bn: str = "frozen", *extra: str) -> list[str]:
     from conftest import BENCH
     from ddp_exact import NAME
 
@@ -304,7 +305,7 @@ def engine_overrides(root: Path, out: Path, name: str, bn: str = "frozen") -> li
         f"data.embedded_size={BENCH['image_size']}", "data.crop_size=64", "task.name=8-2",
         "model.backbone=resnet18", "train.batch_size=8", "train.iterations=2", "train.iterations_next=2",
         "train.log_every=1", f"train.bn={bn}", f"method.name={NAME}", "method.ucd_gather=true",
-        "eval.batch_size=16", "eval.num_images=1",
+        "eval.batch_size=16", "eval.num_images=1", *extra,
     ]
 
 
@@ -326,7 +327,7 @@ def relative_files(run_dir: Path) -> list[str]:
     return names
 
 
-def torchrun(root: Path, out: Path, name: str, bn: str) -> subprocess.CompletedProcess:
+def torchrun(root: Path, out: Path, name: str, bn: str, *extra: str) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 tests/ddp_exact.py --quiet run CONFIG ...`` (tiny model, gloo)."""
     from ucdseg.cli import packaged_config
 
@@ -334,23 +335,24 @@ def torchrun(root: Path, out: Path, name: str, bn: str) -> subprocess.CompletedP
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "UCDSEG_CACHE": str(out / "ucdseg-cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(Path(__file__).with_name("ddp_exact.py")), "--quiet", "run", config,
-           *engine_overrides(root, out, name, bn)]
+           *engine_overrides(root, out, name, bn, *extra)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def single_process_run(root: Path, out: Path, name: str, bn: str, tiny_engine) -> dict:
+def single_process_run(root: Path, out: Path, name: str, bn: str, tiny_engine, *extra: str) -> dict:
     from ddp_exact import register_method
     from ucdseg.cli import packaged_config
     from ucdseg.config import load_config
     from ucdseg.engine import run
 
-    register_method()
+    register_method("plop+ucd")
+    register_method("plop")
     with pytest.MonkeyPatch.context() as mp_env, tiny_engine():
         mp_env.setenv("UCDSEG_CACHE", str(out / "ucdseg-cache"))
-        return run(load_config(str(packaged_config("embedded/mib_ucd.yaml")), engine_overrides(root, out, name, bn)),
-                   progress=False)
+        return run(load_config(str(packaged_config("embedded/mib_ucd.yaml")),
+                               engine_overrides(root, out, name, bn, *extra)), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -431,6 +433,19 @@ def test_local_bn_two_processes_differ_from_one(engine_runs, tiny_benchmark, tin
     torchrun(tiny_benchmark, out, "ddp-local", "local")
     single_process_run(tiny_benchmark, out, "single-local", "local", tiny_engine)
     assert max_weight_difference(out / "ddp-local", out / "single-local", 0, buffers=False) > 100 * TOLERANCE
+
+
+def test_torchrun_with_accumulation_equals_single_process_run(engine_runs, tiny_benchmark, tiny_engine):
+    """2 processes x 2 accumulated micro-batches of 2 images (DDP synchronises once per iteration)
+    vs 1 process x 8 images: the same update. PLOP without UCD: UCD would contrast micro-batches."""
+    out, *_ = engine_runs
+    torchrun(tiny_benchmark, out, "ddp-acc", "frozen", "method.name=plop-exact", "train.accumulate=2")
+    single_process_run(tiny_benchmark, out, "single-plop", "frozen", tiny_engine, "method.name=plop-exact")
+    for step in (0, 1):
+        assert max_weight_difference(out / "ddp-acc", out / "single-plop", step) < TOLERANCE, step
+    got, want = scalars(out / "ddp-acc"), scalars(out / "single-plop")
+    for tag in ("step0/loss", "step1/loss", "step1/pod"):
+        assert got[tag] == pytest.approx(want[tag], rel=TOLERANCE), tag
 
 
 def test_only_rank_zero_prints_the_summary(engine_runs):

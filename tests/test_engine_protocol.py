@@ -163,6 +163,13 @@ def test_distributed_notes_name_the_process_count_on_rank_0_only():
     for bn in ("local", "frozen"):
         quiet = load_config(None, ["method.ucd_gather=true", f"train.bn={bn}"])
         assert distributed_notes(quiet, ucd, Dist(0, 2, 0, cpu)) == []
+    # accumulation: UCD contrasts micro-batches, even on one process and with gathering
+    acc = load_config(None, ["method.ucd_gather=true", "train.bn=local", "train.batch_size=24", "train.accumulate=3"])
+    assert distributed_notes(acc, ucd, Dist(0, 1, 0, cpu)) == [
+        "ucdseg: warning: train.accumulate=3: UCD contrasts each pixel with the pixels of its micro-batch "
+        "(8 images) only, not with the whole batch"]
+    assert "(4 images per process)" in distributed_notes(acc, ucd, Dist(0, 2, 0, cpu))[0]
+    assert distributed_notes(acc, no_ucd, Dist(0, 1, 0, cpu)) == []
 
 
 def test_trainer_prints_the_warning_once_as_rank_0(make_config, monkeypatch, capsys):

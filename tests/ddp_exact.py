@@ -23,6 +23,8 @@ Why these choices make the two runs equal (to float rounding), not merely close:
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch.nn.functional as F
 
@@ -44,6 +46,19 @@ def register_method(base: str = "plop+ucd") -> str:
         register(dataclasses.replace(get_method(base), name=name, description=f"{base}, all-pixel CE at step 0",
                                      first_step_terms={"ce": (all_pixel_cross_entropy, 1.0)}))
     return name
+
+
+@contextmanager
+def registered(*bases: str) -> Iterator[list[str]]:
+    """The ``-exact`` variants of ``bases`` registered while active (the registry is left as it was)."""
+    from ucdseg.methods.base import _METHODS
+
+    names = [register_method(base) for base in bases]
+    try:
+        yield names
+    finally:
+        for name in names:
+            _METHODS.pop(name, None)
 
 
 def launch() -> int:

@@ -342,14 +342,12 @@ def torchrun(root: Path, out: Path, name: str, bn: str, *extra: str) -> subproce
 
 
 def single_process_run(root: Path, out: Path, name: str, bn: str, tiny_engine, *extra: str) -> dict:
-    from ddp_exact import register_method
+    from ddp_exact import registered
     from ucdseg.cli import packaged_config
     from ucdseg.config import load_config
     from ucdseg.engine import run
 
-    register_method("plop+ucd")
-    register_method("plop")
-    with pytest.MonkeyPatch.context() as mp_env, tiny_engine():
+    with pytest.MonkeyPatch.context() as mp_env, tiny_engine(), registered("plop+ucd", "plop"):
         mp_env.setenv("UCDSEG_CACHE", str(out / "ucdseg-cache"))
         return run(load_config(str(packaged_config("embedded/mib_ucd.yaml")),
                                engine_overrides(root, out, name, bn, *extra)), progress=False)

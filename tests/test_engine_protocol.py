@@ -261,10 +261,16 @@ def _max_difference(a, b, step, buffers=True) -> float:
                if wa[k].is_floating_point() and (buffers or "running_" not in k))
 
 
-def test_accumulated_micro_batches_give_the_full_batch_update(make_config, tiny_model):
-    from ddp_exact import register_method
+@pytest.fixture
+def exact_plop():
+    from ddp_exact import registered
 
-    method = register_method("plop")
+    with registered("plop") as (name,):
+        yield name
+
+
+def test_accumulated_micro_batches_give_the_full_batch_update(make_config, tiny_model, exact_plop):
+    method = exact_plop
     common = (f"method.name={method}", "train.batch_size=8", "train.iterations_next=3")
     full = make_config("full", *common, "train.bn=frozen")
     results = {n: run(c, progress=False) for n, c in (

@@ -379,7 +379,7 @@ class Trainer:
         try:
             model.load_state_dict(weights)
         except RuntimeError as exc:
-            first = next(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+            first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
             raise ValueError(f"train.step0_from={source}: its weights do not fit this run's step-0 model "
                              f"({self.cfg.model.backbone}, {self.train_task.classes_per_step[0]} classes): {first}") from None
         return model

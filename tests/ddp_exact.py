@@ -10,14 +10,15 @@ Why these choices make the two runs equal (to float rounding), not merely close:
   one-process loss ``L`` of the global batch when every ``L_r`` divides its process's sum by the
   same count, ``N/W``. Losses averaged over **all** pixels of the process's batch (void pixels
   counting 0) do so: every process has ``B/W`` crops of the same size. Losses averaged over the
-  **non-void** pixels (``F.cross_entropy``'s default, used at step 0 by every built-in method and by
-  MiB's unbiased CE) divide by the process's own count of labelled pixels, which differs between
-  the processes (the embedded benchmark has a void ring around every object, and padded crops), so
-  the average of the per-process means is not the global mean.
+  **non-void** pixels only (``F.cross_entropy``'s default reduction with ``ignore_index``) divide by
+  the process's own count of labelled pixels, which differs between the processes (the embedded
+  benchmark has a void ring around every object, and padded crops), so the average of the
+  per-process means is not the global mean.
 * Hence the method: ``plop+ucd`` (PLOP's CE is averaged over all pixels as in PLOP's release, POD
   is a mean over images, the entropy thresholds are all-reduced, and UCD with
-  ``method.ucd_gather=true`` contrasts the global batch and scales its gradient for DDP), with an
-  all-pixel cross-entropy at step 0 in place of the built-in non-void mean.
+  ``method.ucd_gather=true`` contrasts the global batch and scales its gradient for DDP), with the
+  all-pixel cross-entropy below at step 0, so that the comparison does not depend on how the
+  built-in step-0 term is normalised.
 """
 
 from __future__ import annotations

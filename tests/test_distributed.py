@@ -288,8 +288,8 @@ def test_all_gather_rows_needs_2d_rows():
 # changes the last bits. Observed at this size: weights agree to 1.5e-8, metrics exactly, logged
 # losses (averaged over the processes by the engine) to 3e-7 relative. Departures, measured on the
 # same runs: per-process BatchNorm (train.bn=local) moves the parameters by 2.5e-2 and the logged
-# losses by 2-13 % (test_local_bn_two_processes_differ_from_one); the built-in step-0 CE averaged
-# over non-void pixels moves the parameters by 3e-5 and the loss by 1.1e-5 (the processes' void
+# losses by 2-13 % (test_local_bn_two_processes_differ_from_one); a step-0 CE averaged over the
+# non-void pixels only moves the parameters by 3e-5 and the loss by 1.1e-5 (the processes' void
 # shares are close); gradients summed instead of averaged would double the update.
 TOLERANCE = 1e-5
 

@@ -415,9 +415,9 @@ def test_torchrun_logged_losses_equal_single_process_losses(engine_runs):
     """The engine logs the losses averaged over the processes: the global batch's losses here."""
     out, *_ = engine_runs
     got, want = scalars(out / "ddp"), scalars(out / "single")
-    loss_tags = {t for t in want if t.split("/")[0] in ("step0", "step1")}
-    assert loss_tags == {"step0/loss", "step0/ce", "step0/lr", "step1/loss", "step1/ce", "step1/pod",
-                         "step1/ucd", "step1/lr"}
+    # (a method's diagnostics, logged beside these, are rank 0's own values: not compared)
+    loss_tags = {"step0/loss", "step0/ce", "step0/lr", "step1/loss", "step1/ce", "step1/pod", "step1/ucd", "step1/lr"}
+    assert loss_tags <= set(want) and loss_tags <= set(got)
     for tag in sorted(loss_tags):
         assert len(got[tag]) == len(want[tag]) == 2, tag
         for a, b in zip(got[tag], want[tag]):

@@ -210,3 +210,15 @@ def test_avg_aggregated_over_seeds_and_paired_for_ucd():
     (gain,) = ucd_gains([fake_results("mib", 0, 0.10, 0.02), fake_results("mib+ucd", 0, 0.14, 0.02)])
     assert gain["without_background_avg_mean"] == pytest.approx(0.01)  # all +0.02 at the last of 2 steps
     assert gain["without_background_avg_wins"] == 1
+
+
+def test_compare_table_and_csv_carry_avg():
+    from ucdseg.reporting import comparison_markdown, comparison_rows
+
+    runs = [("mib", fake_results("mib", 0, 0.10, 0.02))]
+    lines = comparison_markdown(runs).splitlines()
+    assert lines[0] == "| method | old | new | all | avg | old (w/ bg) | new (w/ bg) | all (w/ bg) | avg (w/ bg) |"
+    # last step: old 10, new 2, all 6 (w/ bg: 20, 2, 11); avg (50 + 6) / 2 = 28 (w/ bg: (55 + 11) / 2 = 33)
+    assert lines[2] == "| mib | 10.0 | 2.0 | 6.0 | 28.0 | 20.0 | 2.0 | 11.0 | 33.0 |"
+    rows = comparison_rows(runs)
+    assert [r["miou_avg_without_background"] for r in rows] == pytest.approx([0.5, 0.28])

@@ -140,17 +140,28 @@ def test_two_step_run_writes_every_output(make_config):
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     header = ["step", "new_classes"] + [f"miou_{g}_{c}" for c in ("without_background", "with_background")
-                                        for g in ("old", "new", "all")]
+                                        for g in ("old", "new", "all", "avg")]
     header += ["pixel_accuracy"] + [f"iou_{n}" for n in NAMES]
     assert list(rows[0]) == header and [r["step"] for r in rows] == ["0", "1"]
     assert rows[0]["miou_new_without_background"] == "" and rows[0]["iou_bag"] == ""  # not seen yet
     assert rows[1]["new_classes"] == "bag ankle boot"
     assert float(rows[1]["miou_all_without_background"]) == last["miou"]["without_background"]["all"]
+    # avg: the mean over the steps of mIoU all, so far (the CSV) and over the run (results.json)
+    for conv in ("without_background", "with_background"):
+        mean = (first["miou"][conv]["all"] + last["miou"][conv]["all"]) / 2
+        assert saved["avg"][conv] == pytest.approx(mean, abs=1e-12)
+        assert float(rows[0][f"miou_avg_{conv}"]) == first["miou"][conv]["all"]
+        assert float(rows[1][f"miou_avg_{conv}"]) == pytest.approx(mean, abs=1e-12)
+    # one process trained each step, on the whole batch
+    assert [(s["world_size"], s["batch_per_process"]) for s in saved["steps"]] == [(1, 4), (1, 4)]
+    assert [s["num_eval_images"] for s in saved["steps"]] == [16, 16]
 
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# mib+ucd on embedded 8-2 (overlapped), seed 0")
     row = next(line for line in summary.splitlines() if line.startswith("| 1 | bag, ankle boot |"))
     assert f"| {100 * last['miou']['without_background']['all']:.1f} |" in row
+    assert (f"avg (the mean over the 2 steps of mIoU all): {100 * saved['avg']['without_background']:.1f} "
+            f"(without background), {100 * saved['avg']['with_background']:.1f} (with background)") in summary
 
     for png in (out / "miou_per_step.png", out / "predictions" / "step0.png", out / "predictions" / "step1.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC, png
@@ -387,3 +398,51 @@ def test_compile_without_toolchain_is_a_one_line_error(make_config, tiny_model):
             pytest.raises(RuntimeError, match="train.compile=true: .* needs a working C/C.. toolchain") as err:
         run(cfg, progress=False)
     assert "\n" not in str(err.value) and "no-such-g++" in str(err.value)
+
+
+def test_step0_from_accepts_a_step0_checkpoint_file(reference, make_config, tiny_model, tmp_path, monkeypatch):
+    """A bare step0.pt (moved away from its run directory): the same checks as a run directory;
+    step 0's record is measured here, and equals the source run's."""
+    import shutil
+
+    ref_cfg, ref = reference
+    bare = tmp_path / "elsewhere" / "my-step0.pt"
+    bare.parent.mkdir()
+    shutil.copyfile(ref_cfg.run_dir / "checkpoints" / "step0.pt", bare)
+    trained: list[int] = []
+    original = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, step: (trained.append(step), original(self, step))[1])
+    results = run(make_config("from-file", *REFERENCE, "method.name=mib", f"train.step0_from={bare}"), progress=False)
+    assert trained == [1]
+    first = results["steps"][0]
+    assert first["step0_from"] == str(bare)
+    for key in ("classes", "seen", "per_class_iou", "miou", "pixel_accuracy"):
+        assert first[key] == ref["steps"][0][key], key
+    out = make_config("from-file").run_dir
+    assert (out / "checkpoints" / "step0.pt").read_bytes() == bare.read_bytes()
+
+    source = f"train.step0_from={bare}"
+    for change, key in (("train.lr=0.5", "train.lr"), ("seed=3", "seed"), ("task.name=5-5", "task.name"),
+                        ("model.output_stride=8", "model.output_stride")):
+        with pytest.raises(ValueError, match=rf"step0_from=.*my-step0\.pt.*\b{re.escape(key)}\b"):
+            run(make_config(f"bad-{key}", *REFERENCE, source, change), progress=False)
+    # a later step's checkpoint, a joint run's step 0, weights of another architecture, not a checkpoint
+    with pytest.raises(ValueError, match=r"my-step1\.pt: not a step-0 checkpoint written by ucdseg \(it has step 1\)"):
+        shutil.copyfile(ref_cfg.run_dir / "checkpoints" / "step1.pt", bare.with_name("my-step1.pt"))
+        run(make_config("later", f"train.step0_from={bare.with_name('my-step1.pt')}"), progress=False)
+    joint_cfg = make_config("joint-source", "method.name=joint")
+    run(joint_cfg, progress=False)
+    with pytest.raises(ValueError, match=r"its step 0 has classes \[0, 1, .*10\], this run's step 0 needs \[0, 1"):
+        run(make_config("from-joint", f"train.step0_from={joint_cfg.run_dir / 'checkpoints' / 'step0.pt'}"),
+            progress=False)
+    state = torch.load(bare, weights_only=True)
+    state["model"]["classifier.0.weight"] = state["model"]["classifier.0.weight"][:, :8]
+    torch.save(state, bare.with_name("narrow.pt"))
+    with pytest.raises(ValueError, match=r"narrow\.pt: its weights do not fit this run's step-0 model .*classifier"):
+        run(make_config("narrow", f"train.step0_from={bare.with_name('narrow.pt')}"), progress=False)
+    bare.with_name("junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pt could not be read"):
+        run(make_config("junk", f"train.step0_from={bare.with_name('junk.pt')}"), progress=False)
+    with pytest.raises(FileNotFoundError, match="nowhere: neither a checkpoint file nor a run directory"):
+        run(make_config("missing", f"train.step0_from={tmp_path / 'nowhere'}"), progress=False)
+    assert trained == [1, 0]  # the joint source run's own step 0; no refused run trained anything

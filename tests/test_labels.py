@@ -140,3 +140,49 @@ def test_select_errors():
         train_lut(DEFAULT, -1)
     with pytest.raises(ValueError, match="step 5"):
         eval_lut(DEFAULT, 5)
+
+
+# ---------------------------------------------------------------------------- evaluation conventions
+def test_eval_lut_unseen_background_on_a_mask():
+    """REVERSED after step 1: seen 0,10,9,8,7 (step 0) and 6,5,4 (step 1); unseen 3,2,1."""
+    mask = np.array([[0, 1, 5], [10, 255, 6], [4, 3, 12]], dtype=np.uint8)
+    # MiB: unseen classes void
+    assert apply_lut(mask, eval_lut(REVERSED, 1, unseen="ignore")).tolist() == \
+        [[0, 255, 6], [1, 255, 5], [7, 255, 255]]
+    # PLOP / UCD: unseen classes are background; void (255) and non-class ids (12) stay void
+    assert apply_lut(mask, eval_lut(REVERSED, 1, unseen="background")).tolist() == \
+        [[0, 0, 6], [1, 255, 5], [7, 0, 255]]
+    # background not scored (ADE20K): unseen classes take the background's label, void
+    assert apply_lut(mask, eval_lut(REVERSED, 1, ignore_background=True, unseen="background")).tolist() == \
+        [[255, 255, 6], [1, 255, 5], [7, 255, 255]]
+    assert eval_lut(REVERSED, 1, unseen="background")[:11].tolist() == [0, 0, 0, 0, 7, 6, 5, 4, 3, 2, 1]
+
+
+def test_eval_lut_conventions_agree_once_every_class_is_seen():
+    for ignore_background in (False, True):
+        ignored = eval_lut(REVERSED, 2, ignore_background=ignore_background, unseen="ignore")
+        background = eval_lut(REVERSED, 2, ignore_background=ignore_background, unseen="background")
+        assert ignored.tolist() == background.tolist()
+
+
+def test_eval_images_keeps_images_with_a_seen_class():
+    """DEFAULT after step 0: seen foreground {1,2,3,4}."""
+    from ucdseg.labels import eval_images
+
+    assert eval_images(PRESENCE, DEFAULT, 0, images="all") == list(range(10))
+    # dropped: 3 ({5,9}), 4 ({6}), 5 ({8}) hold foreground classes, none of them seen;
+    # kept: 0, 7, 9 (no foreground class: background, void or nothing), 8 (2 seen, 12 no class)
+    assert eval_images(PRESENCE, DEFAULT, 0, images="seen") == [0, 1, 2, 6, 7, 8, 9]
+    # after step 1 ({5,6,7} seen too): 3 and 4 come back, 5 ({8}) is still out
+    assert eval_images(PRESENCE, DEFAULT, 1, images="seen") == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    # after the last step every image is scored, as with "all"
+    assert eval_images(PRESENCE, DEFAULT, 2, images="seen") == list(range(10))
+
+
+def test_eval_conventions_reject_unknown_names():
+    from ucdseg.labels import eval_images
+
+    with pytest.raises(ValueError, match="unseen-class convention 'void'"):
+        eval_lut(DEFAULT, 0, unseen="void")
+    with pytest.raises(ValueError, match="evaluation image set 'old'"):
+        eval_images(PRESENCE, DEFAULT, 0, images="old")

@@ -163,3 +163,62 @@ def test_runs_with_other_weights_are_their_own_rows_and_pair_with_the_default_ba
     assert gains["mib+ucd [ucd=1]"]["base"] == "mib"
     assert gains["mib+ucd [ucd=1]"]["without_background_old_mean"] == pytest.approx(-0.10)
     assert gains["mib+ucd"]["without_background_old_mean"] == pytest.approx(0.01)
+
+
+# ------------------------------------------------------------------ avg: the mean over the steps
+def test_avg_is_the_mean_over_steps_of_miou_all():
+    from ucdseg.engine.metrics import average_over_steps
+    from ucdseg.reporting import step_rows, summary_markdown
+
+    def record(step, all_wo, all_wi):
+        return {"step": step, "classes": [step], "pixel_accuracy": 0.9, "per_class_iou": {},
+                "miou": {"without_background": {"old": 0.0, "new": None, "all": all_wo},
+                         "with_background": {"old": 0.0, "new": None, "all": all_wi}}}
+
+    results = {"method": "mib", "seed": 0, "class_names": ["bg", "a", "b", "c"],
+               "task": {"dataset": "embedded", "name": "1-1-1", "setting": "overlapped", "steps": [[0, 1], [2], [3]]},
+               "steps": [record(0, 0.60, 0.70), record(1, 0.30, 0.40), record(2, 0.15, 0.10)]}
+    # (0.60 + 0.30 + 0.15) / 3 = 0.35; (0.70 + 0.40 + 0.10) / 3 = 0.40
+    assert average_over_steps(results["steps"]) == pytest.approx({"without_background": 0.35, "with_background": 0.40})
+    # a step whose "all" is undefined (no class scored) is left out: (0.60 + 0.15) / 2
+    undefined = [record(0, 0.60, 0.70), record(1, None, None), record(2, 0.15, 0.10)]
+    assert average_over_steps(undefined) == pytest.approx({"without_background": 0.375, "with_background": 0.40})
+    assert average_over_steps([record(0, None, None)]) == {"without_background": None, "with_background": None}
+    # the CSV: the average over the steps so far, the run's own at the last step
+    rows = step_rows(results)
+    assert [r["miou_avg_without_background"] for r in rows] == pytest.approx([0.60, 0.45, 0.35])
+    assert [r["miou_avg_with_background"] for r in rows] == pytest.approx([0.70, 0.55, 0.40])
+    assert "avg (the mean over the 3 steps of mIoU all): 35.0 (without background), 40.0 (with background)" \
+        in summary_markdown(results)
+
+
+def test_avg_aggregated_over_seeds_and_paired_for_ucd():
+    # step 0 scores all = 0.5 (0.55 with background); the last step (old + new) / 2 (+0.05)
+    runs = [fake_results("mib", 0, 0.10, 0.02), fake_results("mib", 1, 0.20, 0.04), fake_results("mib", 2, 0.30, 0.06)]
+    (row,) = aggregate(runs)
+    # per seed (0.5 + 0.06) / 2 = 0.28, (0.5 + 0.12) / 2 = 0.31, (0.5 + 0.18) / 2 = 0.34
+    assert row["without_background_avg_mean"] == pytest.approx(0.31)
+    assert row["without_background_avg_std"] == pytest.approx(0.03)
+    # with background: all = 0.11, 0.17, 0.23 at the last step -> (0.55 + all) / 2 = 0.33, 0.36, 0.39
+    assert row["with_background_avg_mean"] == pytest.approx(0.36)
+    assert row["with_background_avg_std"] == pytest.approx(0.03)
+    text = aggregate_markdown([row])
+    assert "| old | new | all | avg | old (w/ bg) | new (w/ bg) | all (w/ bg) | avg (w/ bg) |" in text
+    assert text.splitlines()[-1] == ("| embedded 4-3-3 overlapped | mib | 0,1,2 | 20.0 ± 10.0 | 4.0 ± 2.0 | 12.0 ± 6.0 "
+                                     "| 31.0 ± 3.0 | 30.0 ± 10.0 | 4.0 ± 2.0 | 17.0 ± 6.0 | 36.0 ± 3.0 |")
+    # UCD over its base, paired by seed: avg moves by half the last step's move in "all"
+    (gain,) = ucd_gains([fake_results("mib", 0, 0.10, 0.02), fake_results("mib+ucd", 0, 0.14, 0.02)])
+    assert gain["without_background_avg_mean"] == pytest.approx(0.01)  # all +0.02 at the last of 2 steps
+    assert gain["without_background_avg_wins"] == 1
+
+
+def test_compare_table_and_csv_carry_avg():
+    from ucdseg.reporting import comparison_markdown, comparison_rows
+
+    runs = [("mib", fake_results("mib", 0, 0.10, 0.02))]
+    lines = comparison_markdown(runs).splitlines()
+    assert lines[0] == "| method | old | new | all | avg | old (w/ bg) | new (w/ bg) | all (w/ bg) | avg (w/ bg) |"
+    # last step: old 10, new 2, all 6 (w/ bg: 20, 2, 11); avg (50 + 6) / 2 = 28 (w/ bg: (55 + 11) / 2 = 33)
+    assert lines[2] == "| mib | 10.0 | 2.0 | 6.0 | 28.0 | 20.0 | 2.0 | 11.0 | 33.0 |"
+    rows = comparison_rows(runs)
+    assert [r["miou_avg_without_background"] for r in rows] == pytest.approx([0.5, 0.28])

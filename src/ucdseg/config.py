@@ -70,6 +70,13 @@ class TrainConfig:
     channels_last: bool = False  # train the model and feed the images in NHWC memory format
     compile: bool = False  # torch.compile the training forward (needs a C/C++ toolchain)
     step0_from: Optional[str] = None  # reuse step 0 of this run directory (same data, task, model)
+    # BatchNorm under several processes (docs/distributed.md): sync = SyncBatchNorm on CUDA+DDP
+    # (per-process statistics elsewhere), local = per-process statistics, frozen = every BatchNorm
+    # in eval mode (running statistics used and never updated; its affine parameters still trained)
+    bn: str = "sync"  # sync | local | frozen
+    # gradient accumulation: each process's share of the global batch in N equal micro-batches
+    # (same global batch and schedule, 1/N of the activation memory; see docs/distributed.md)
+    accumulate: int = 1
     checkpoint_every: int = 0  # also checkpoint every N iterations inside a step (0: only at step end)
     log_every: int = 10
 
@@ -92,6 +99,10 @@ class MethodConfig:
 class EvalConfig:
     batch_size: int = 32
     num_images: int = 4  # prediction images written per step
+    # conventions of the evaluation after an intermediate step (docs/benchmarks.md); the last step,
+    # where every class is seen, is scored the same under all of them
+    images: str = "all"  # all | seen (drop the images whose foreground classes are all unseen: MiB, PLOP, UCD)
+    unseen: str = "ignore"  # ignore (unseen classes void: MiB) | background (labelled as background: PLOP, UCD)
 
 
 @dataclass
@@ -116,6 +127,9 @@ class RunConfig:
 _CHOICES = {
     "data.setting": ("overlapped", "disjoint", "partitioned"),
     "train.amp": ("none", "bf16", "fp16"),
+    "train.bn": ("sync", "local", "frozen"),
+    "eval.images": ("all", "seen"),
+    "eval.unseen": ("ignore", "background"),
     "method.ucd_formulation": ("reference", "supcon"),
     "device": ("auto", "cpu", "cuda"),
     "model.output_stride": (8, 16),
@@ -140,7 +154,7 @@ def _validate(cfg: RunConfig) -> None:
         value = getattr(getattr(cfg, section) if section else cfg, attr)
         if value not in choices:
             raise ConfigError(f"config key {dotted!r} is {value!r}; expected one of {list(choices)}")
-    for dotted in ("train.batch_size", "eval.batch_size", "data.crop_size"):
+    for dotted in ("train.batch_size", "train.accumulate", "eval.batch_size", "data.crop_size"):
         section, attr = dotted.split(".")
         if getattr(getattr(cfg, section), attr) < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1")

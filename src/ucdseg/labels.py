@@ -7,7 +7,10 @@ give the label in *model space* (see :mod:`ucdseg.tasks`).
   other class (background, old and future classes) -> 0 (the "background shift"); void 255 stays
   255.
 * Evaluation labels after step ``t`` (:func:`eval_lut`): seen classes -> model id, unseen classes
-  -> 255, background -> 0 (255 with ``ignore_background``).
+  -> 255 (``unseen="ignore"``, MiB) or the background's label (``unseen="background"``, PLOP and
+  UCD), background -> 0 (255 with ``ignore_background``).
+* Evaluation images after step ``t`` (:func:`eval_images`): every image (``"all"``), or not those
+  whose foreground classes are all unseen (``"seen"``).
 * Mask values that are not classes of the dataset (``num_classes..254``) are treated as void
   everywhere: 255 in both LUTs, and ignored by :func:`select_images`.
 
@@ -23,9 +26,12 @@ import numpy as np
 
 from .tasks import Task
 
-__all__ = ["SETTINGS", "VOID", "train_lut", "eval_lut", "apply_lut", "select_images", "partition_steps"]
+__all__ = ["SETTINGS", "EVAL_IMAGES", "EVAL_UNSEEN", "VOID", "train_lut", "eval_lut", "eval_images", "apply_lut",
+           "select_images", "partition_steps"]
 
 SETTINGS = ("overlapped", "disjoint", "partitioned")
+EVAL_IMAGES = ("all", "seen")
+EVAL_UNSEEN = ("ignore", "background")
 VOID = 255
 
 
@@ -52,16 +58,42 @@ def train_lut(task: Task, step: int) -> np.ndarray:
     return lut
 
 
-def eval_lut(task: Task, step: int, ignore_background: bool = False) -> np.ndarray:
-    """Dataset id -> evaluation label after step ``step`` (model space), as a ``(256,)`` uint8 LUT."""
+def eval_lut(task: Task, step: int, ignore_background: bool = False, unseen: str = "ignore") -> np.ndarray:
+    """Dataset id -> evaluation label after step ``step`` (model space), as a ``(256,)`` uint8 LUT.
+
+    ``unseen``: ``"ignore"`` makes the classes not seen yet void (MiB); ``"background"`` gives them
+    the background's label, 0, or 255 when the background itself is ignored (PLOP, UCD).
+    """
     step = _check_step(task, step)
+    if unseen not in EVAL_UNSEEN:
+        raise ValueError(f"unknown unseen-class convention {unseen!r}: expected one of {', '.join(EVAL_UNSEEN)}")
     model = task.model_lut
+    background = VOID if ignore_background else 0
     lut = np.full(256, VOID, dtype=np.uint8)
+    if unseen == "background":
+        lut[: task.num_classes] = background
     for cls in task.seen(step):
         lut[cls] = model[cls]
-    if ignore_background:
-        lut[0] = VOID
+    lut[0] = background
     return lut
+
+
+def eval_images(presence: Sequence[Iterable[int]], task: Task, step: int, images: str = "all") -> list[int]:
+    """Indices (sorted) of the validation images scored after ``step``.
+
+    ``presence[i]`` lists the dataset class ids present in image ``i``'s mask. ``"all"`` keeps
+    every image; ``"seen"`` drops the images that hold foreground classes but none seen so far
+    (MiB, PLOP and UCD test only on images with a seen class). Images without any foreground class
+    are kept, so after the last step both give every image.
+    """
+    step = _check_step(task, step)
+    if images not in EVAL_IMAGES:
+        raise ValueError(f"unknown evaluation image set {images!r}: expected one of {', '.join(EVAL_IMAGES)}")
+    classes = _image_classes(presence, task.num_classes)
+    if images == "all":
+        return list(range(len(classes)))
+    seen = set(task.seen(step))
+    return [i for i, fg in enumerate(classes) if not fg or fg & seen]
 
 
 def apply_lut(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:

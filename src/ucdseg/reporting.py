@@ -12,9 +12,13 @@ import torch
 
 from .data.meta import colorize
 from .engine.checkpoint import atomic_path, write_text
+from .engine.metrics import average_over_steps
 
 CONVENTIONS = ("without_background", "with_background")
 GROUPS = ("old", "new", "all")
+# what a run is summarised by: the last step's groups, and "avg", the mean over the steps of mIoU
+# all (PLOP, SSUL, RCIL report it)
+SUMMARIES = GROUPS + ("avg",)
 
 
 def _pct(value: float | None) -> str:
@@ -25,11 +29,13 @@ def step_rows(results: dict) -> list[dict]:
     """One flat row per step: mIoU groups in both conventions, pixel accuracy, per-class IoU."""
     names = results["class_names"]
     rows = []
-    for record in results["steps"]:
+    for i, record in enumerate(results["steps"]):
         row = {"step": record["step"], "new_classes": " ".join(names[c] for c in record["classes"])}
+        avg = average_over_steps(results["steps"][: i + 1])  # over the steps so far: the run's at the last one
         for conv in CONVENTIONS:
             for group in GROUPS:
                 row[f"miou_{group}_{conv}"] = record["miou"][conv][group]
+            row[f"miou_avg_{conv}"] = avg[conv]
         row["pixel_accuracy"] = record["pixel_accuracy"]
         for name in names:
             row[f"iou_{name}"] = record["per_class_iou"].get(name)
@@ -66,6 +72,10 @@ def summary_markdown(results: dict) -> str:
             f"{_pct(wi['old'])} | {_pct(wi['new'])} | {_pct(wi['all'])} | {_pct(record['pixel_accuracy'])} |"
         )
     if results["steps"]:
+        avg = average_over_steps(results["steps"])
+        lines += ["", f"avg (the mean over the {len(results['steps'])} steps of mIoU all): "
+                      f"{_pct(avg['without_background'])} (without background), "
+                      f"{_pct(avg['with_background'])} (with background)"]
         last = results["steps"][-1]
         lines += ["", f"Per-class IoU (%) after step {last['step']}:", "",
                   "| class | IoU |", "|---|---|"]
@@ -112,28 +122,32 @@ def write_run_reports(results: dict, run_dir: str | Path) -> None:
     plot_miou([(results["method"], results)], run_dir / "miou_per_step.png")
 
 
+def _summary_head() -> tuple[str, str]:
+    """Header cells of :data:`SUMMARIES` in both conventions, and the separator cells."""
+    cells = [group + (" (w/ bg)" if conv == "with_background" else "") for conv in CONVENTIONS for group in SUMMARIES]
+    return " | ".join(cells), "|".join(["---"] * len(cells))
+
+
 def comparison_markdown(runs: Sequence[tuple[str, dict]]) -> str:
-    """Old / new / all mIoU after the last step of each run, both conventions."""
-    lines = [
-        "| method | old | new | all | old (w/ bg) | new (w/ bg) | all (w/ bg) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """Old / new / all mIoU after the last step of each run and avg over the steps, both conventions."""
+    head, sep = _summary_head()
+    lines = [f"| method | {head} |", f"|---|{sep}|"]
     for label, results in runs:
-        last = results["steps"][-1]["miou"]
-        wo, wi = last["without_background"], last["with_background"]
-        lines.append(f"| {label} | {_pct(wo['old'])} | {_pct(wo['new'])} | {_pct(wo['all'])} | "
-                     f"{_pct(wi['old'])} | {_pct(wi['new'])} | {_pct(wi['all'])} |")
+        lines.append(f"| {label} | " + " | ".join(_pct(_final(results, conv, group))
+                                                 for conv in CONVENTIONS for group in SUMMARIES) + " |")
     return "\n".join(lines) + "\n"
 
 
 def comparison_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
     rows = []
     for label, results in runs:
-        for record in results["steps"]:
+        for i, record in enumerate(results["steps"]):
             row = {"method": label, "step": record["step"]}
+            avg = average_over_steps(results["steps"][: i + 1])
             for conv in CONVENTIONS:
                 for group in GROUPS:
                     row[f"miou_{group}_{conv}"] = record["miou"][conv][group]
+                row[f"miou_avg_{conv}"] = avg[conv]
             rows.append(row)
     return rows
 
@@ -205,7 +219,9 @@ def _expected_steps(results: dict) -> int:
 
 
 def _final(results: dict, conv: str, group: str) -> float | None:
-    """A run's mIoU after its last step."""
+    """A run's mIoU of ``group`` after its last step, or (``group="avg"``) averaged over its steps."""
+    if group == "avg":
+        return average_over_steps(results["steps"])[conv]
     return results["steps"][-1]["miou"][conv][group]
 
 
@@ -257,8 +273,9 @@ def _group_runs(results_list: Sequence[dict]) -> dict[tuple, list[dict]]:
 def aggregate(results_list: Sequence[dict]) -> list[dict]:
     """Group runs by benchmark and method; mean and standard deviation over seeds of the last step.
 
-    Each row: dataset, task, setting, method, seeds, and for every convention and group
-    ``{conv}_{group}_mean`` / ``_std`` (fractions; ``None`` where undefined), plus the mean curves
+    Each row: dataset, task, setting, method, seeds, and for every convention and group (and
+    ``avg``, the mean over a run's steps of mIoU all) ``{conv}_{group}_mean`` / ``_std`` (fractions;
+    ``None`` where undefined), plus the mean curves
     of mIoU per step (``curves[group]``, without background; ``nan`` where undefined, as "new" at
     step 0). Rows are sorted by benchmark, then by method in the registry's order.
     """
@@ -267,7 +284,7 @@ def aggregate(results_list: Sequence[dict]) -> list[dict]:
         row: dict = {"dataset": dataset, "task": task, "setting": setting, "method": method,
                      "seeds": sorted(r["seed"] for r in runs)}
         for conv in CONVENTIONS:
-            for group in GROUPS:
+            for group in SUMMARIES:
                 values = [v for r in runs if (v := _final(r, conv, group)) is not None]
                 mean, std = _mean_std(values) if values else (None, None)
                 row[f"{conv}_{group}_mean"], row[f"{conv}_{group}_std"] = mean, std
@@ -286,7 +303,7 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
 
     Pairing by seed removes what both runs share (step 0, the data order), so the spread left is
     the spread of UCD's effect. Each row: dataset, task, setting, method (``X+ucd``), base, seeds
-    (those both ran), and per convention and group ``{conv}_{group}_mean`` / ``_std`` (fractions)
+    (those both ran), and per convention and group (and ``avg``) ``{conv}_{group}_mean`` / ``_std`` (fractions)
     and ``{conv}_{group}_wins`` (seeds where UCD is strictly higher).
     """
     groups = _group_runs(results_list)
@@ -303,7 +320,7 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
         row: dict = {"dataset": dataset, "task": task, "setting": setting, "method": method, "base": base,
                      "seeds": [seed for seed, _, _ in pairs]}
         for conv in CONVENTIONS:
-            for group in GROUPS:
+            for group in SUMMARIES:
                 deltas = [_final(ucd, conv, group) - _final(ref, conv, group) for _, ucd, ref in pairs
                           if _final(ucd, conv, group) is not None and _final(ref, conv, group) is not None]
                 mean, std = _mean_std(deltas) if deltas else (None, None)
@@ -319,14 +336,14 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-_TABLE_HEAD = "| benchmark | method | seeds | old | new | all | old (w/ bg) | new (w/ bg) | all (w/ bg) |"
-_TABLE_SEP = "|---|---|---|---|---|---|---|---|---|"
+_TABLE_HEAD = "| benchmark | method | seeds | " + _summary_head()[0] + " |"
+_TABLE_SEP = "|---|---|---|" + _summary_head()[1] + "|"
 
 
 def _table_cells(row: dict, method: str, cell) -> list[str]:
     """A table line's cells: benchmark, *method*, seeds, then ``cell(conv, group)`` per column."""
     return ([f"{row['dataset']} {row['task']} {row['setting']}", method, ",".join(map(str, row["seeds"]))]
-            + [cell(conv, group) for conv in CONVENTIONS for group in GROUPS])
+            + [cell(conv, group) for conv in CONVENTIONS for group in SUMMARIES])
 
 
 def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
@@ -335,7 +352,8 @@ def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
     head, sep = _TABLE_HEAD, _TABLE_SEP
     if paper:
         head, sep = head + " paper old/new/all |", sep + "---|"
-    lines = ["mIoU (%) after the last step, mean ± standard deviation over seeds.", "", head, sep]
+    lines = ["mIoU (%) after the last step, and avg (the mean over the steps of mIoU all), mean ± standard "
+             "deviation over seeds.", "", head, sep]
     for row in rows:
         cells = _table_cells(row, row["method"], lambda conv, g: _pm(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"]))
         if paper:

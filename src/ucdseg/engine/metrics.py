@@ -69,3 +69,13 @@ def miou_summary(iou: Sequence[float], num_base: int, num_seen: int, score_backg
         }
 
     return {"with_background": groups(0), "without_background": groups(1)}
+
+
+def average_over_steps(records: Sequence[dict]) -> dict:
+    """"avg" of PLOP, SSUL and RCIL: the mean over the steps of mIoU *all* (each step's classes seen
+    so far), in both conventions; steps where it is undefined are left out, ``None`` if none is."""
+    out = {}
+    for conv in ("with_background", "without_background"):
+        values = [r["miou"][conv]["all"] for r in records if r["miou"][conv]["all"] is not None]
+        out[conv] = sum(values) / len(values) if values else None
+    return out

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import ucdseg
 
 from .. import labels as label_maps
-from ..config import RunConfig, to_dict
+from ..config import RunConfig, from_dict, to_dict
 from ..data import StepDataset, build_dataset, eval_transforms, prepare_embedded, train_transforms
 from ..data.embedded import default_root as default_embedded_root
 from ..data.index import scan_presence, step_index
@@ -36,7 +36,7 @@ from ..tasks import Task, get_task
 from . import checkpoint as ckpt
 from .distributed import Dist, barrier, setup
 from .evaluate import evaluate
-from .metrics import miou_summary
+from .metrics import average_over_steps, miou_summary
 from .sampling import SeededSamples, StepBatchSampler, num_iterations
 
 # Keys that may change between a run and its resumption without changing its results.
@@ -52,7 +52,7 @@ RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every",
 
 # Settings a reused step 0 must share with this run (the method may differ: step 0 is plain CE).
 STEP0_TRAIN_KEYS = {f"train.{k}" for k in ("batch_size", "epochs", "iterations", "lr", "momentum", "nesterov",
-                                           "weight_decay", "poly_power", "amp")}
+                                           "weight_decay", "poly_power", "amp", "bn", "accumulate")}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,8 +93,41 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(a: dict, b: dict, ignore: set[str] = RESUMABLE_KEYS) -> list[str]:
-    fa, fb = _flatten(a), _flatten(b)
+    """Keys whose values differ; a key missing from a config (saved before the key existed) has
+    its default value."""
+    defaults = _flatten(to_dict(RunConfig()))
+    fa, fb = defaults | _flatten(a), defaults | _flatten(b)
     return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """``train.bn=frozen``: every BatchNorm layer in eval mode, so it normalises with its running
+    statistics and never updates them; its affine weight and bias are still trained."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def distributed_notes(cfg: RunConfig, weights: dict, dist: Dist) -> list[str]:
+    """Warning lines for a run of several processes or micro-batches (printed by rank 0 only)."""
+    if not dist.is_main:
+        return []
+    notes = []
+    micro = cfg.train.batch_size // dist.world_size // cfg.train.accumulate
+    if weights.get("ucd") and cfg.train.accumulate > 1:
+        notes.append(f"ucdseg: warning: train.accumulate={cfg.train.accumulate}: UCD contrasts each pixel with the "
+                     f"pixels of its micro-batch ({micro} images{' per process' if dist.enabled else ''}) only, "
+                     "not with the whole batch")
+    if not dist.enabled:
+        return notes
+    if weights.get("ucd") and not cfg.method.ucd_gather:
+        notes.append(f"ucdseg: warning: {dist.world_size} processes and method.ucd_gather=false: UCD contrasts each "
+                     f"pixel with its own process's {micro} images only, so the result depends on the "
+                     "number of processes (method.ucd_gather=true contrasts with the global batch)")
+    if cfg.train.bn == "sync" and dist.device.type != "cuda":
+        notes.append(f"ucdseg: warning: train.bn=sync: SyncBatchNorm needs CUDA; on {dist.device.type} each of the "
+                     f"{dist.world_size} processes normalises with its own batch statistics (as train.bn=local)")
+    return notes
 
 
 def build_task(cfg: RunConfig) -> Task:
@@ -148,6 +181,10 @@ class Trainer:
         self.progress = progress
         self.dist: Dist = setup(cfg.device)
         self.device = self.dist.device
+        per_process, accumulate = cfg.train.batch_size // self.dist.world_size, cfg.train.accumulate
+        if cfg.train.batch_size % self.dist.world_size or per_process % accumulate:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} does not split into {self.dist.world_size} "
+                             f"process(es) x train.accumulate={accumulate} equal micro-batches")
         self.method = get_method(cfg.method.name)
         self.weights = self.method.weights(cfg.method.weights)
         self.task = build_task(cfg)  # the benchmark's task; old/new are reported against its step 0
@@ -162,9 +199,15 @@ class Trainer:
         if not self.dist.is_main:
             self.train_set = open_dataset(cfg, "train", prepare=False)
         self.val_set = open_dataset(cfg, "val", prepare=False)
+        if cfg.eval.images == "seen":  # the validation images' classes, scanned once for every rank
+            if self.dist.is_main:
+                scan_presence(self.val_set, cache_dir=cfg.data.cache_dir, progress=progress)
+            barrier()
         self.meta = self.train_set.meta
         self.results = self._load_results()
         self.writer = self._tensorboard()
+        for note in distributed_notes(cfg, self.weights, self.dist):
+            print(note, file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------- run directory
     def _check_saved_config(self) -> None:
@@ -216,6 +259,21 @@ class Trainer:
                   f"`pip install tensorboard` to log to {self.run_dir / 'tensorboard'}", file=sys.stderr)
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _add_step(self, record: dict) -> None:
+        """Append a finished step to ``results.json``, with the average over the steps so far."""
+        self.results["steps"].append(record)
+        self.results["avg"] = average_over_steps(self.results["steps"])
+        ckpt.write_json(self.run_dir / "results.json", self.results)
+
+    def _logged_values(self, loss: torch.Tensor, terms: dict) -> dict[str, float]:
+        """The total loss and its terms, averaged over the processes: under DDP the quantity whose
+        gradient is applied (each process's value alone is a mean over its slice of the batch)."""
+        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).float()
+        if self.dist.enabled:
+            torch.distributed.all_reduce(values)
+            values /= self.dist.world_size
+        return dict(zip(["loss", *terms], values.tolist()))
 
     def _final_ckpt(self, step: int) -> Path:
         return self.ckpt_dir / f"step{step}.pt"
@@ -272,26 +330,61 @@ class Trainer:
         return self.results
 
     def _reuse_step0(self, source: Path) -> None:
-        """Take step 0 from another run with the same data, task and model (as papers share it)."""
+        """Take step 0 from another run with the same data, task and model (as papers share it):
+        its run directory (step 0's checkpoint and record are copied) or a step-0 checkpoint file
+        (copied, and evaluated here for step 0's record)."""
         import json
         import shutil
 
-        results = json.loads((source / "results.json").read_text())
-        theirs, ours = results["config"], to_dict(self.cfg)
-        diff = [k for k in config_differences(theirs, ours)
-                if k == "seed" or k.split(".")[0] in ("data", "task", "model") or k in STEP0_TRAIN_KEYS]
-        if diff:
-            raise ValueError(f"train.step0_from={source}: its step 0 was trained with different settings ({', '.join(diff)})")
-        if self.method.joint or results["steps"][0]["classes"] != self.train_task.steps[0]:
-            raise ValueError(f"train.step0_from={source}: its step 0 has classes {results['steps'][0]['classes']}, "
-                             f"this run's step 0 needs {self.train_task.steps[0]}; joint runs cannot share step 0")
+        if source.is_file():
+            state = ckpt.load_checkpoint(source)
+            if "config" not in state or state.get("step") != 0 or "classes_per_step" not in state:
+                raise ValueError(f"train.step0_from={source}: not a step-0 checkpoint written by ucdseg (it has "
+                                 f"{'step ' + str(state['step']) if 'step' in state else 'no step or config'}); "
+                                 "give a run directory or its checkpoints/step0.pt")
+            self._check_step0_source(source, state["config"], _step0_classes(source, state["config"]), eval_keys=False)
+            checkpoint, model = source, self._check_step0_weights(source, state["model"])
+            record = evaluate_step(model, self.cfg, self.train_task, len(self.task.steps[0]), self.val_set, 0,
+                                   self.dist, self.progress, self._amp())
+            record["step0_from"] = str(source)
+        elif (source / "results.json").is_file():
+            results = json.loads((source / "results.json").read_text())
+            self._check_step0_source(source, results["config"], results["steps"][0]["classes"], eval_keys=True)
+            checkpoint, record = source / "checkpoints" / "step0.pt", results["steps"][0]
+            self._check_step0_weights(source, ckpt.load_checkpoint(checkpoint, map_location=self.device)["model"])
+        else:
+            raise FileNotFoundError(f"train.step0_from={source}: neither a checkpoint file nor a run directory "
+                                    "(with results.json)")
         if self.dist.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             with ckpt.atomic_path(self._final_ckpt(0)) as tmp:
-                shutil.copyfile(source / "checkpoints" / "step0.pt", tmp)
-            self.results["steps"].append(results["steps"][0])
-            ckpt.write_json(self.run_dir / "results.json", self.results)
+                shutil.copyfile(checkpoint, tmp)
+            self._add_step(record)
         barrier()
+
+    def _check_step0_source(self, source: Path, theirs: dict, their_classes: list[int], eval_keys: bool) -> None:
+        """Same seed, data, task, model and step-0 training settings (and, when step 0's record is
+        copied rather than measured here, the same evaluation conventions); same step-0 classes."""
+        keys = STEP0_TRAIN_KEYS | ({"eval.images", "eval.unseen"} if eval_keys else set())
+        diff = [k for k in config_differences(theirs, to_dict(self.cfg))
+                if k == "seed" or k.split(".")[0] in ("data", "task", "model") or k in keys]
+        if diff:
+            raise ValueError(f"train.step0_from={source}: its step 0 was trained with different settings ({', '.join(diff)})")
+        if self.method.joint or their_classes != self.train_task.steps[0]:
+            raise ValueError(f"train.step0_from={source}: its step 0 has classes {their_classes}, "
+                             f"this run's step 0 needs {self.train_task.steps[0]}; joint runs cannot share step 0")
+
+    def _check_step0_weights(self, source: Path, weights: dict) -> torch.nn.Module:
+        """This run's step-0 model holding ``weights`` (all of them, with the same shapes)."""
+        model = build_model(self.cfg.model.backbone, self.train_task.classes_per_step[:1],
+                            output_stride=self.cfg.model.output_stride).to(self.device)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+            raise ValueError(f"train.step0_from={source}: its weights do not fit this run's step-0 model "
+                             f"({self.cfg.model.backbone}, {self.train_task.classes_per_step[0]} classes): {first}") from None
+        return model
 
     def train_step(self, step: int) -> dict:
         cfg, dist = self.cfg, self.dist
@@ -305,7 +398,7 @@ class Trainer:
             old_model.eval().requires_grad_(False)
             load_previous_step(model, previous)
             model.init_new_classifier(self.method.classifier_init)
-        if dist.enabled and self.device.type == "cuda":
+        if cfg.train.bn == "sync" and dist.enabled and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
         if cfg.train.channels_last:  # parameters keep their identity: the optimizer below sees them
@@ -361,38 +454,50 @@ class Trainer:
         num_new = self.train_task.classes_per_step[step]
         t0 = time.perf_counter()
         ddp_model.train()
+        if cfg.train.bn == "frozen":
+            freeze_batchnorm(model)
         bar = tqdm(self._loader(train_data, sampler), total=total, initial=start, desc=f"step {step} train",
                    disable=not (self.progress and dist.is_main), dynamic_ncols=True)
+        accumulate = cfg.train.accumulate
         for it, (images, labels) in enumerate(bar, start=start):
             images = images.to(self.device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
-                    _compile_errors(cfg.train.compile):
-                out = forward(images)
-                old = None
-                if old_model is not None:
-                    with torch.no_grad():
-                        old = old_model(images)
-            ctx = LossContext(step, _float(out), None if old is None else _float(old), labels, num_old, num_new,
-                              options=cfg.method, state=state)
-            terms = self.method.losses(ctx, self.weights)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step}, iteration {it} "
-                    f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                    f"the last good checkpoint is kept in {self.ckpt_dir}")
             optimizer.zero_grad(set_to_none=True)
-            with _compile_errors(cfg.train.compile):
-                scaler.scale(loss).backward()
+            logged: dict[str, torch.Tensor] = {}
+            # train.accumulate=N: the process's images in N equal micro-batches, each loss divided by
+            # N, the gradients summed; DDP all-reduces once, after the last micro-batch's backward
+            for micro, (x, y) in enumerate(zip(images.chunk(accumulate), labels.chunk(accumulate))):
+                last = micro == accumulate - 1
+                with (ddp_model.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
+                    with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16,
+                                        enabled=amp_dtype is not None), _compile_errors(cfg.train.compile):
+                        out = forward(x)
+                        old = None
+                        if old_model is not None:
+                            with torch.no_grad():
+                                old = old_model(x)
+                    ctx = LossContext(step, _float(out), None if old is None else _float(old), y, num_old, num_new,
+                                      options=cfg.method, state=state)
+                    terms = self.method.losses(ctx, self.weights)
+                    loss = sum(terms.values())
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at step {step}, iteration {it} "
+                            f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+                            f"the last good checkpoint is kept in {self.ckpt_dir}")
+                    with _compile_errors(cfg.train.compile):
+                        scaler.scale(loss / accumulate).backward()
+                for k, v in {"loss": loss, **terms}.items():
+                    logged[k] = logged.get(k, 0) + v.detach() / accumulate
+            loss, terms = logged.pop("loss"), logged
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             if (it + 1) % cfg.train.log_every == 0 or it + 1 == total:
-                values = {k: v.item() for k, v in terms.items()}
-                bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in values.items()})
+                values = self._logged_values(loss, terms)
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in values.items()})
+                values.update(_diagnostics(ctx))
                 if self.writer is not None:
-                    self.writer.add_scalar(f"step{step}/loss", loss.item(), it + 1)
                     for k, v in values.items():
                         self.writer.add_scalar(f"step{step}/{k}", v, it + 1)
                     self.writer.add_scalar(f"step{step}/lr", scheduler.get_last_lr()[0], it + 1)
@@ -411,13 +516,13 @@ class Trainer:
         record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
                                self.progress, amp_dtype, predictions=self.run_dir / "predictions" / f"step{step}.png")
         record.update(num_train_images=len(index.indices), index_checksum=index.checksum, iterations=total,
-                      train_seconds=round(train_seconds, 2))
+                      train_seconds=round(train_seconds, 2), world_size=dist.world_size,
+                      batch_per_process=cfg.train.batch_size // dist.world_size, accumulate=cfg.train.accumulate)
         if dist.is_main:
             ckpt.save_checkpoint(self._final_ckpt(step), {
                 "model": model.state_dict(), "step": step, "config": to_dict(cfg),
                 "classes_per_step": self.train_task.classes_per_step[: step + 1]})
-            self.results["steps"].append(record)
-            ckpt.write_json(self.run_dir / "results.json", self.results)
+            self._add_step(record)
             partial.unlink(missing_ok=True)
             if self.writer is not None:
                 for conv, groups in record["miou"].items():
@@ -428,10 +533,35 @@ class Trainer:
         return record
 
 
+def _step0_classes(source: Path, config: dict) -> list[int]:
+    """The classes (dataset ids, model order) of the step 0 that ``config`` trained."""
+    try:
+        cfg = from_dict(config)
+        task = build_task(cfg)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"train.step0_from={source}: its config cannot be read: {exc}") from None
+    try:
+        joint = get_method(cfg.method.name).joint
+    except KeyError:  # a method registered by the user's code in the process that trained it
+        joint = False
+    return (joint_task(task) if joint else task).steps[0]
+
+
+def _diagnostics(ctx: LossContext) -> dict[str, float]:
+    """Non-loss values a method reported for the batch (``ctx.batch["diagnostics"]``), rank 0's own."""
+    return {k: float(v) for k, v in ctx.batch.get("diagnostics", {}).items()}
+
+
 def val_dataset(cfg: RunConfig, task: Task, val_set, step: int) -> StepDataset:
-    """All validation images, labelled for evaluation after ``step`` (unseen classes ignored)."""
-    lut = label_maps.eval_lut(task, step, ignore_background=val_set.meta.ignore_background_in_eval)
-    return StepDataset(val_set, range(len(val_set)), lut, eval_transforms(cfg.data.eval_crop_size))
+    """The validation images scored after ``step`` and their labels, by ``cfg.eval``'s conventions
+    (``eval.images``, ``eval.unseen``; see :func:`ucdseg.labels.eval_images` and ``eval_lut``)."""
+    lut = label_maps.eval_lut(task, step, ignore_background=val_set.meta.ignore_background_in_eval,
+                              unseen=cfg.eval.unseen)
+    indices: Any = range(len(val_set))
+    if cfg.eval.images != "all":
+        presence = scan_presence(val_set, cache_dir=cfg.data.cache_dir, progress=False)
+        indices = label_maps.eval_images(presence, task, step, images=cfg.eval.images)
+    return StepDataset(val_set, indices, lut, eval_transforms(cfg.data.eval_crop_size))
 
 
 def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: int, val_set, step: int,
@@ -456,6 +586,7 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
         "per_class_iou": {meta.class_names[c]: (None if np.isnan(v) else v) for c, v in zip(seen, iou)},
         "miou": miou_summary(iou, num_base, len(seen), score_background=not meta.ignore_background_in_eval),
         "pixel_accuracy": cm.pixel_accuracy(),
+        "num_eval_images": len(val),
     }
     if dist.is_main and predictions is not None and cfg.eval.num_images:
         from .. import reporting

@@ -170,7 +170,8 @@ def test_two_step_run_writes_every_output(make_config):
 
     for step, classes_per_step in ((0, [9]), (1, [9, 2])):
         state = load_state(out / "checkpoints" / f"step{step}.pt")
-        assert set(state) == {"model", "step", "config", "classes_per_step"}
+        assert set(state) == {"model", "step", "config", "classes_per_step", "class_names", "palette"}
+        assert state["class_names"][:3] == ["background", "T-shirt/top", "trouser"]
         assert state["step"] == step and state["classes_per_step"] == classes_per_step
         assert state["config"] == to_dict(cfg)
         assert state["model"]["classifier.0.weight"].shape == (9, 256, 1, 1)
@@ -285,6 +286,16 @@ def test_step0_from_reuses_step_zero(reference, make_config, tiny_model, monkeyp
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run(make_config("missing", f"train.step0_from={out.parent / 'nowhere'}"), progress=False)
     assert trained == [1]
+
+
+def test_step0_from_refuses_a_step0_trained_with_another_loss(reference, make_config, tiny_model):
+    """MiB's LwF-MC trains step 0 with BCE: a cross-entropy step 0 is not its step 0, nor the reverse."""
+    ref_cfg, _ = reference  # the reference's method (mib+ucd by default) trains step 0 with cross-entropy
+    with pytest.raises(ValueError, match=r"step0_from=.*reference.*ce loss, lwf-mc trains step 0 with bce") as err:
+        run(make_config("lwf-mc", *REFERENCE, "method.name=lwf-mc", f"train.step0_from={ref_cfg.run_dir}"),
+            progress=False)
+    assert "\n" not in str(err.value)
+    assert not (make_config("lwf-mc").run_dir / "checkpoints" / "step0.pt").exists()
 
 
 def test_step0_from_refuses_a_joint_run_either_way(reference, make_config, tiny_model):

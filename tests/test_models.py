@@ -519,4 +519,6 @@ def test_model_exposes_stage_preactivations(backbone: str) -> None:
         for block in list(body["layer4"])[:-1]:
             x4 = block(x4)
         expected = hand_preactivation(body["layer4"][-1], x4)
-    torch.testing.assert_close(out.pod_stages[3], expected, rtol=1e-4, atol=1e-4)
+    # the stage's convolutions may take another kernel than the hand-run ones (thread count): relative to its scale
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(out.pod_stages[3], expected, rtol=1e-4, atol=1e-5 * scale)

@@ -370,6 +370,11 @@ class Trainer:
                 if k == "seed" or k.split(".")[0] in ("data", "task", "model") or k in keys]
         if diff:
             raise ValueError(f"train.step0_from={source}: its step 0 was trained with different settings ({', '.join(diff)})")
+        their_method = get_method(theirs.get("method", {}).get("name", "ft"))
+        if their_method.first_step != self.method.first_step:
+            raise ValueError(f"train.step0_from={source}: its step 0 was trained by {their_method.name} with the "
+                             f"{their_method.first_step} loss, {self.method.name} trains step 0 with "
+                             f"{self.method.first_step}; it cannot be shared")
         if self.method.joint or their_classes != self.train_task.steps[0]:
             raise ValueError(f"train.step0_from={source}: its step 0 has classes {their_classes}, "
                              f"this run's step 0 needs {self.train_task.steps[0]}; joint runs cannot share step 0")
@@ -521,7 +526,9 @@ class Trainer:
         if dist.is_main:
             ckpt.save_checkpoint(self._final_ckpt(step), {
                 "model": model.state_dict(), "step": step, "config": to_dict(cfg),
-                "classes_per_step": self.train_task.classes_per_step[: step + 1]})
+                "classes_per_step": self.train_task.classes_per_step[: step + 1],
+                # dataset space (index = class id), so ``ucdseg predict`` needs nothing else
+                "class_names": list(self.meta.class_names), "palette": [list(c) for c in self.meta.palette]})
             self._add_step(record)
             partial.unlink(missing_ok=True)
             if self.writer is not None:

@@ -117,7 +117,7 @@ _CHOICES = {
     "train.amp": ("none", "bf16", "fp16"),
     "method.ucd_formulation": ("reference", "supcon"),
     "device": ("auto", "cpu", "cuda"),
-    "model.output_stride": (8, 16),
+    "model.output_stride": (4, 8, 16),
 }
 
 

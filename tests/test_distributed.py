@@ -313,7 +313,7 @@ def engine_overrides(root: Path, out: Path, name: str) -> list[str]:
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     """Every logged scalar of a run (tensorboard event files), by tag."""
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator as accumulator
     acc = accumulator.EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

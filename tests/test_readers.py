@@ -147,7 +147,7 @@ def test_missing_image_file_is_named(tmp_path):
 
 def test_build_dataset_errors(tmp_path):
     root = voc_tree(tmp_path / "VOC2012")
-    with pytest.raises(ValueError, match="unknown dataset 'coco': expected one of ade, cityscapes, embedded, voc"):
+    with pytest.raises(ValueError, match="unknown dataset 'coco': expected one of ade, cityscapes, embedded, folder, voc"):
         build_dataset("coco", root, "train")
     with pytest.raises(ValueError, match="unknown split 'test'.*train, val"):
         build_dataset("voc", root, "test")
@@ -155,7 +155,7 @@ def test_build_dataset_errors(tmp_path):
         build_dataset("voc", root, "train", score_background=True)
     with pytest.raises(ValueError, match="unknown option.*crop.*score_background"):
         build_dataset("ade", root, "train", crop=3)
-    assert set(dataset_names()) == {"voc", "ade", "cityscapes", "embedded"}
+    assert set(dataset_names()) == {"voc", "ade", "cityscapes", "embedded", "folder"}
     with pytest.raises(IndexError, match="out of range"):
         build_dataset("voc", root, "train").image_path(2)
 

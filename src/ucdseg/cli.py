@@ -89,6 +89,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    rows = predict(args.checkpoint, args.inputs, args.output, batch_size=args.batch_size, device=args.device,
+                   size=args.size, overlays=not args.no_overlays, progress=not args.quiet)
+    out = Path(args.output)
+    images = len({row["image"] for row in rows})
+    print(f"{images} image(s) segmented: masks in {out / 'masks'}"
+          + ("" if args.no_overlays else f", overlays in {out / 'overlays'}") + f", summary in {out / 'summary.csv'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .reporting import write_aggregate
 
@@ -99,6 +111,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
+    from .plugins import load_plugins
+
+    load_plugins()
 
     for method in list_methods():
         weights = ", ".join(f"{k}={v:g}" for k, v in method.default_weights.items())
@@ -137,7 +152,19 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .data.check import run_check
 
+    if args.dataset == "folder":
+        from .data.folder import run_check_folder
+
+        return run_check_folder(args.root, limit=args.limit)
+
     return run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import run_prepare
+
+    return run_prepare(args.dataset, args.root, args.archives, checksums=args.checksum, verify=not args.skip_checksums,
+                       download=args.download, progress=not args.quiet, limit=args.limit)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -174,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=DIR)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("predict", help="segment your own images with a step checkpoint")
+    p.add_argument("checkpoint", help="a finished step's checkpoint, runs/<name>/checkpoints/stepN.pt")
+    p.add_argument("inputs", nargs="+", help="image files and folders of images")
+    p.add_argument("--output", required=True, help="folder for masks/, overlays/ and summary.csv")
+    p.add_argument("--batch-size", type=int, default=4, help="images of the same size per forward pass")
+    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to this for the model (default: the image's own size)")
+    p.add_argument("--no-overlays", action="store_true", help="write only the masks and the summary")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("report", help="one table (mean and std over seeds) and plot from several runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--output-dir", default="runs/report")
@@ -188,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("index", help="per-step image counts and checksums of a task")
-    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded"))
+    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded", "folder"))
     p.add_argument("--root", default=None)
     p.add_argument("--task", required=True)
     p.add_argument("--setting", default="overlapped", choices=("overlapped", "disjoint", "partitioned"))
@@ -200,11 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="verify a dataset's layout, lists, images and masks")
-    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded"))
+    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded", "folder"))
     p.add_argument("--root", required=True)
     p.add_argument("--limit", type=int, default=None,
                    help="read N evenly spaced image/mask pairs per split; every entry is still checked for existence")
     p.set_defaults(func=cmd_data_check)
+    p = data_sub.add_parser("prepare", help="build a dataset's layout from its official archives, then check it",
+                            description="Archives and their URLs: docs/datasets.md (ucdseg.data.prepare.ARCHIVES).")
+    p.add_argument("dataset", choices=("voc", "ade", "cityscapes"))
+    p.add_argument("--root", required=True, help="the folder to build (what data.root will name)")
+    p.add_argument("--archives", required=True, help="the folder holding the downloaded archives")
+    p.add_argument("--download", action="store_true", help="download the missing archives first (not Cityscapes)")
+    p.add_argument("--checksum", action="append", default=[], metavar="ARCHIVE=ALGO:HEX",
+                   help="expect this checksum for an archive instead of the official one (repeatable)")
+    p.add_argument("--skip-checksums", action="store_true", help="do not verify the archives (says so)")
+    p.add_argument("--limit", type=int, default=None, help="the final data check reads N pairs per split")
+    p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("prepare-embedded", help="generate the embedded Fashion-MNIST benchmark")
     p.add_argument("--root", default=None)

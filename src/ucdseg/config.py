@@ -100,6 +100,7 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    imports: Optional[List[str]] = None  # modules of your own to import (methods, datasets): ucdseg.plugins
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -143,6 +144,9 @@ def _validate(cfg: RunConfig) -> None:
         section, attr = dotted.split(".")
         if getattr(getattr(cfg, section), attr) < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1")
+    from .plugins import load_plugins  # user methods and datasets, before anything looks them up
+
+    load_plugins(cfg.imports)
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:

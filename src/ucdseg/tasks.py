@@ -13,6 +13,11 @@ Task names:
   positive multiple of M;
 * ``"a-b-c..."`` (three or more numbers): explicit step sizes that must sum to ``C``;
 * old aliases: ``"15-5s"`` -> ``"15-1"`` (VOC), ``"13-6s"`` -> ``"13-1"`` (Cityscapes).
+
+The built-in datasets' class counts are in :data:`DATASETS`. Any other dataset (a folder dataset,
+a dataset registered by user code) gets its count from its class names
+(:func:`ucdseg.data.dataset_meta`, which may read ``root``), or from ``num_classes``; it has no
+named task, and the ``N-M`` / ``a-b-c...`` forms work for any count.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-__all__ = ["DATASETS", "NAMED_TASKS", "ALIASES", "Task", "TaskError", "get_task", "list_tasks", "parse_task_name"]
+__all__ = ["DATASETS", "NAMED_TASKS", "ALIASES", "Task", "TaskError", "get_task", "list_tasks", "parse_task_name",
+           "num_foreground"]
 
 #: Number of foreground classes of each dataset (background 0 comes on top).
 DATASETS: dict[str, int] = {"voc": 20, "ade": 150, "cityscapes": 19, "embedded": 10}
@@ -148,35 +154,55 @@ class Task:
 
 
 # ---------------------------------------------------------------------- construction
-def _check_dataset(dataset: str) -> int:
-    if dataset not in DATASETS:
-        raise TaskError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    return DATASETS[dataset]
+def num_foreground(dataset: str, root=None, num_classes: int | None = None) -> int:
+    """Number of foreground classes of ``dataset``: ``num_classes`` when given, the built-in count,
+    or the count of the dataset's class names (:func:`ucdseg.data.dataset_meta`, read from ``root``
+    for a folder dataset)."""
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise TaskError(f"dataset {dataset!r}: num_classes must be a positive int, got {num_classes!r}")
+        return int(num_classes)
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    from .data import dataset_meta  # the data package registers the other datasets
+
+    try:
+        return dataset_meta(dataset, root).num_classes - 1
+    except (ValueError, FileNotFoundError) as exc:
+        raise TaskError(str(exc)) from None
 
 
 def list_tasks(dataset: str) -> list[str]:
     """The named tasks of ``dataset`` (aliases not included)."""
-    _check_dataset(dataset)
-    return list(NAMED_TASKS[dataset])
+    if dataset not in DATASETS:
+        from .data import dataset_names
+
+        if dataset not in dataset_names():
+            raise TaskError(f"unknown dataset {dataset!r}: expected one of {', '.join(dataset_names())}")
+    return list(NAMED_TASKS.get(dataset, ()))
 
 
-def _valid_forms(dataset: str) -> str:
-    c = DATASETS[dataset]
+def _valid_forms(dataset: str, c: int) -> str:
     aliases = ALIASES.get(dataset, {})
     alias_text = ("; aliases: " + ", ".join(f"{a} -> {b}" for a, b in aliases.items())) if aliases else ""
-    return (f"named tasks: {', '.join(NAMED_TASKS[dataset])}{alias_text}; accepted forms: 'N-M' "
+    named = ", ".join(NAMED_TASKS.get(dataset, ())) or "none"
+    return (f"named tasks: {named}{alias_text}; accepted forms: 'N-M' "
             f"(N base classes then steps of M, {c} - N a positive multiple of M) or 'a-b-c...' "
             f"(3+ positive step sizes summing to {c})")
 
 
-def parse_task_name(dataset: str, name: str) -> tuple[str, list[int]]:
-    """Resolve ``name`` on ``dataset`` to ``(canonical name, foreground classes per step)``."""
-    num_fg = _check_dataset(dataset)
+def parse_task_name(dataset: str, name: str, root=None, num_classes: int | None = None) -> tuple[str, list[int]]:
+    """Resolve ``name`` on ``dataset`` to ``(canonical name, foreground classes per step)``.
+
+    ``root`` / ``num_classes``: see :func:`num_foreground` (datasets other than the built-in ones).
+    """
+    num_fg = num_foreground(dataset, root, num_classes)
     raw = str(name).strip()
     raw = ALIASES.get(dataset, {}).get(raw, raw)
 
     def fail(reason: str) -> TaskError:
-        return TaskError(f"invalid task {name!r} for {dataset} ({num_fg} classes): {reason}; {_valid_forms(dataset)}")
+        return TaskError(f"invalid task {name!r} for {dataset} ({num_fg} classes): {reason}; "
+                         f"{_valid_forms(dataset, num_fg)}")
 
     if not _NAME_RE.match(raw):
         raise fail("not of the form 'N-M' or 'a-b-c...'")
@@ -198,8 +224,7 @@ def parse_task_name(dataset: str, name: str) -> tuple[str, list[int]]:
     return "-".join(str(n) for n in numbers), sizes
 
 
-def _resolve_order(dataset: str, order: Order) -> list[int]:
-    num_fg = DATASETS[dataset]
+def _resolve_order(dataset: str, order: Order, num_fg: int) -> list[int]:
     if order is None:
         return list(range(1, num_fg + 1))
     if isinstance(order, bool):
@@ -227,18 +252,21 @@ def _resolve_order(dataset: str, order: Order) -> list[int]:
     return ids
 
 
-def get_task(dataset: str, name: str, order: Order = None) -> Task:
+def get_task(dataset: str, name: str, order: Order = None, root=None, num_classes: int | None = None) -> Task:
     """Build the task ``name`` of ``dataset``.
 
     ``order`` is ``None`` (dataset index order), an explicit permutation of the foreground ids
     ``1..C``, or an int seed (``numpy.random.default_rng(seed).permutation``, reproducible).
+    ``root`` / ``num_classes`` give the class count of a dataset other than the built-in ones
+    (:func:`num_foreground`).
     """
-    canonical, sizes = parse_task_name(dataset, name)
-    fg = _resolve_order(dataset, order)
+    num_fg = num_foreground(dataset, root, num_classes)
+    canonical, sizes = parse_task_name(dataset, name, num_classes=num_fg)
+    fg = _resolve_order(dataset, order, num_fg)
     steps: list[list[int]] = []
     start = 0
     for i, size in enumerate(sizes):
         chunk = fg[start: start + size]
         steps.append([0] + chunk if i == 0 else chunk)
         start += size
-    return Task(dataset=dataset, name=canonical, steps=steps, num_classes=DATASETS[dataset] + 1, order=fg)
+    return Task(dataset=dataset, name=canonical, steps=steps, num_classes=num_fg + 1, order=fg)

@@ -7,11 +7,11 @@ transforms image and mask together; ``prepare_embedded(root)`` writes the embedd
 (Per-step image lists live in ``ucdseg.data.index``.)
 """
 
-from .base import SegmentationDataset, StepDataset, build_dataset, dataset_names
+from .base import SegmentationDataset, StepDataset, build_dataset, dataset_meta, dataset_names
 from .meta import METAS, DatasetMeta, colorize
-from . import ade, cityscapes, voc  # noqa: F401  (register the readers)
+from . import ade, cityscapes, folder, voc  # noqa: F401  (register the readers)
 from .embedded import prepare_embedded
 from .transforms import eval_transforms, train_transforms
 
-__all__ = ["SegmentationDataset", "StepDataset", "DatasetMeta", "METAS", "build_dataset", "dataset_names",
+__all__ = ["SegmentationDataset", "StepDataset", "DatasetMeta", "METAS", "build_dataset", "dataset_meta", "dataset_names",
            "colorize", "train_transforms", "eval_transforms", "prepare_embedded"]

@@ -20,7 +20,8 @@ from PIL import Image
 
 from .meta import DatasetMeta
 
-__all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "build_dataset", "dataset_names", "register_dataset",
+__all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "build_dataset", "dataset_names", "dataset_meta",
+           "register_dataset",
            "read_mask", "read_image", "require_dir", "require_file", "check_split"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -42,6 +43,32 @@ def register_dataset(name: str) -> Callable:
 def dataset_names() -> tuple[str, ...]:
     """The names :func:`build_dataset` accepts."""
     return tuple(_REGISTRY)
+
+
+def dataset_meta(name: str, root: Optional[PathLike] = None) -> DatasetMeta:
+    """Class names and palette of dataset ``name`` without opening a split.
+
+    Built-in datasets have fixed tables; a reader may declare a class attribute ``meta`` (a
+    :class:`DatasetMeta`) or, when its classes live in its folder (the folder dataset), a
+    ``read_meta(root)`` static method.
+    """
+    from .meta import METAS
+
+    if name in METAS:
+        return METAS[name]
+    if name not in _REGISTRY:
+        known = list(METAS) + [n for n in _REGISTRY if n not in METAS]
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(known)}")
+    cls = _REGISTRY[name]
+    if hasattr(cls, "read_meta"):
+        if root is None:
+            raise ValueError(f"dataset {name!r} reads its class names from its folder: data.root is not set")
+        return cls.read_meta(root)
+    meta = getattr(cls, "meta", None)
+    if not isinstance(meta, DatasetMeta):
+        raise ValueError(f"dataset {name!r} ({cls.__module__}.{cls.__qualname__}) declares no class names: expected "
+                         "a class attribute meta = DatasetMeta(...) or a static method read_meta(root)")
+    return meta
 
 
 def build_dataset(name: str, root: PathLike, split: str, **options) -> "SegmentationDataset":

@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = [
     "DatasetMeta", "VOC_META", "ADE_META", "CITYSCAPES_META", "EMBEDDED_META", "METAS", "VOID",
-    "VOID_COLOR", "colorize",
+    "VOID_COLOR", "colorize", "default_palette",
 ]
 
 VOID = 255  #: the "ignore" id of every mask
@@ -143,6 +143,25 @@ EMBEDDED_META = DatasetMeta("embedded", EMBEDDED_CLASSES, EMBEDDED_PALETTE, igno
 
 #: Every dataset's meta by name.
 METAS: dict[str, DatasetMeta] = {m.name: m for m in (VOC_META, ADE_META, CITYSCAPES_META, EMBEDDED_META)}
+
+
+def default_palette(num_classes: int) -> tuple[Color, ...]:
+    """The Pascal VOC colour map extended to ``num_classes`` colours (VOC's own for the first 21).
+
+    Class ``k``'s colour spreads the bits of ``k`` over the high bits of R, G and B (the formula
+    behind VOC's palette PNGs), so any number of classes up to 255 gets distinct colours.
+    """
+    colors = []
+    for k in range(num_classes):
+        r = g = b = 0
+        c = k
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colors.append((r, g, b))
+    return tuple(colors)
 
 
 def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], void: Sequence[int] = VOID_COLOR) -> np.ndarray:

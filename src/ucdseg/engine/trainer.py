@@ -99,7 +99,7 @@ def config_differences(a: dict, b: dict, ignore: set[str] = RESUMABLE_KEYS) -> l
 
 def build_task(cfg: RunConfig) -> Task:
     order: Any = cfg.task.order if cfg.task.order is not None else cfg.task.order_seed
-    return get_task(cfg.data.dataset, cfg.task.name, order=order)
+    return get_task(cfg.data.dataset, cfg.task.name, order=order, root=cfg.data.root)
 
 
 def joint_task(task: Task) -> Task:
@@ -211,7 +211,9 @@ class Trainer:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
+        except ImportError as exc:  # a dependency since issue 14: only a broken install lacks it
+            print(f"ucdseg: warning: TensorBoard logging is off ({exc}); install it with "
+                  f"`pip install tensorboard` to log to {self.run_dir / 'tensorboard'}", file=sys.stderr)
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 

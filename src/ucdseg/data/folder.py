@@ -1,0 +1,284 @@
+"""Your own dataset: a folder of images, masks and a YAML of class names (``data.dataset=folder``).
+
+Layout (``root`` is the folder given as ``data.root``; ``docs/own_dataset.md`` walks through it)::
+
+    root/classes.yaml              class names (+ optional palette, evaluation and split options)
+    root/images/<id>.<ext>         .jpg .jpeg .png .bmp .tif .tiff .webp
+    root/masks/<id>.png            one mask per image, same size
+    root/train.txt, root/val.txt   optional split lists: one <id> per line
+
+``classes.yaml``::
+
+    classes: [background, cat, dog]      # class id = position in the list; id 0 is background
+    palette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]  # optional: one RGB colour per class
+    ignore_background_in_eval: false     # optional: do not score class 0 (as ADE20K, Cityscapes)
+    val_fraction: 0.2                    # optional: share of images in val when there are no lists
+
+Masks are single-channel PNGs (grayscale "L" or palette "P", as VOC's) whose pixel values are
+class ids, 255 being void (not trained, not scored); or RGB PNGs painted with the palette's
+colours (then ``palette`` is required, and VOC's void colour (224, 224, 192) is void). A mask
+value or colour that is not a class of ``classes.yaml`` is an error naming the mask.
+
+Without split lists, an image goes to ``val`` when the first 8 hex digits of the sha1 of its id,
+over 2^32, fall below ``val_fraction``: the split is fixed by the ids alone, so adding images
+never moves the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir
+from .meta import VOID, VOID_COLOR, DatasetMeta, default_palette
+
+__all__ = ["FolderSegmentation", "FOLDER_LAYOUT", "CLASSES_FILE", "read_classes", "split_ids", "check_folder",
+           "run_check_folder"]
+
+CLASSES_FILE = "classes.yaml"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FOLDER_LAYOUT = ("root holding classes.yaml (classes: [background, ...]), images/<id>.<jpg|png|...>, "
+                 "masks/<id>.png and optionally train.txt / val.txt (one id per line); see docs/own_dataset.md")
+_KEYS = ("classes", "palette", "ignore_background_in_eval", "val_fraction")
+_DEFAULT_VAL_FRACTION = 0.2
+
+
+def _fail(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}")
+
+
+def _load_yaml(root: Path) -> tuple[Path, dict]:
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"folder: class file not found: {path}; expected layout: {FOLDER_LAYOUT}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "expected a mapping with the key 'classes: [background, ...]'")
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown key(s) {', '.join(map(str, unknown))}; expected {', '.join(_KEYS)}")
+    return path, data
+
+
+def read_classes(root: PathLike) -> DatasetMeta:
+    """The :class:`DatasetMeta` of the folder dataset at ``root``, from its ``classes.yaml``."""
+    path, data = _load_yaml(Path(root).expanduser())
+    names = data.get("classes")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise _fail(path, "'classes' must be a list of class names (non-empty strings), background first")
+    if len(names) < 2 or len(names) > VOID:
+        raise _fail(path, f"'classes' has {len(names)} names: expected 2..{VOID} (background and at least one class; "
+                          f"{VOID} is void)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise _fail(path, f"'classes' repeats {', '.join(repeated)}: every class needs its own name")
+    palette = data.get("palette")
+    if palette is None:
+        colors = default_palette(len(names))
+    else:
+        ok = isinstance(palette, list) and all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                        and 0 <= v <= 255 for v in c) for c in palette)
+        if not ok:
+            raise _fail(path, "'palette' must be a list of [R, G, B] colours with values 0..255")
+        if len(palette) != len(names):
+            raise _fail(path, f"'palette' has {len(palette)} colours for {len(names)} classes: expected one per class")
+        colors = tuple(tuple(c) for c in palette)
+        if len(set(colors)) != len(colors):
+            raise _fail(path, "'palette' repeats a colour: RGB masks need one colour per class")
+    ignore = data.get("ignore_background_in_eval", False)
+    if not isinstance(ignore, bool):
+        raise _fail(path, f"'ignore_background_in_eval' must be true or false, got {ignore!r}")
+    return DatasetMeta("folder", tuple(names), tuple(colors), ignore_background_in_eval=ignore)
+
+
+def _val_fraction(root: Path) -> float:
+    path, data = _load_yaml(root)
+    value = data.get("val_fraction", _DEFAULT_VAL_FRACTION)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise _fail(path, f"'val_fraction' must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _in_val(image_id: str, fraction: float) -> bool:
+    return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def _read_list(path: Path, images: dict[str, Path]) -> list[str]:
+    ids: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = line.strip()
+        if not entry:
+            continue
+        image_id = Path(entry).stem if Path(entry).suffix.lower() in IMAGE_SUFFIXES else entry
+        if image_id not in images:
+            raise _fail(path, f"line {number}: no image {image_id!r} in {path.parent / 'images'}")
+        if image_id in ids:
+            raise _fail(path, f"line {number}: {image_id!r} is listed twice")
+        ids.append(image_id)
+    if not ids:
+        raise _fail(path, "names no image; expected one image id per line")
+    return ids
+
+
+def split_ids(root: PathLike) -> tuple[dict[str, Path], dict[str, Path], dict[str, list[str]]]:
+    """``(images by id, masks by id, ids by split)`` of the folder dataset at ``root``."""
+    root = Path(root).expanduser()
+    require_dir(root, "folder", FOLDER_LAYOUT)
+    image_dir = require_dir(root / "images", "folder", FOLDER_LAYOUT)
+    mask_dir = require_dir(root / "masks", "folder", FOLDER_LAYOUT)
+    images: dict[str, Path] = {}
+    for p in sorted(image_dir.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.stem in images:
+                raise _fail(p, f"two images share the id {p.stem!r} ({images[p.stem].name}); rename one")
+            images[p.stem] = p
+    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and p.suffix.lower() == ".png"}
+    if not images:
+        raise FileNotFoundError(f"folder: no image in {image_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    lists = {split: root / f"{split}.txt" for split in ("train", "val")}
+    present = [s for s, p in lists.items() if p.is_file()]
+    if len(present) == 1:
+        other = "val" if present[0] == "train" else "train"
+        raise FileNotFoundError(f"folder: {lists[present[0]]} exists but {lists[other]} does not; give both split "
+                                "lists or neither (then val_fraction of classes.yaml splits the images)")
+    if present:
+        splits = {split: _read_list(path, images) for split, path in lists.items()}
+        both = sorted(set(splits["train"]) & set(splits["val"]))
+        if both:
+            raise _fail(lists["val"], f"{len(both)} id(s) are also in train.txt, e.g. {both[0]!r}")
+    else:
+        fraction = _val_fraction(root)
+        unmasked = [i for i in images if i not in masks]
+        if unmasked:
+            raise FileNotFoundError(f"folder: image {images[unmasked[0]]} has no mask {mask_dir / (unmasked[0] + '.png')}"
+                                    f" ({len(unmasked)} image(s) without a mask); add the masks or list the "
+                                    "annotated images in train.txt / val.txt")
+        splits = {"val": [i for i in images if _in_val(i, fraction)]}
+        splits["train"] = [i for i in images if not _in_val(i, fraction)]
+        for split, ids in splits.items():
+            if not ids:
+                raise ValueError(f"folder: the {len(images)} images of {image_dir} leave {split} empty with "
+                                 f"val_fraction {fraction}; write train.txt and val.txt in {root}")
+    for split, ids in splits.items():
+        missing = [i for i in ids if i not in masks]
+        if missing:
+            raise FileNotFoundError(f"folder: image {images[missing[0]]} ({split}) has no mask "
+                                    f"{mask_dir / (missing[0] + '.png')}")
+    return images, masks, splits
+
+
+@register_dataset("folder")
+class FolderSegmentation(SegmentationDataset):
+    """A dataset of your own: ``root/images``, ``root/masks`` and ``root/classes.yaml`` (module docstring)."""
+
+    read_meta = staticmethod(read_classes)
+
+    def __init__(self, root: PathLike, split: str):
+        check_split("folder", split)
+        root = Path(root).expanduser()
+        require_dir(root, "folder", FOLDER_LAYOUT)
+        meta = read_classes(root)
+        images, masks, splits = split_ids(root)
+        ids = splits[split]
+        super().__init__("folder", root, split, meta, [images[i] for i in ids], [masks[i] for i in ids])
+        self._classes_file = root / CLASSES_FILE
+        colors = np.asarray(meta.palette, dtype=np.int64)
+        self._color_codes = {int(c): k for k, c in enumerate(colors[:, 0] << 16 | colors[:, 1] << 8 | colors[:, 2])}
+        self._color_codes.setdefault(VOID_COLOR[0] << 16 | VOID_COLOR[1] << 8 | VOID_COLOR[2], VOID)
+        self._has_palette = "palette" in _load_yaml(root)[1]
+
+    def load_mask(self, i: int) -> np.ndarray:
+        """Mask ``i`` as class ids; RGB masks through the palette; every id checked against classes.yaml."""
+        path = self.mask_path(i)
+        try:
+            with Image.open(path) as im:
+                mode = im.mode
+                raw = np.array(im.convert("RGB") if mode in ("RGB", "RGBA") else im)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"mask file not found: {path}") from None
+        if mode in ("RGB", "RGBA"):
+            return self._from_colors(raw, path)
+        if mode not in ("P", "L"):
+            raise ValueError(f"mask {path} has mode {mode!r}: expected a grayscale (L) or palette (P) PNG of class "
+                             "ids, or an RGB PNG painted with the palette of classes.yaml")
+        return self._checked(raw.astype(np.uint8), path)
+
+    def _from_colors(self, rgb: np.ndarray, path: Path) -> np.ndarray:
+        if not self._has_palette:
+            raise ValueError(f"mask {path} is an RGB picture but {self._classes_file} has no 'palette': give the "
+                             "colour of every class there, or save the masks as PNGs of class ids")
+        codes = rgb[..., 0].astype(np.int64) << 16 | rgb[..., 1].astype(np.int64) << 8 | rgb[..., 2]
+        values, inverse = np.unique(codes, return_inverse=True)
+        unknown = [int(v) for v in values if int(v) not in self._color_codes]
+        if unknown:
+            shown = ", ".join(f"({v >> 16}, {v >> 8 & 255}, {v & 255})" for v in unknown[:4])
+            raise ValueError(f"mask {path} holds colour(s) {shown} that are not in the palette of "
+                             f"{self._classes_file}; expected the colours of its {self.num_classes} classes")
+        ids = np.array([self._color_codes[int(v)] for v in values], dtype=np.uint8)
+        return ids[inverse.reshape(codes.shape)]
+
+    def _checked(self, mask: np.ndarray, path: Path) -> np.ndarray:
+        present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+        bad = [int(v) for v in present if self.num_classes <= v < VOID]
+        if bad:
+            raise ValueError(f"mask {path} holds class id(s) {', '.join(map(str, bad[:8]))} but {self._classes_file} "
+                             f"names {self.num_classes} classes (ids 0..{self.num_classes - 1}, {VOID} void); add "
+                             "their names to classes.yaml or fix the mask")
+        return mask
+
+
+def check_folder(root: PathLike, limit: Optional[int] = None) -> list[str]:
+    """Every problem of the folder dataset at ``root`` as one line each (empty: ready to train).
+
+    Reads ``limit`` evenly spaced pairs per split (all when None): image readable, mask of the
+    same size with only classes of ``classes.yaml``.
+    """
+    problems: list[str] = []
+    try:
+        datasets = [FolderSegmentation(root, split) for split in ("train", "val")]
+    except (ValueError, FileNotFoundError) as exc:
+        return [str(exc)]
+    for dataset in datasets:
+        n = len(dataset)
+        picks = range(n) if limit is None or limit >= n else np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+        for i in picks:
+            i = int(i)
+            try:
+                with Image.open(dataset.image_path(i)) as im:
+                    size = im.size
+                    im.load()
+                mask = dataset.load_mask(i)
+            except Exception as exc:  # name the file whatever PIL raises
+                problems.append(str(exc).splitlines()[0] if str(exc) else f"{dataset.image_path(i)}: unreadable")
+                continue
+            if (mask.shape[1], mask.shape[0]) != size:
+                problems.append(f"mask {dataset.mask_path(i)} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                                f"{dataset.image_path(i).name} is {size[0]}x{size[1]}")
+    return problems
+
+
+def run_check_folder(root: PathLike, limit: Optional[int] = None) -> int:
+    """``ucdseg data check --dataset folder``: print the problems and a verdict; exit code 0 or 1."""
+    problems = check_folder(root, limit=limit)
+    if not problems:
+        meta = read_classes(root)
+        counts = {split: len(split_ids(root)[2][split]) for split in ("train", "val")}
+        print(f"folder at {root}: {meta.num_classes} classes ({', '.join(meta.class_names)}), "
+              f"train {counts['train']} images, val {counts['val']} images")
+        print("verdict: OK -- no problem found")
+        return 0
+    for line in problems[:20]:
+        print(f"ERROR {line}")
+    if len(problems) > 20:
+        print(f"... and {len(problems) - 20} more")
+    print(f"verdict: FAILED -- {len(problems)} error(s)")
+    return 1

@@ -14,14 +14,15 @@
 # methods reuse it; joint trains its single step for the same 3 epochs.
 # The UCD-weight sweep (4-3-3): MiB+UCD and PLOP+UCD with UCD weighted WEIGHTS instead of the
 # paper's 0.01, on SWEEP_SEEDS, reusing the same step 0.
-# (task, seed) units run JOBS at a time, one torch thread each, so the numbers do not depend on
-# the machine's core count (docs/methods.md, Determinism). Interrupted runs continue where they
-# stopped when the script is run again; finished runs are skipped.
+# Units run JOBS at a time, one torch thread each, so the numbers do not depend on the machine's
+# core count (docs/methods.md, Determinism); the UCD pairs of every seed come first, then the
+# baselines, then the sweep. Interrupted runs continue where they stopped when the script is run
+# again; finished runs are skipped.
 #
 # Environment:
 #   SEEDS="0 1 2 3 4", BASELINE_SEEDS="0 1 2", TASKS="4-3-3 6-1"
 #   WEIGHTS="0.1 1" (the sweep's UCD weights; "" for none), SWEEP_SEEDS="0 1 2"
-#   JOBS=2          units at once (a second copy of the script skips the units the first one runs)
+#   JOBS=2          units at once (units of the same task and seed wait for each other)
 #   OUT=runs/study  where the runs go (the sweep's: $OUT-ucd-weight)
 #   REPORT=1        write the reports at the end (0: only run)
 #   PYTHON=path     the Python that has ucdseg installed (default: .venv/bin/python if present)
@@ -46,44 +47,49 @@ run() {
 }
 contains() { case " $1 " in *" $2 "*) return 0 ;; esac; return 1; }
 
-# one (task, seed): the compared methods (and the baselines, for a baseline seed) sharing step 0,
-# then (4-3-3, a sweep seed) the UCD-weight sweep on that step 0
+# one unit of work: (phase, task, seed). Phase "compared": the compared methods sharing step 0;
+# phase "baselines": the baselines (they reuse the compared methods' step 0 where the loss matches);
+# phase "sweep" (4-3-3): the UCD-weight sweep on the same step 0.
 unit() {
-  local task=$1 seed=$2
-  local dir=$out/$task/seed$seed methods=$compared
-  if contains "$baseline_seeds" "$seed"; then methods=$compared,$baselines; fi
-  run "$py" -m ucdseg.cli --quiet demo --methods "$methods" --seed "$seed" --output-dir "$dir" "task.name=$task"
-  if [ "$task" = 4-3-3 ] && contains "$sweep_seeds" "$seed"; then
-    for weight in $weights; do
-      for method in mib+ucd plop+ucd; do
-        run "$py" -m ucdseg.cli --quiet run "$demo_config" "task.name=$task" "seed=$seed" "method.name=$method" \
-          "method.weights.ucd=$weight" "name=$method-w$weight" "output_dir=$out-ucd-weight/$task/seed$seed" \
-          "train.step0_from=$dir/mib"
-      done
-    done
-  fi
+  local phase=$1 task=$2 seed=$3
+  local dir=$out/$task/seed$seed
+  case $phase in
+    compared) run "$py" -m ucdseg.cli --quiet demo --methods "$compared" --seed "$seed" --output-dir "$dir" "task.name=$task" ;;
+    baselines) run "$py" -m ucdseg.cli --quiet demo --methods "$compared,$baselines" --seed "$seed" --output-dir "$dir" \
+                 "task.name=$task" ;;
+    sweep)
+      for weight in $weights; do
+        for method in mib+ucd plop+ucd; do
+          run "$py" -m ucdseg.cli --quiet run "$demo_config" "task.name=$task" "seed=$seed" "method.name=$method" \
+            "method.weights.ucd=$weight" "name=$method-w$weight" "output_dir=$out-ucd-weight/$task/seed$seed" \
+            "train.step0_from=$dir/mib"
+        done
+      done ;;
+  esac
 }
+
+# the units in order of importance: the UCD pairs over every seed first, then the baselines, then the sweep
+units=()
+for seed in $seeds; do for task in $tasks; do units+=("compared $task $seed"); done; done
+for seed in $baseline_seeds; do for task in $tasks; do units+=("baselines $task $seed"); done; done
+if [ -n "$weights" ] && contains "$tasks" 4-3-3; then for seed in $sweep_seeds; do units+=("sweep 4-3-3 $seed"); done; fi
 
 demo_config=$("$py" -c 'from ucdseg.cli import packaged_config as p; print(p("demo.yaml"))')
 failed=0
-for seed in $seeds $baseline_seeds $sweep_seeds; do
-  # each seed once, in the order given: the compared methods' seeds first
-  case " ${done_seeds:-} " in *" $seed "*) continue ;; esac
-  done_seeds="${done_seeds:-} $seed"
-  for task in $tasks; do
-    if [ "${DRY_RUN:-0}" = "1" ]; then
-      unit "$task" "$seed"
-      continue
-    fi
-    mkdir -p "$out/$task"
-    (
-      # a second copy of this script skips what another one is running
-      if ! flock -n 9; then echo "== study: task $task, seed $seed is being run by another process" >&2; exit 0; fi
-      echo "== study: task $task, seed $seed" >&2
-      unit "$task" "$seed"
-    ) 9>"$out/$task/seed$seed.lock" &
-    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-2}" ]; do wait -n || failed=1; done
-  done
+for item in "${units[@]}"; do
+  read -r phase task seed <<<"$item"
+  if [ "${DRY_RUN:-0}" = "1" ]; then
+    unit "$phase" "$task" "$seed"
+    continue
+  fi
+  mkdir -p "$out/$task"
+  (
+    # one (task, seed) at a time: its phases share step 0; a second copy of this script waits
+    flock 9
+    echo "== study: $phase, task $task, seed $seed" >&2
+    unit "$phase" "$task" "$seed"
+  ) 9>"$out/$task/seed$seed.lock" &
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-2}" ]; do wait -n || failed=1; done
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
 if [ "$failed" != 0 ]; then

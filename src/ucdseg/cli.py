@@ -48,19 +48,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in methods:
         get_method(name)  # fail early on a typo
     out = Path(args.output_dir)
-    runs, first_dir, timings = [], None, {}
+    runs, timings = [], {}
+    step0_dirs: dict[str, Path] = {}  # step-0 loss -> the first run that trained such a step 0
     for name in methods:
+        method = get_method(name)
         overrides = [f"output_dir={out}", f"name={name}", f"method.name={name}", f"seed={args.seed}",
                      *args.overrides]
-        if first_dir is not None and not get_method(name).joint:
-            overrides.append(f"train.step0_from={first_dir}")
+        if method.first_step in step0_dirs and not method.joint:  # same step-0 loss: share step 0
+            overrides.append(f"train.step0_from={step0_dirs[method.first_step]}")
         cfg = _load(args.config or str(packaged_config("demo.yaml")), overrides)
-        print(f"== {name}: {get_method(name).description}", flush=True)
+        print(f"== {name}: {method.description}", flush=True)
         t0 = time.perf_counter()
         runs.append((name, run(cfg, progress=not args.quiet)))
         timings[name] = time.perf_counter() - t0
-        if first_dir is None and not get_method(name).joint:
-            first_dir = cfg.run_dir
+        if not method.joint:
+            step0_dirs.setdefault(method.first_step, cfg.run_dir)
     table = reporting.comparison_markdown(runs)
     task = runs[0][1]["task"]
     header = (f"# Demo: {task['dataset']} {task['name']} ({task['setting']}), seed {args.seed}\n\n"

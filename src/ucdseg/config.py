@@ -132,7 +132,7 @@ _CHOICES = {
     "eval.unseen": ("ignore", "background"),
     "method.ucd_formulation": ("reference", "supcon"),
     "device": ("auto", "cpu", "cuda"),
-    "model.output_stride": (8, 16),
+    "model.output_stride": (4, 8, 16),
 }
 
 

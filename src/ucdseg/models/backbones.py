@@ -7,6 +7,12 @@ Backbones (all built with ``weights=None``; weights come from :func:`load_backbo
   comes from dilation as torchvision's ``replace_stride_with_dilation`` does it (the first block
   of a dilated stage keeps the previous dilation). torchvision's ``BasicBlock`` refuses dilation,
   so for ``resnet18`` :func:`dilate_resnet_stage` applies the same change to the built network.
+* ``embedded_resnet``: the embedded benchmark's backbone (:class:`EmbeddedResNet`), a narrow
+  ResNet-10 (one ``BasicBlock`` per stage, widths 16, 32, 64, 128) without stem stride or
+  max-pool, made for 64 px scenes: strides 1, 2, 4, 8 at output stride 8; ``layer4`` dilated at
+  output stride 4, so a 64 px scene gives a 16 x 16 feature map (a ResNet-18 at output stride 16
+  gives 4 x 4). Its ASPP rates (2, 4, 6) and width (128) suit that map; the pre-logits features
+  keep 256 channels.
 * ``mobilenet_v3_large``: ``features`` of torchvision's MobileNetV3. At output stride 16 this
   is exactly ``mobilenet_v3_large(dilated=True)`` (the last strided block group runs at stride 1
   with dilation 2), as ``deeplabv3_mobilenet_v3_large`` uses it; at output stride 8 the stride-16
@@ -58,8 +64,12 @@ __all__ = [
     "load_backbone_weights",
 ]
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large")
-OUTPUT_STRIDES = (8, 16)
+BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "embedded_resnet")
+OUTPUT_STRIDES = (4, 8, 16)
+#: Output strides each backbone can be built at.
+BACKBONE_OUTPUT_STRIDES = {name: (8, 16) for name in BACKBONES} | {"embedded_resnet": (4, 8)}
+#: ASPP rates at each output stride for 512 px crops (DeepLab-v3's values), see ``Backbone.aspp_rates``.
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 #: Keys of torchvision's classification heads, dropped when loading ImageNet weights.
 _HEAD_PREFIXES = ("fc.", "classifier.")
@@ -79,11 +89,17 @@ class Backbone(nn.Module):
             keys (``"features."`` for MobileNetV3, ``""`` for ResNets).
         preactivation_stages: per stage, whether :meth:`forward_with_preactivation` returns its
             last block's pre-activation (ResNet stages) or its output (other stages).
+        aspp_rates: the atrous rates of the segmentation head's ASPP suited to this backbone
+            (DeepLab-v3's for 512 px crops, unless the backbone is made for other sizes).
+        aspp_channels: the width of the ASPP branches (the pre-logits features stay 256).
     """
 
     def __init__(self, name: str, output_stride: int, body: IntermediateLayerGetter,
-                 stage_names: list[str], stage_channels: list[int], key_prefix: str) -> None:
+                 stage_names: list[str], stage_channels: list[int], key_prefix: str,
+                 aspp_rates: tuple[int, ...] | None = None, aspp_channels: int = 256) -> None:
         super().__init__()
+        self.aspp_rates = tuple(aspp_rates or ASPP_RATES[output_stride])
+        self.aspp_channels = aspp_channels
         self.name = name
         self.output_stride = output_stride
         self.body = body
@@ -195,6 +211,55 @@ def _resnet(name: str, output_stride: int) -> Backbone:
     return Backbone(name, output_stride, body, stages, channels, key_prefix="")
 
 
+class EmbeddedResNet(nn.Module):
+    """The embedded benchmark's classification network: a narrow ResNet-10 for small images.
+
+    torchvision's ``ResNet`` layout and state-dict names (``conv1``, ``bn1``, ``layer1`` ..
+    ``layer4`` of torchvision ``BasicBlock``s, ``fc``) with a 3 x 3 stride-1 stem and no max-pool:
+    strides 1, 2, 4, 8 after ``layer1`` .. ``layer4``. Its weights load into the segmentation
+    backbone like a torchvision ImageNet file (:func:`load_backbone_weights`).
+    """
+
+    WIDTHS = (16, 32, 64, 128)
+
+    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = WIDTHS) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        previous = widths[0]
+        for index, (width, stride) in enumerate(zip(widths, (1, 2, 2, 2)), start=1):
+            downsample = None
+            if stride != 1 or previous != width:
+                downsample = nn.Sequential(nn.Conv2d(previous, width, 1, stride=stride, bias=False),
+                                           nn.BatchNorm2d(width))
+            setattr(self, f"layer{index}", nn.Sequential(BasicBlock(previous, width, stride, downsample)))
+            previous = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(previous, num_classes)
+        for module in self.modules():  # torchvision's ResNet initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _embedded_resnet(output_stride: int) -> Backbone:
+    net = EmbeddedResNet()
+    if output_stride == 4:
+        dilate_resnet_stage(net.layer4, 1, 2)
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    body = IntermediateLayerGetter(net, return_layers={s: s for s in stages})
+    return Backbone("embedded_resnet", output_stride, body, stages, list(EmbeddedResNet.WIDTHS), key_prefix="",
+                    aspp_rates=(2, 4, 6), aspp_channels=128)
+
+
 def _mobilenet_v3_large(output_stride: int) -> Backbone:
     settings, last_channel = _mobilenet_v3_conf("mobilenet_v3_large")
     stride, rate = 2, 1  # the stem conv has stride 2
@@ -215,13 +280,17 @@ def _mobilenet_v3_large(output_stride: int) -> Backbone:
 
 
 def build_backbone(name: str, output_stride: int = 16) -> Backbone:
-    """Build the named backbone (random init) at output stride 16 or 8."""
+    """Build the named backbone (random init) at one of its output strides
+    (:data:`BACKBONE_OUTPUT_STRIDES`: 16 or 8; 8 or 4 for ``embedded_resnet``)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+    if output_stride not in BACKBONE_OUTPUT_STRIDES[name]:
+        raise ValueError(f"backbone {name} takes output_stride "
+                         f"{' or '.join(map(str, BACKBONE_OUTPUT_STRIDES[name]))}, got {output_stride!r}")
     if name == "mobilenet_v3_large":
         return _mobilenet_v3_large(output_stride)
+    if name == "embedded_resnet":
+        return _embedded_resnet(output_stride)
     return _resnet(name, output_stride)
 
 

@@ -9,7 +9,9 @@ place of In-Place ABN + leaky ReLU):
     sum -> BN -> ReLU = pre-logits ``features`` (B, 256, h, w)
     classifier: one 1x1 conv (with bias) per step, outputs concatenated in class order.
 
-Rates are 6/12/18 at output stride 16 and 12/24/36 at output stride 8 (DeepLab-v3's values).
+Rates and branch width come from the backbone (``Backbone.aspp_rates``, ``aspp_channels``): 6/12/18 at
+output stride 16 and 12/24/36 at output stride 8 (DeepLab-v3's values, 256 wide) for torchvision's
+backbones; 2/4/6, 128 wide, for ``embedded_resnet``'s 16 x 16 maps of 64 px scenes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ __all__ = [
 
 #: Classifier init modes for a new step, see :meth:`IncrementalDeepLab.init_new_classifier`.
 INIT_MODES = ("mib", "plop", "none")
-ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
 class SegOutput(NamedTuple):
@@ -103,8 +104,8 @@ class IncrementalDeepLab(nn.Module):
         if not steps or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps):
             raise ValueError(f"classes_per_step must be a non-empty list of positive ints, got {classes_per_step!r}")
         self.backbone = backbone
-        self.head = DeepLabV3Head(backbone.out_channels, head_channels, head_channels,
-                                  rates=ASPP_RATES[backbone.output_stride])
+        self.head = DeepLabV3Head(backbone.out_channels, head_channels, backbone.aspp_channels,
+                                  rates=backbone.aspp_rates)
         self.classifier = nn.ModuleList([nn.Conv2d(head_channels, n, 1, bias=True) for n in steps])
         self._classes_per_step = steps
 
@@ -167,7 +168,7 @@ def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: i
     Args:
         backbone: ``resnet18``, ``resnet50``, ``resnet101`` or ``mobilenet_v3_large``.
         classes_per_step: classes added at each step so far, e.g. ``[16, 1]``.
-        output_stride: 16 or 8.
+        output_stride: 16 or 8 (8 or 4 for ``embedded_resnet``).
         pretrained: ``None`` (random init), a path to a torchvision-format ImageNet checkpoint of
             that backbone, or a torchvision weight name such as ``"IMAGENET1K_V1"`` (downloads;
             needs internet). See :func:`ucdseg.models.backbones.load_backbone_weights`.

@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 
 from ..data import embedded as emb
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .backbones import EmbeddedResNet
 
 __all__ = ["pretrain_embedded_backbone", "embedded_backbone_path", "EMBEDDED_PRETRAINED"]
 
 EMBEDDED_PRETRAINED = "embedded"  # the value of model.pretrained that asks for these weights
-PRETRAIN_VERSION = 1  # bump when the recipe below changes (it names the cached file)
+PRETRAIN_VERSION = 2  # bump when the recipe below changes (it names the cached file)
 IMAGE_SIZE = 32
 OBJECT_SCALE = (0.8, 1.1)  # object side / 28 px
 
@@ -47,10 +48,21 @@ def embedded_backbone_path(backbone: str, iterations: int, seed: int) -> Path:
     return emb.default_root().parent / "backbones" / name
 
 
-def _object_images(rng: np.random.Generator, objects: np.ndarray, n: int) -> np.ndarray:
+def classification_network(backbone: str, num_classes: int) -> torch.nn.Module:
+    """The classification network whose weights the segmentation ``backbone`` loads: torchvision's
+    architecture of that name, or :class:`~ucdseg.models.backbones.EmbeddedResNet`."""
+    if backbone == "embedded_resnet":
+        return EmbeddedResNet(num_classes=num_classes)
+    try:
+        return torchvision.models.get_model(backbone, weights=None, num_classes=num_classes)
+    except ValueError as exc:
+        raise ValueError(f"unknown backbone {backbone!r} for embedded pre-training: {exc}") from None
+
+
+def _object_images(rng: np.random.Generator, objects: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """``n`` images (n, S, S, 3) float32 in [0, 1]: one tinted object centred (+-3 px) on a background."""
     images = emb._backgrounds(np.stack([emb._background_params(rng) for _ in range(n)]), IMAGE_SIZE)
-    for i, obj in enumerate(objects):
+    for i, (obj, label) in enumerate(zip(objects, labels)):
         side = int(round(obj.shape[0] * rng.uniform(*OBJECT_SCALE)))
         if rng.random() < 0.5:
             obj = np.ascontiguousarray(obj[:, ::-1])
@@ -60,7 +72,7 @@ def _object_images(rng: np.random.Generator, objects: np.ndarray, n: int) -> np.
         crop = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
         lo, hi = emb.ALPHA_RANGE
         alpha = np.clip((shape[crop] - lo) / (hi - lo), 0, 1)[..., None]
-        color = emb._tint(rng) * (emb.SHADE_FLOOR + (1 - emb.SHADE_FLOOR) * intensity[crop][..., None])
+        color = emb._tint(rng, int(label)) * (emb.SHADE_FLOOR + (1 - emb.SHADE_FLOOR) * intensity[crop][..., None])
         images[i, ys, xs] = images[i, ys, xs] * (1 - alpha) + color * alpha
     return images
 
@@ -68,9 +80,9 @@ def _object_images(rng: np.random.Generator, objects: np.ndarray, n: int) -> np.
 def pretrain_embedded_backbone(
     backbone: str = "resnet18",
     path: Optional[Union[str, "os.PathLike[str]"]] = None,
-    iterations: int = 300,
+    iterations: int = 600,
     batch_size: int = 64,
-    lr: float = 0.02,
+    lr: float = 0.05,
     seed: int = 0,
     fashion_mnist_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
     progress: bool = True,
@@ -91,10 +103,7 @@ def pretrain_embedded_backbone(
     if iterations < 1 or batch_size < 1:
         raise ValueError(f"iterations and batch_size must be >= 1, got {iterations} and {batch_size}")
     torch.manual_seed(seed)  # the initialisation too
-    try:
-        model = torchvision.models.get_model(backbone, weights=None, num_classes=10)
-    except ValueError as exc:
-        raise ValueError(f"unknown backbone {backbone!r} for embedded pre-training: {exc}") from None
+    model = classification_network(backbone, num_classes=10)
     images, labels = emb.load_fashion_mnist("train", fashion_mnist_dir)
     rng = np.random.default_rng([seed, 7])
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -106,7 +115,7 @@ def pretrain_embedded_backbone(
     bar = tqdm(range(iterations), desc=f"pre-training {backbone} on embedded objects", disable=not progress)
     for _ in bar:
         pick = rng.integers(0, len(images), batch_size)
-        x = torch.from_numpy(_object_images(rng, images[pick], batch_size)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(_object_images(rng, images[pick], labels[pick], batch_size)).permute(0, 3, 1, 2)
         y = torch.from_numpy(labels[pick].astype(np.int64))
         logits = model((x - mean) / std)
         loss = F.cross_entropy(logits, y)

@@ -20,7 +20,7 @@
 # again; finished runs are skipped.
 #
 # Environment:
-#   SEEDS="0 1 2 3 4", BASELINE_SEEDS="0 1 2", TASKS="4-3-3 6-1"
+#   SEEDS="0 1 2 3 4", BASELINE_SEEDS="0 1 2" ("" for none), TASKS="4-3-3 6-1"
 #   WEIGHTS="0.1 1" (the sweep's UCD weights; "" for none), SWEEP_SEEDS="0 1 2"
 #   JOBS=2          units at once (units of the same task and seed wait for each other)
 #   OUT=runs/study  where the runs go (the sweep's: $OUT-ucd-weight)
@@ -33,10 +33,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 out=${OUT:-runs/study}
 seeds=${SEEDS:-0 1 2 3 4}
-baseline_seeds=${BASELINE_SEEDS:-0 1 2}
+baseline_seeds=${BASELINE_SEEDS-0 1 2}
 tasks=${TASKS:-4-3-3 6-1}
 weights=${WEIGHTS-0.1 1}
-sweep_seeds=${SWEEP_SEEDS:-0 1 2}
+sweep_seeds=${SWEEP_SEEDS-0 1 2}
 compared=mib,mib+ucd,plop,plop+ucd
 baselines=ft,lwf,lwf-mc,ilt,joint
 for task in $tasks; do

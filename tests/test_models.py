@@ -522,3 +522,44 @@ def test_model_exposes_stage_preactivations(backbone: str) -> None:
     # the stage's convolutions may take another kernel than the hand-run ones (thread count): relative to its scale
     scale = float(expected.abs().max())
     torch.testing.assert_close(out.pod_stages[3], expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+# ------------------------------------------------------------------------ the embedded backbone
+@pytest.mark.parametrize("output_stride", [4, 8])
+def test_embedded_resnet_gives_a_fine_feature_map_of_a_small_scene(output_stride: int) -> None:
+    """No stem stride and no max-pool: a 64 px scene gives 64 / output_stride cells a side."""
+    torch.manual_seed(0)
+    model = build_model("embedded_resnet", [5, 1], output_stride=output_stride).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    side = 64 // output_stride
+    assert [tuple(s.shape[1:]) for s in out.stages] == [
+        (16, 64, 64), (32, 32, 32), (64, 16, 16), (128, side, side)]
+    assert out.features.shape == (2, 256, side, side)  # the 256-channel pre-logits features UCD reads
+    assert out.low_logits.shape == (2, 6, side, side) and out.logits.shape == (2, 6, 64, 64)
+    assert model.backbone.preactivation_stages == [True] * 4  # POD reads pre-activations here too
+    head = model.head
+    assert [conv.dilation[0] for conv in head.map_convs[1:]] == [2, 4, 6] and head.map_convs[0].out_channels == 128
+    # layer4 is dilated, not strided, at output stride 4
+    conv = model.backbone.body["layer4"][0].conv1
+    assert conv.stride == ((1, 1) if output_stride == 4 else (2, 2))
+
+
+def test_embedded_resnet_classifier_keeps_torchvision_names() -> None:
+    from ucdseg.models.backbones import EmbeddedResNet
+
+    net = EmbeddedResNet(num_classes=10)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    names = set(net.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+            "layer4.0.bn2.bias", "fc.weight"} <= names
+    assert not any(k.startswith("maxpool") for k in names)
+
+
+def test_output_stride_is_checked_per_backbone() -> None:
+    with pytest.raises(ValueError, match="embedded_resnet takes output_stride 4 or 8, got 16") as exc:
+        build_model("embedded_resnet", [5], output_stride=16)
+    assert "\n" not in one_line(exc)
+    with pytest.raises(ValueError, match="resnet18 takes output_stride 8 or 16, got 4"):
+        build_model("resnet18", [5], output_stride=4)

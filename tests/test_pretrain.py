@@ -55,10 +55,20 @@ def test_pretraining_is_deterministic_and_reuses_an_existing_file(fmnist, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.pth", "b.json", "b.pth", "c.json", "c.pth"]
 
 
+def test_embedded_resnet_pretraining_loads_into_the_embedded_backbone(fmnist, tmp_path, one_thread):
+    path = _tiny(fmnist)("embedded_resnet", path=tmp_path / "e.pth")
+    state = torch.load(path, weights_only=True)
+    assert state["fc.weight"].shape == (10, 128) and state["conv1.weight"].shape == (16, 3, 3, 3)
+    for output_stride in (4, 8):
+        model = build_model("embedded_resnet", [5], output_stride=output_stride, pretrained=str(path))
+        loaded = model.backbone.body.state_dict()
+        assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
 def test_default_path_is_in_the_cache_and_names_the_recipe(monkeypatch, tmp_path):
     monkeypatch.setenv("UCDSEG_CACHE", str(tmp_path))
     monkeypatch.delenv("UCDSEG_EMBEDDED", raising=False)
-    assert embedded_backbone_path("resnet50", 300, 0) == tmp_path / "backbones" / "resnet50-embedded-v1-i300-s0.pth"
+    assert embedded_backbone_path("resnet50", 300, 0) == tmp_path / "backbones" / "resnet50-embedded-v2-i300-s0.pth"
     assert embedded_backbone_path("resnet50", 300, 1) != embedded_backbone_path("resnet50", 300, 0)
 
 
@@ -66,7 +76,7 @@ def test_object_images_put_one_object_on_the_centre_of_a_background():
     objects = np.zeros((2, 28, 28), dtype=np.uint8)
     objects[:, 4:24, 4:24] = 255  # a solid square: every pixel of it is opaque
     rng = np.random.default_rng(0)
-    images = pretrain._object_images(rng, objects, 2)
+    images = pretrain._object_images(rng, objects, np.array([0, 5]), 2)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32
     assert 0 <= images.min() and images.max() <= 1
     for img in images:
@@ -91,7 +101,7 @@ def test_trainer_resolves_model_pretrained_embedded_to_the_cached_file(fmnist, t
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=r", f"data.root={tiny_benchmark}",
                              "model.pretrained=embedded", "data.embedded_train=60", "data.embedded_val=16"])
     path = trainer.Trainer(cfg, progress=False)._pretrained()
-    assert path == str(embedded_backbone_path("resnet18", 2, 0)) and torch.load(path, weights_only=True)
+    assert path == str(embedded_backbone_path("embedded_resnet", 2, 0)) and torch.load(path, weights_only=True)
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=s", f"data.root={tiny_benchmark}",
                              "model.pretrained=/some/file.pth", "data.embedded_train=60", "data.embedded_val=16"])
     assert trainer.Trainer(cfg, progress=False)._pretrained() == "/some/file.pth"  # any other value is kept

@@ -47,8 +47,8 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"
-    output_stride: int = 16
+    backbone: str = "embedded_resnet"  # the embedded benchmark's (the default dataset); VOC/ADE/Cityscapes: resnet101
+    output_stride: int = 4  # embedded_resnet: 4 or 8; torchvision backbones: 8 or 16
     pretrained: Optional[str] = None  # torchvision-format ImageNet checkpoint, weight-enum name, or "embedded"
 
 

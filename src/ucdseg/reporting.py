@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data.meta import colorize
+from .data.meta import VOID_COLOR, colorize
 from .engine.checkpoint import atomic_path, write_text
 from .engine.metrics import average_over_steps
 
@@ -153,12 +153,15 @@ def comparison_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
 
 
 @torch.no_grad()
-def write_predictions(model, val_set, seen: Sequence[int], palette, device, path: Path, num_images: int = 4) -> None:
-    """A picture of the first ``num_images`` validation images: image | ground truth | prediction."""
+def write_predictions(model, val_set, seen: Sequence[int], palette, device, path: Path, num_images: int = 4,
+                      class_names: Sequence[str] | None = None) -> None:
+    """A picture of the first ``num_images`` validation images: image | ground truth | prediction,
+    with a legend naming every class that appears in it (``class_names``: dataset space)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     model.eval()
     n = min(num_images, len(val_set))
@@ -169,18 +172,28 @@ def write_predictions(model, val_set, seen: Sequence[int], palette, device, path
     to_dataset[: len(seen)] = seen
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n + (0.6 if class_names else 0)), squeeze=False)
+    shown_ids: set[int] = set()
     for row in range(n):
         image, target = val_set[row]
-        pred = model(image[None].to(device)).logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        with torch.no_grad():
+            pred = model(image[None].to(device)).logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        masks = to_dataset[target.numpy().astype(np.uint8)], to_dataset[pred]
+        shown_ids.update(int(c) for m in masks for c in np.unique(m))
         shown = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        panels = [shown, colorize(to_dataset[target.numpy().astype(np.uint8)], palette),
-                  colorize(to_dataset[pred], palette)]
+        panels = [shown, colorize(masks[0], palette), colorize(masks[1], palette)]
         for ax, panel, title in zip(axes[row], panels, ("image", "ground truth", "prediction")):
-            ax.imshow(panel)
+            ax.imshow(panel, interpolation="nearest")  # small scenes: show their pixels, not a blur
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title, fontsize=9)
+    if class_names:
+        handles = [Patch(facecolor=np.asarray(palette[c]) / 255, edgecolor="black", label=class_names[c])
+                   for c in sorted(shown_ids - {255})]
+        if 255 in shown_ids:
+            handles.append(Patch(facecolor=np.asarray(VOID_COLOR) / 255, edgecolor="black", label="void"))
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7, frameon=False)
+        fig.subplots_adjust(bottom=0.6 / (2 * n + 0.6) + 0.04)
     _save_figure(fig, path)
 
 

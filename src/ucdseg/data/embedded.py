@@ -219,7 +219,8 @@ def _backgrounds(params: np.ndarray, size: int) -> np.ndarray:
 def _tint(rng: np.random.Generator, label: int) -> np.ndarray:
     """A saturated, fairly bright colour (RGB in [0, 1]) for an object of Fashion-MNIST ``label``:
     its hue is within ``HUE_JITTER`` of ``label / 10``, so a class has a typical colour (as sky or
-    grass do) that it shares in part with its two hue neighbours; the shape tells them apart."""
+    grass do) that it shares in part with its two hue neighbours in label order; the shape tells
+    them apart (docs/embedded.md, "Why version 2", says what this makes easier)."""
     h = (label / 10 + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
     s, v = rng.uniform(0.45, 1.0), rng.uniform(0.7, 1.0)
     return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)

@@ -599,7 +599,7 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
         from .. import reporting
 
         reporting.write_predictions(model, val, seen, meta.palette, dist.device, predictions,
-                                    num_images=cfg.eval.num_images)
+                                    num_images=cfg.eval.num_images, class_names=meta.class_names)
     return record
 
 

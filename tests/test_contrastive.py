@@ -9,6 +9,7 @@ from ucdseg.losses import (
     contrastive_distillation,
     contrastive_distillation_flat,
     prepare_contrastive_inputs,
+    resize_labels_nearest,
 )
 
 TAU = 0.07
@@ -188,22 +189,47 @@ def test_gradient_flows_only_into_new_features():
 # ----------------------------------------------------------------------------------------------
 # labels at a higher resolution, precision
 # ----------------------------------------------------------------------------------------------
-def test_labels_at_higher_resolution_use_nearest():
+def test_labels_at_higher_resolution_read_the_cell_centre():
     f, g, z, _ = make_case(seed=5)
     gen = torch.Generator().manual_seed(6)
     choices = torch.tensor([0, 0, 255, 4, 5])
-    # integer factor 2: nearest picks pixel (2i, 2j)
+    # integer factor 2: the centre of cell i is pixel 2i + 1 (SPEC §3: s*i + s/2)
     y_hi = choices[torch.randint(len(choices), (2, 6, 8), generator=gen)]
-    y_lo = y_hi[:, ::2, ::2]
+    y_lo = y_hi[:, 1::2, 1::2]
     want = naive_ucd(f, g, z, y_lo)[0]
     torch.testing.assert_close(contrastive_distillation(f, g, z, y_hi), want, rtol=1e-10, atol=0)
-    # non-integer factor 7x9 -> 3x4: pixel (floor(i*7/3), floor(j*9/4))
+    # non-integer factor 7x9 -> 3x4: pixel (floor((i + 1/2) * 7/3), floor((j + 1/2) * 9/4))
     y_odd = choices[torch.randint(len(choices), (2, 7, 9), generator=gen)]
-    rows = [math.floor(i * 7 / 3) for i in range(3)]
-    cols = [math.floor(j * 9 / 4) for j in range(4)]
+    rows, cols = [1, 3, 5], [1, 3, 5, 7]  # 7/6, 21/6, 35/6 and 9/8, 27/8, 45/8, 63/8 floored
     y_lo = y_odd[:, rows][:, :, cols]
     want = naive_ucd(f, g, z, y_lo)[0]
     torch.testing.assert_close(contrastive_distillation(f, g, z, y_odd), want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("stride", [2, 4, 16])
+def test_impulse_at_a_cell_centre_lands_in_that_cell_and_at_its_corner_does_not(stride):
+    # one labelled pixel (class 7) in a void image; the feature map is 3 x 4 cells of stride s
+    h, w = 3, 4
+    for ci, cj in [(0, 0), (1, 2), (2, 3)]:
+        centre = torch.full((1, h * stride, w * stride), 255)
+        centre[0, stride * ci + stride // 2, stride * cj + stride // 2] = 7
+        got = resize_labels_nearest(centre, (h, w))
+        want = torch.full((1, h, w), 255)
+        want[0, ci, cj] = 7
+        assert torch.equal(got, want)
+        corner = torch.full((1, h * stride, w * stride), 255)
+        corner[0, stride * ci, stride * cj] = 7  # the pixel mode="nearest" used to read
+        assert torch.equal(resize_labels_nearest(corner, (h, w)), torch.full((1, h, w), 255))
+
+
+def test_label_resize_equals_nearest_exact_and_keeps_ids():
+    gen = torch.Generator().manual_seed(15)
+    y = torch.tensor([0, 3, 200, 255])[torch.randint(4, (2, 64, 48), generator=gen)]
+    for size in [(4, 3), (8, 6), (5, 7), (64, 48)]:
+        got = resize_labels_nearest(y, size)
+        ref = torch.nn.functional.interpolate(y[:, None].float(), size=size, mode="nearest-exact")
+        assert torch.equal(got, ref[:, 0].long())
+        assert set(got.unique().tolist()) <= {0, 3, 200, 255}
 
 
 def test_nearest_never_invents_class_ids():

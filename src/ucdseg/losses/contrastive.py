@@ -73,16 +73,30 @@ class ContrastiveInputs(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # pixel selection
 # ----------------------------------------------------------------------------------------------
-def resize_labels_nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(B, H, W)`` integer labels to ``size`` with nearest neighbour (never bilinear).
+def _cell_centres(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """Input index read by each output cell: ``floor((i + 1/2) * size_in / size_out)``.
 
-    Uses PyTorch's ``mode="nearest"``: output pixel ``(i, j)`` takes input pixel
-    ``(floor(i * H / h), floor(j * W / w))``, so no new class id can appear.
+    At an integer stride ``s = size_in / size_out`` this is pixel ``s*i + s/2``, the input pixel
+    at the centre of cell ``i`` (where bilinear upsampling with ``align_corners=False`` places
+    it); PyTorch's ``mode="nearest-exact"`` uses the same rule. Computed in integers, so it is
+    exact at any ratio.
+    """
+    i = torch.arange(size_out, device=device)
+    return ((2 * i + 1) * size_in) // (2 * size_out)
+
+
+def resize_labels_nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``(B, H, W)`` integer labels to ``size`` by reading each output cell's centre.
+
+    Output pixel ``(i, j)`` takes input pixel ``(floor((i + 1/2) H / h), floor((j + 1/2) W / w))``
+    (``nearest-exact``; at stride 16 that is pixel ``16 i + 8``, not the top-left corner ``16 i``
+    that ``mode="nearest"`` reads). It only gathers input pixels: no new class id can appear.
     """
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
-    resized = F.interpolate(labels.unsqueeze(1).to(torch.float32), size=tuple(size), mode="nearest")
-    return resized.squeeze(1).to(labels.dtype)
+    rows = _cell_centres(labels.shape[-2], size[0], labels.device)
+    cols = _cell_centres(labels.shape[-1], size[1], labels.device)
+    return labels.index_select(-2, rows).index_select(-1, cols)
 
 
 def _check_maps(
@@ -125,7 +139,8 @@ def prepare_contrastive_inputs(
 ) -> ContrastiveInputs:
     """Select the pixels, anchors and contrast set of SPEC §3 "UCD contrastive distillation".
 
-    1. ``labels`` are resized to the feature map by nearest neighbour; ``p = softmax(old_logits)``.
+    1. ``labels`` are resized to the feature map by reading each cell's centre
+       (:func:`resize_labels_nearest`); ``p = softmax(old_logits)``.
        "GT pixels" are those whose label is neither 0 nor 255 (current-step ground truth, or
        pseudo-labels under PLOP); they keep their label. Pixels labelled 0 take ``argmax p``.
        Pixels still labelled 0 and pixels labelled 255 are dropped.
@@ -375,8 +390,8 @@ def contrastive_distillation(
         old_logits: old-model logits at the feature resolution ``(B, C_old, h, w)`` (detached);
             any number of classes.
         labels: step-t training labels ``(B, H, W)`` at any resolution, 255 = ignore; resized to
-            ``(h, w)`` by nearest neighbour. Class ids of any size are kept (no ``label > 20``
-            cut as in the release).
+            ``(h, w)`` by reading each feature cell's centre (``nearest-exact``). Class ids of
+            any size are kept (no ``label > 20`` cut as in the release).
         temperature: ``tau``.
         formulation: ``"reference"`` (the release's numerics: the positive term is shifted by the
             detached row maximum ``m_i``) or ``"supcon"`` (no shift).

@@ -2,8 +2,8 @@
 
 Three parts, all on the same deterministic inputs:
 
-1. **Time, round-robin** (one fresh process per size): after a warm-up of every code path, each
-   round times, in turn, a bare ``|A| x |C| x D`` matrix product (the floor: UCD needs at least
+1. **Time, round-robin** (one fresh process per size): after a warm-up of every code path on
+   tiny inputs, each round times, in turn, a bare ``|A| x |C| x D`` matrix product (the floor: UCD needs at least
    one such product) through ``torch.mm`` and through oneDNN (the backend ours uses for its large
    float32 products on a CPU), ours and the release's copy in both formulations (forward + backward).
    The figures are the medians over rounds, and the ratios are taken round by round (so a change
@@ -40,11 +40,14 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -61,7 +64,7 @@ IMPLS = ("ours", "release")
 FORMULATIONS = ("reference", "supcon")
 TARGET_ANCHORS = 8192
 TARGETS = {"time_ratio_min": 5.0, "memory_ratio_min": 10.0, "value_rel_max": 1e-5, "grad_rel_max": 1e-4}
-ROUNDS = {2048: 5, 4096: 4, 8192: 3, 12288: 2}  # timed rounds after the warm-up round
+ROUNDS = {2048: 3, 4096: 3, 8192: 3, 12288: 1}  # timed rounds (after a warm-up of every path on tiny inputs)
 GATHER_ANCHORS, GATHER_WORLDS, GATHER_ROUNDS = 2048, (1, 2, 4, 8), 3
 MEMORY_METHOD = ("peak of torch's CPU allocator (torch.profiler, profile_memory=True: allocation/free events "
                  "replayed in time order) during the first full-size forward + backward in a fresh process")
@@ -240,7 +243,7 @@ def memory_case(args: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- case: round-robin timing
 def timing_case(args: dict) -> dict:
-    """One size: ``rounds`` rounds of [matmul, ours/release x formulations] after a warm-up round."""
+    """One size: ``rounds`` rounds of [matmuls, ours/release x formulations] after a tiny warm-up."""
     _set_threads(args)
     n = args["anchors"]
     features, old_features, old_logits, labels = make_inputs(n)
@@ -258,13 +261,12 @@ def timing_case(args: dict) -> dict:
                                               _fwd_bwd(fn, features, old_features, old_logits, labels, formulation=fm))
     _warm_up()
     times: dict[str, list[float]] = {name: [] for name in items}
-    for r in range(args["rounds"] + 1):
+    for _ in range(args["rounds"]):
         for name, fn in items.items():
             _trim()
             t0 = time.perf_counter()
             fn()
-            if r:  # round 0 is the full-size warm-up
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
     return {"contrast": k, "times": times, "load_after": load_average(), "torch_threads": torch.get_num_threads()}
 
 
@@ -390,51 +392,96 @@ def _timing_rows(n: int, res: dict) -> list[dict]:
     return rows
 
 
+def _chains(jobs: list[list], workers: int) -> None:
+    """Run each chain (a list of callables) in order; chains run concurrently on ``workers`` threads."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(lambda chain=chain: [job() for job in chain]) for chain in jobs]:
+            future.result()
+
+
 def run(quick: bool = False, sizes: list[int] | None = None, threads: int | None = None,
-        gather: bool = True) -> dict:
+        gather: bool = True, concurrent: int = 1) -> dict:
+    """All parts. ``concurrent > 1`` runs the timing, memory and global-batch cases as that many
+    concurrent chains of fresh processes (times are ratios within one process, so this only adds
+    load; the release's cases at the two largest sizes never overlap, for the machine's memory)."""
     sizes = sizes or (QUICK_SIZES if quick else list(SIZES))
-    cases: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="ucdseg-bench-") as tmp:
-        for n in sizes:  # 1. time, round-robin
-            rounds = 1 if quick else ROUNDS.get(n, 3)
-            res = run_case("bench_contrastive", {"kind": "timing", "anchors": n, "rounds": rounds, "threads": threads})
-            for row in _timing_rows(n, res):
-                log(f"  contrastive |A|={n:5d} |C|={row['contrast']:5d} {row['formulation']:9s}: ours "
-                    f"{row['ours_s']['median_s']:.3f} s, release {row['release_s']['median_s']:.3f} s, matmul "
-                    f"{row['matmul_s']['median_s']:.3f} s, speed-up {row['speedup']:.1f}x")
-                cases.append(row)
-        for row in cases:  # 2. memory and numerics
-            n, formulation = row["anchors"], row["formulation"]
-            files = {}
-            for impl in IMPLS:
-                files[impl] = os.path.join(tmp, f"{impl}-{formulation}-{n}.pt")
-                res = run_case("bench_contrastive", {"kind": "memory", "impl": impl, "anchors": n,
-                                                     "formulation": formulation, "out": files[impl],
-                                                     "threads": threads})
-                row[f"{impl}_memory"] = res
-            row.update(compare(files["ours"], files["release"]))
-            row["memory_ratio"] = row["release_memory"]["peak_mib"] / max(row["ours_memory"]["peak_mib"], 1e-9)
-            log(f"  contrastive |A|={n:5d} {formulation:9s}: peak ours {row['ours_memory']['peak_mib']:.0f} MiB, "
-                f"release {row['release_memory']['peak_mib']:.0f} MiB ({row['memory_ratio']:.1f}x); value rel "
-                f"{row['value_rel_diff']:.1e}, grad rel {row['grad_rel_diff']:.1e}")
-        global_batch = None
-        if gather:  # 3. global batch
-            n = 256 if quick else GATHER_ANCHORS
-            rounds = 1 if quick else GATHER_ROUNDS
-            simulated = []
-            for world in GATHER_WORLDS:
-                res = run_case("bench_contrastive", {"kind": "gather", "world": world, "anchors": n,
-                                                     "rounds": rounds, "threads": threads})
-                log(f"  contrastive gather W={world}: |C|={res['contrast']} {res['median_s']:.3f} s, "
-                    f"peak {res['peak_mib']:.0f} MiB, {res['ratio_to_matmul']:.2f} x matmul")
-                simulated.append(res)
+    big = threading.Lock()  # held by any process running the release at >= 8192 anchors (5-12 GB each)
+    rows: dict[int, list[dict]] = {}
+    memory: dict[tuple, dict] = {}
+    global_batch: dict = {}
+    tmp = tempfile.mkdtemp(prefix="ucdseg-bench-")
+
+    def guarded(n: int, release: bool, fn):
+        if release and n >= 8192:
+            with big:
+                return fn()
+        return fn()
+
+    def timing(n: int) -> None:
+        rounds = 1 if quick else ROUNDS.get(n, 3)
+        res = guarded(n, True, lambda: run_case("bench_contrastive", {"kind": "timing", "anchors": n, "rounds": rounds,
+                                                                       "threads": threads}))
+        rows[n] = _timing_rows(n, res)
+        for row in rows[n]:
+            log(f"  contrastive |A|={n:5d} |C|={row['contrast']:5d} {row['formulation']:9s}: ours "
+                f"{row['ours_s']['median_s']:.3f} s, release {row['release_s']['median_s']:.3f} s, matmul "
+                f"{row['matmul_s']['median_s']:.3f} s, speed-up {row['speedup']:.1f}x")
+
+    def memory_case_job(impl: str, n: int, formulation: str) -> None:
+        out = os.path.join(tmp, f"{impl}-{formulation}-{n}.pt")
+        res = guarded(n, impl == "release", lambda: run_case(
+            "bench_contrastive", {"kind": "memory", "impl": impl, "anchors": n, "formulation": formulation,
+                                  "out": out, "threads": threads}))
+        memory[(impl, n, formulation)] = {**res, "file": out}
+        log(f"  contrastive memory {impl:7s} |A|={n:5d} {formulation:9s}: peak {res['peak_mib']:.0f} MiB")
+
+    def gather_jobs() -> list:
+        n = 256 if quick else GATHER_ANCHORS
+        rounds = 1 if quick else GATHER_ROUNDS
+        global_batch.update(anchors_per_process=n, simulated=[])
+
+        def simulated(world: int) -> None:
+            res = run_case("bench_contrastive", {"kind": "gather", "world": world, "anchors": n, "rounds": rounds,
+                                                 "threads": threads})
+            log(f"  contrastive gather W={world}: |C|={res['contrast']} {res['median_s']:.3f} s, "
+                f"peak {res['peak_mib']:.0f} MiB, {res['ratio_to_matmul']:.2f} x matmul")
+            global_batch["simulated"].append(res)
+
+        def gloo() -> None:
             try:
-                gloo = run_case("bench_contrastive", {"kind": "gloo", "anchors": n, "rounds": rounds,
-                                                      "out": os.path.join(tmp, "gloo")})
-                log(f"  contrastive gloo x2: gathered / local {gloo['ratio']}")
+                res = run_case("bench_contrastive", {"kind": "gloo", "anchors": n, "rounds": rounds,
+                                                     "out": os.path.join(tmp, "gloo")})
+                log(f"  contrastive gloo x2: gathered / local {res['ratio']}")
             except RuntimeError as err:  # no working gloo on this machine: say so in the results
-                gloo = {"unavailable": str(err).splitlines()[-1]}
-            global_batch = {"anchors_per_process": n, "simulated": simulated, "gloo": gloo}
+                res = {"unavailable": str(err).splitlines()[-1]}
+            global_batch["gloo"] = res
+
+        return [lambda w=w: simulated(w) for w in GATHER_WORLDS] + [gloo]
+
+    chains = [[lambda n=n: timing(n) for n in sizes]]
+    for impl in IMPLS:
+        chains.append([lambda n=n, f=f, impl=impl: memory_case_job(impl, n, f) for n in sizes for f in FORMULATIONS])
+    if gather:
+        chains.append(gather_jobs())
+    if concurrent <= 1:
+        chains = [[job for chain in chains for job in chain]]
+    _chains(chains, max(1, concurrent))
+
+    cases = []
+    for n in sizes:
+        for row in rows[n]:
+            f = row["formulation"]
+            for impl in IMPLS:
+                row[f"{impl}_memory"] = {k: v for k, v in memory[(impl, n, f)].items() if k != "file"}
+            row.update(compare(memory[("ours", n, f)]["file"], memory[("release", n, f)]["file"]))
+            row["memory_ratio"] = row["release_memory"]["peak_mib"] / max(row["ours_memory"]["peak_mib"], 1e-9)
+            log(f"  contrastive |A|={n:5d} {f:9s}: peak ours {row['ours_memory']['peak_mib']:.0f} MiB, release "
+                f"{row['release_memory']['peak_mib']:.0f} MiB ({row['memory_ratio']:.1f}x); value rel "
+                f"{row['value_rel_diff']:.1e}, grad rel {row['grad_rel_diff']:.1e}")
+            cases.append(row)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if global_batch:
+        global_batch["simulated"].sort(key=lambda r: r["world"])
     at = [c for c in cases if c["anchors"] == TARGET_ANCHORS]  # none in --quick runs: targets n/a
     targets = {
         "at_anchors": TARGET_ANCHORS, **TARGETS,
@@ -445,7 +492,8 @@ def run(quick: bool = False, sizes: list[int] | None = None, threads: int | None
     }
     return {"dim": DIM, "batch": BATCH, "gt_fraction": GT_FRACTION, "temperature": TAU, "memory_method": MEMORY_METHOD,
             "rss_method": cases[0]["ours_memory"]["rss_method"] if cases else None, "threads": threads,
-            "cases": cases, "global_batch": global_batch, "targets": targets}
+            "concurrent_chains": concurrent, "cases": cases, "global_batch": global_batch or None,
+            "targets": targets}
 
 
 def main() -> None:
@@ -455,13 +503,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help=f"anchor counts (default {list(SIZES)})")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-gather", action="store_true", help="skip the global-batch part")
+    parser.add_argument("--concurrent", type=int, default=1, help="run the cases as N concurrent chains")
     opts = parser.parse_args()
     if opts.case:
         args = json.loads(opts.case)
         emit(CASES[args["kind"]](args))
     else:
-        print(json.dumps(run(quick=opts.quick, sizes=opts.sizes, threads=opts.threads, gather=not opts.no_gather),
-                         indent=2))
+        print(json.dumps(run(quick=opts.quick, sizes=opts.sizes, threads=opts.threads, gather=not opts.no_gather,
+                             concurrent=opts.concurrent), indent=2))
 
 
 if __name__ == "__main__":

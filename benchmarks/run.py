@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch intra-op threads (default: torch's default, one per core)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None,
                         help="run only these benchmarks (data includes evaluation)")
+    parser.add_argument("--concurrent", type=int, default=1,
+                        help="contrastive: run its cases as N concurrent chains of processes (a shared machine)")
     parser.add_argument("--note", default="", help="free text stored with the run (e.g. what else ran)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other sections of an existing DIR/benchmarks.json (with their own run "
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["load_before"] = load
             result["benchmarks"][name] = out
         else:
-            out = bench_contrastive.run(quick=args.quick, threads=args.threads)
+            out = bench_contrastive.run(quick=args.quick, threads=args.threads, concurrent=args.concurrent)
             out["load_before"], out["load_after"] = load, load_average()
             result["benchmarks"]["contrastive"] = out
         timings[name] = time.perf_counter() - t0

@@ -10,12 +10,22 @@ Layout:
   (with gradients), and shift ``self_index`` by the process's offset.
 * :func:`contrastive_distillation` is the thin composition of the two.
 
-The loss is computed by a custom :class:`torch.autograd.Function` that streams over blocks of
-the contrast set in forward *and* backward, so memory is ``O(|A| * block_size)`` instead of
-several dense ``|A| x |C|`` matrices.
+The loss is computed by a custom :class:`torch.autograd.Function` (``_SortedContrastive``):
+
+* anchors and contrast set are sorted by ``(label, is_gt)``, so the elements of each class are one
+  contiguous range of columns: negatives are everything outside the range (no masks), positives
+  the small ``|A_c| x |C_c|`` block inside it;
+* rows of anchors go in chunks of about ``block_size * |A| / |C|`` rows (memory
+  ``O(|A| * block_size)``): one product gives the shifted similarities, ``exp`` runs in place, the
+  class ranges are zeroed, and one product with ``[C, 1]`` gives both ``N_i`` and the negatives'
+  part of the gradient; the positive terms are computed on the class blocks only;
+* each per-anchor loss depends on its own anchor only, so the forward pass computes its gradient
+  (one ``D`` vector per anchor) together with the loss, and backward scales it by the incoming
+  gradient. Nothing ``|A| x |C|`` is kept between forward and backward.
 
 Numerics (all in float32, or float64 for float64 inputs). With ``s_ik = <a_i, c_k> / tau``,
-``logN_i = log sum_{n in neg(i)} exp(s_in)`` (computed as a streamed logsumexp, so any
+``logN_i = log sum_{n in neg(i)} exp(s_in)`` (exp of ``s_in`` minus an upper bound of the row,
+or minus the negatives' exact maximum when ``2/tau`` is beyond exp()'s safe range, so any
 temperature is safe) and ``shift_i = m_i`` ("reference") or 0 ("supcon"), one positive pair costs
 
     -l_ik = log(exp(s_ik - shift_i) + N_i) - (s_ik - shift_i) = softplus(logN_i + shift_i - s_ik)
@@ -23,7 +33,10 @@ temperature is safe) and ``shift_i = m_i`` ("reference") or 0 ("supcon"), one po
 and the loss is ``mean over anchors with >= 1 positive of (1/|P(i)|) sum_{k in P(i)} w_ik * softplus(...)``.
 ``m_i`` follows the UCD release (``PixelConLossV2``): the row maximum of the similarities over the
 **whole** contrast set (positives, negatives and the anchor's own copy, so it is ~``1/tau`` when
-the own copy is present), detached -- a constant for the gradient, as in SupCon's code.
+the own copy is present), detached -- a constant for the gradient, as in SupCon's code. When the
+own copy is present it is the row's maximum (cosine <= 1; another element can exceed it only by
+rounding, a few ulp of ``1/tau``), so ``m_i`` is taken from the anchor's class block; anchors
+without an own copy take the exact maximum of their row.
 """
 
 from __future__ import annotations

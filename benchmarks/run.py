@@ -38,7 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch intra-op threads (default: torch's default, one per core)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None,
                         help="run only these benchmarks (data includes evaluation)")
+    parser.add_argument("--concurrent", type=int, default=1,
+                        help="contrastive: run its cases as N concurrent chains of processes (a shared machine)")
     parser.add_argument("--note", default="", help="free text stored with the run (e.g. what else ran)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other sections of an existing DIR/benchmarks.json (with their own run "
+                             "information) and replace only the benchmarks run now")
     parser.add_argument("--update-docs", action="store_true",
                         help=f"also replace the results section of {DOC.relative_to(REPO)}")
     args = parser.parse_args(argv)
@@ -56,6 +61,25 @@ def update_docs(markdown: str, doc: Path = DOC) -> None:
     _, tail = rest.split(DOC_END, 1)
     body = markdown.split("\n", 2)[2] if markdown.startswith("# ") else markdown  # drop the H1
     doc.write_text(f"{head}{DOC_BEGIN}\n{body.strip()}\n{DOC_END}{tail}", encoding="utf-8")
+
+
+def merge_previous(result: dict, path: Path) -> dict:
+    """``result`` plus the sections of ``path`` it did not run; each kept section keeps its run."""
+    if not path.exists():
+        return result
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    kept = {k: v for k, v in previous.get("benchmarks", {}).items() if k not in result["benchmarks"]}
+    if kept:
+        earlier = [r for r in previous.get("earlier_runs", []) if set(r["sections"]) & set(kept)]
+        for r in earlier:
+            r["sections"] = [s for s in r["sections"] if s in kept]
+        covered = {s for r in earlier for s in r["sections"]}
+        rest = [s for s in kept if s not in covered]
+        if rest:
+            earlier.append({"sections": rest, "run": previous["run"], "machine": previous["machine"]})
+        result["earlier_runs"] = earlier
+        result["benchmarks"] = {**kept, **result["benchmarks"]}
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["load_before"] = load
             result["benchmarks"][name] = out
         else:
-            out = bench_contrastive.run(quick=args.quick, threads=args.threads)
+            out = bench_contrastive.run(quick=args.quick, threads=args.threads, concurrent=args.concurrent)
             out["load_before"], out["load_after"] = load, load_average()
             result["benchmarks"]["contrastive"] = out
         timings[name] = time.perf_counter() - t0
@@ -107,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        result = merge_previous(result, out_dir / "benchmarks.json")
     (out_dir / "benchmarks.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     markdown = render(result)
     (out_dir / "benchmarks.md").write_text(markdown + "\n", encoding="utf-8")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ucdseg.losses import (
     contrastive_distillation,
@@ -11,6 +12,7 @@ from ucdseg.losses import (
     prepare_contrastive_inputs,
     resize_labels_nearest,
 )
+from ucdseg.losses import contrastive
 
 TAU = 0.07
 
@@ -382,3 +384,197 @@ def test_backward_keeps_no_anchor_by_contrast_matrix():
     saved = per_anchor.grad_fn.saved_tensors
     assert saved and all(t.numel() <= max(n, k) * max(f.shape[1], z.shape[1]) for t in saved)
     assert all(t.numel() < n * k for t in saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# the class-sorted, fused core (issue 15): a dense float64 reference on flat inputs
+# ----------------------------------------------------------------------------------------------
+def dense_flat_reference(a, a_lab, a_p, a_gt, c, c_lab, c_p, c_gt, self_index, tau, formulation):
+    """Per-anchor losses and |P(i)| from SPEC §3 steps 3-6, as full |A| x |C| masks (float64)."""
+    a, c, a_p, c_p = a.double(), c.double(), a_p.double(), c_p.double()
+    s = a @ c.T / tau
+    same = a_lab[:, None] == c_lab[None, :]
+    own = torch.zeros_like(same)
+    rows = (self_index >= 0).nonzero()[:, 0]
+    own[rows, self_index[rows]] = True
+    pos, neg = same & ~own, ~same
+    w = torch.where(a_gt[:, None] & c_gt[None, :], torch.ones_like(s), a_p @ c_p.T)
+    log_n = torch.logsumexp(s.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
+    m = s.max(dim=1, keepdim=True).values.detach() if formulation == "reference" else 0.0
+    log_prob = (s - m) - torch.logaddexp(s - m, log_n)
+    num_pos = pos.sum(dim=1)
+    per = -(torch.where(pos, w * log_prob, torch.zeros_like(s))).sum(dim=1) / num_pos.clamp(min=1)
+    return per, num_pos
+
+
+def random_flat(seed, n=40, extra=30, dim=8, old=5, classes=(1, 2, 3, 7, 9), dtype=torch.float64,
+                gt_classes=(7, 9), gt_mixed=False):
+    """Flat inputs in unsorted order: anchors (own copies first in the contrast set) + other elements."""
+    gen = torch.Generator().manual_seed(seed)
+    lab = torch.tensor(classes)[torch.randint(len(classes), (n + extra,), generator=gen)]
+    gt = torch.isin(lab, torch.tensor(gt_classes))
+    if gt_mixed:  # PLOP-like: GT and non-GT elements within one class
+        gt = gt | (torch.rand(n + extra, generator=gen) < 0.3)
+    feats = F.normalize(torch.randn(n + extra, dim, generator=gen, dtype=torch.float64), dim=1)
+    probs = torch.softmax(2 * torch.randn(n + extra, old, generator=gen, dtype=torch.float64), dim=1)
+    a = feats[:n].to(dtype)
+    c = torch.cat([a, feats[n:].to(dtype)])
+    return (a, lab[:n], probs[:n].to(dtype), gt[:n], c, lab, probs.to(dtype), torch.cat([gt[:n], gt[n:]]),
+            torch.arange(n))
+
+
+def flat_loss_and_grad(inputs, reduction="none", upstream=None, **kwargs):
+    a = inputs[0].clone().requires_grad_(True)
+    out = contrastive_distillation_flat(a, *inputs[1:8], self_index=inputs[8], reduction=reduction, **kwargs)
+    (out * upstream).sum().backward() if upstream is not None else out.sum().backward()
+    return out.detach(), a.grad
+
+
+def reference_loss_and_grad(inputs, tau, formulation, reduction="none", upstream=None):
+    a = inputs[0].detach().double().requires_grad_(True)
+    per, num_pos = dense_flat_reference(a, *inputs[1:], tau=tau, formulation=formulation)
+    out = {"none": per, "sum": per.sum(), "mean": per.sum() / (num_pos > 0).sum()}[reduction]
+    (out * upstream).sum().backward() if upstream is not None else out.sum().backward()
+    return out.detach(), a.grad, num_pos
+
+
+@pytest.mark.parametrize("formulation", ["reference", "supcon"])
+@pytest.mark.parametrize("gt_mixed", [False, True])
+@pytest.mark.parametrize("block_size", [1, 5, 1024])
+def test_sorted_core_matches_dense_reference_per_anchor(formulation, gt_mixed, block_size):
+    inputs = random_flat(seed=20, gt_mixed=gt_mixed)
+    upstream = torch.linspace(-1.0, 2.0, inputs[0].shape[0], dtype=torch.float64)  # any dL/dl_i
+    got, got_grad = flat_loss_and_grad(inputs, upstream=upstream, temperature=0.1, formulation=formulation,
+                                       block_size=block_size)
+    want, want_grad, _ = reference_loss_and_grad(inputs, 0.1, formulation, upstream=upstream)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sorted_core_reductions(reduction):
+    inputs = random_flat(seed=21)
+    got, got_grad = flat_loss_and_grad(inputs, reduction=reduction, block_size=3)
+    want, want_grad, _ = reference_loss_and_grad(inputs, TAU, "reference", reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_class_without_positives_costs_nothing_and_gets_no_gradient():
+    # class 5 has a single anchor and nothing else: no positive; class 6 has one anchor and one
+    # other element: one positive
+    a, a_lab, a_p, a_gt, c, c_lab, c_p, c_gt, own = random_flat(seed=22, n=12, extra=6)
+    a_lab = a_lab.clone()
+    a_lab[0], a_lab[1] = 5, 6
+    c_lab = torch.cat([a_lab, c_lab[12:]])
+    c_lab[12] = 6
+    inputs = (a, a_lab, a_p, a_gt, c, c_lab, c_p, c_gt, own)
+    got, got_grad = flat_loss_and_grad(inputs, block_size=2)
+    want, want_grad, num_pos = reference_loss_and_grad(inputs, TAU, "reference")
+    assert num_pos[0] == 0 and num_pos[1] == 1
+    assert got[0] == 0 and torch.equal(got_grad[0], torch.zeros_like(got_grad[0]))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("formulation", ["reference", "supcon"])
+def test_gathered_contrast_with_anchors_lacking_an_own_copy(formulation):
+    # another "process's" elements after ours; some anchors have no own copy (their row maximum is
+    # then the exact maximum over the row, which here is not the similarity with the anchor itself)
+    inputs = list(random_flat(seed=23, n=20, extra=25))
+    own = inputs[8].clone()
+    own[::3] = -1
+    c = torch.cat([inputs[4][20:], inputs[4][:20]])  # the local block is not first
+    perm = torch.cat([torch.arange(25, 45), torch.arange(0, 25)])  # new position of old index
+    inputs[4] = c
+    for j in (5, 6, 7):
+        inputs[j] = torch.cat([inputs[j][20:], inputs[j][:20]])
+    inputs[8] = torch.where(own >= 0, perm[own.clamp(min=0)], own)
+    got, got_grad = flat_loss_and_grad(tuple(inputs), formulation=formulation, block_size=4)
+    want, want_grad, _ = reference_loss_and_grad(tuple(inputs), TAU, formulation)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_all_gt_batch():
+    # every pixel is current-step ground truth: the contrast set is the anchors, every weight 1
+    f, g, z, _ = make_case(seed=24)
+    gen = torch.Generator().manual_seed(24)
+    y = torch.tensor([4, 5])[torch.randint(2, (2, 3, 4), generator=gen)]
+    inp = prepare_contrastive_inputs(f, g, z, y)
+    assert inp.anchor_is_gt.all() and inp.contrast.shape[0] == inp.anchors.shape[0]
+    for form in ("reference", "supcon"):
+        want, want_grad = grad_of(lambda x: naive_ucd(x, g, z, y, formulation=form)[0], f)
+        got, got_grad = grad_of(lambda x: contrastive_distillation(x, g, z, y, formulation=form, block_size=2), f)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_inputs(reduction):
+    inputs = random_flat(seed=25, n=6, extra=4, dtype=torch.float32)
+    no_anchor = (inputs[0][:0], inputs[1][:0], inputs[2][:0], inputs[3][:0], *inputs[4:8])
+    no_contrast = (*inputs[:4], inputs[4][:0], inputs[5][:0], inputs[6][:0], inputs[7][:0])
+    for args in (no_anchor, no_contrast):
+        a = args[0].clone().requires_grad_(True)
+        out = contrastive_distillation_flat(a, *args[1:], reduction=reduction)
+        assert out.shape == ((a.shape[0],) if reduction == "none" else ())
+        assert torch.equal(out, torch.zeros_like(out))
+        out.sum().backward()
+        assert a.grad is not None and torch.equal(a.grad, torch.zeros_like(a))
+
+
+def test_float64_gradcheck_supcon():
+    # "reference" shifts by m_i, the row maximum, which depends on the anchor but is a constant for
+    # the gradient (as in the release): finite differences see it, so only supcon is gradchecked;
+    # "reference" gradients are checked against autograd through the dense reference above.
+    inputs = random_flat(seed=26, n=7, extra=5, dim=4, classes=(1, 2, 7))
+
+    def fn(a):
+        return contrastive_distillation_flat(a, *inputs[1:8], self_index=inputs[8], temperature=0.5,
+                                             formulation="supcon", block_size=2, reduction="none")
+
+    assert torch.autograd.gradcheck(fn, (inputs[0].clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("dtype, tau", [(torch.float32, 0.02), (torch.float64, 0.001)])
+def test_small_temperature_takes_the_exact_shift(dtype, tau):
+    # 2 / tau beyond exp()'s safe range: every row is shifted by its negatives' maximum instead
+    inputs = random_flat(seed=27, dtype=dtype)
+    got, got_grad = flat_loss_and_grad(inputs, temperature=tau, block_size=4)
+    want, want_grad, _ = reference_loss_and_grad(inputs, tau, "reference")
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    rtol = 1e-5 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * want.abs().max())
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=10 * rtol, atol=10 * rtol * want_grad.abs().max())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built into this torch")
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_float32_products_match_the_float64_reference(monkeypatch, use_onednn):
+    monkeypatch.setattr(contrastive, "USE_ONEDNN", use_onednn)
+    monkeypatch.setattr(contrastive, "ONEDNN_MIN_ELEMENTS", 0)  # even this small case goes through oneDNN
+    inputs = random_flat(seed=28, n=300, extra=200, dim=64, dtype=torch.float32, gt_mixed=True)
+    for form in ("reference", "supcon"):
+        got, got_grad = flat_loss_and_grad(inputs, reduction="mean", formulation=form, block_size=64)
+        want, want_grad, _ = reference_loss_and_grad(inputs, TAU, form, reduction="mean")
+        assert got.dtype == torch.float32
+        assert abs(got.item() / want.item() - 1) < 1e-5
+        assert (got_grad.double() - want_grad).abs().max() / want_grad.abs().max() < 1e-4
+
+
+def test_no_gradient_needed_gives_the_same_value():
+    inputs = random_flat(seed=29)
+    with_grad, _ = flat_loss_and_grad(inputs, block_size=3)
+    with torch.no_grad():
+        without = contrastive_distillation_flat(*inputs[:8], self_index=inputs[8], reduction="none", block_size=3)
+    torch.testing.assert_close(without, with_grad, rtol=1e-12, atol=0)  # N_i: product vs sum, same terms
+
+
+def test_double_backward_is_refused():
+    inputs = random_flat(seed=30, n=6, extra=4)
+    a = inputs[0].clone().requires_grad_(True)
+    loss = contrastive_distillation_flat(a, *inputs[1:8], self_index=inputs[8])
+    (grad,) = torch.autograd.grad(loss, a, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

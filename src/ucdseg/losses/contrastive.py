@@ -10,12 +10,22 @@ Layout:
   (with gradients), and shift ``self_index`` by the process's offset.
 * :func:`contrastive_distillation` is the thin composition of the two.
 
-The loss is computed by a custom :class:`torch.autograd.Function` that streams over blocks of
-the contrast set in forward *and* backward, so memory is ``O(|A| * block_size)`` instead of
-several dense ``|A| x |C|`` matrices.
+The loss is computed by a custom :class:`torch.autograd.Function` (``_SortedContrastive``):
+
+* anchors and contrast set are sorted by ``(label, is_gt)``, so the elements of each class are one
+  contiguous range of columns: negatives are everything outside the range (no masks), positives
+  the small ``|A_c| x |C_c|`` block inside it;
+* rows of anchors go in chunks of about ``block_size * |A| / |C|`` rows (memory
+  ``O(|A| * block_size)``): one product gives the shifted similarities, ``exp`` runs in place, the
+  class ranges are zeroed, and one product with ``[C, 1]`` gives both ``N_i`` and the negatives'
+  part of the gradient; the positive terms are computed on the class blocks only;
+* each per-anchor loss depends on its own anchor only, so the forward pass computes its gradient
+  (one ``D`` vector per anchor) together with the loss, and backward scales it by the incoming
+  gradient. Nothing ``|A| x |C|`` is kept between forward and backward.
 
 Numerics (all in float32, or float64 for float64 inputs). With ``s_ik = <a_i, c_k> / tau``,
-``logN_i = log sum_{n in neg(i)} exp(s_in)`` (computed as a streamed logsumexp, so any
+``logN_i = log sum_{n in neg(i)} exp(s_in)`` (exp of ``s_in`` minus an upper bound of the row,
+or minus the negatives' exact maximum when ``2/tau`` is beyond exp()'s safe range, so any
 temperature is safe) and ``shift_i = m_i`` ("reference") or 0 ("supcon"), one positive pair costs
 
     -l_ik = log(exp(s_ik - shift_i) + N_i) - (s_ik - shift_i) = softplus(logN_i + shift_i - s_ik)
@@ -23,7 +33,10 @@ temperature is safe) and ``shift_i = m_i`` ("reference") or 0 ("supcon"), one po
 and the loss is ``mean over anchors with >= 1 positive of (1/|P(i)|) sum_{k in P(i)} w_ik * softplus(...)``.
 ``m_i`` follows the UCD release (``PixelConLossV2``): the row maximum of the similarities over the
 **whole** contrast set (positives, negatives and the anchor's own copy, so it is ~``1/tau`` when
-the own copy is present), detached -- a constant for the gradient, as in SupCon's code.
+the own copy is present), detached -- a constant for the gradient, as in SupCon's code. When the
+own copy is present it is the row's maximum (cosine <= 1; another element can exceed it only by
+rounding, a few ulp of ``1/tau``), so ``m_i`` is taken from the anchor's class block; anchors
+without an own copy take the exact maximum of their row.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = 255
 FORMULATIONS = ("reference", "supcon")
@@ -179,81 +193,239 @@ def prepare_contrastive_inputs(
 # ----------------------------------------------------------------------------------------------
 # streamed loss
 # ----------------------------------------------------------------------------------------------
-class _Block(NamedTuple):
-    scores: torch.Tensor  # (N, b) s_ik
-    positive: torch.Tensor  # (N, b) bool
-    negative: torch.Tensor  # (N, b) bool
-    weight: torch.Tensor | None  # (N, b) w_ik (only meaningful on positives)
+# Similarities are shifted by an upper bound before exp(); the smallest shifted value is then
+# >= -2 * bound. Up to this range exp() stays a normal float (float32: exp(-60) ~ 1e-26); beyond
+# it, each row is shifted by the exact maximum over its negatives instead (one more pass).
+_EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 
 
-def _block(anchors, contrast, a_labels, c_labels, a_probs, c_probs, a_gt, c_gt, self_index,
-           start, end, inv_tau, with_weight=True) -> _Block:  # fmt: skip
-    """Similarities, masks and (optionally) uncertainty weights of contrast elements ``start:end``."""
-    scores = anchors @ contrast[start:end].T * inv_tau
-    same = a_labels[:, None] == c_labels[None, start:end]
-    cols = torch.arange(start, end, device=anchors.device)
-    positive = same & (cols[None, :] != self_index[:, None])
-    if not with_weight:
-        return _Block(scores, positive, ~same, None)
-    weight = a_probs @ c_probs[start:end].T
-    weight = torch.where(a_gt[:, None] & c_gt[None, start:end], torch.ones_like(weight), weight)
-    return _Block(scores, positive, ~same, weight)
+class _Group(NamedTuple):
+    """Sorted anchors ``row_start:row_end`` share one label and one GT flag. In the sorted
+    contrast set their class occupies columns ``start:end``, its GT elements ``gt_start:end``;
+    every other column is a negative."""
+
+    row_start: int
+    row_end: int
+    start: int
+    gt_start: int
+    end: int
+    is_gt: bool
 
 
-class _StreamedContrastive(torch.autograd.Function):
-    """Per-anchor UCD loss ``(N,)``; gradient only w.r.t. the (L2-normalised) anchors."""
+class _Sorted(NamedTuple):
+    """Anchors and contrast set sorted by ``(label, is_gt)``; ``own`` = sorted column of each
+    anchor's own copy (-1: none); ``order`` maps sorted anchors back (``x[order] = sorted``)."""
+
+    order: torch.Tensor
+    anchors: torch.Tensor
+    anchor_probs: torch.Tensor
+    own: torch.Tensor
+    inv_pos: torch.Tensor
+    contrast: torch.Tensor
+    contrast_probs: torch.Tensor
+    groups: list[_Group]
+
+
+def _sort_by_class(anchors, contrast, a_labels, c_labels, a_probs, c_probs, a_gt, c_gt, self_index,
+                   num_pos) -> _Sorted:  # fmt: skip
+    """Sort both sets by ``2 * label + is_gt``: each class becomes one contiguous range of columns."""
+    a_key, c_key = a_labels * 2 + a_gt.long(), c_labels * 2 + c_gt.long()
+    a_order = torch.argsort(a_key, stable=True)
+    c_order = torch.argsort(c_key, stable=True)
+    c_rank = torch.empty_like(c_order)
+    c_rank[c_order] = torch.arange(c_order.numel(), device=c_order.device)
+    own = self_index[a_order]
+    own = torch.where(own >= 0, c_rank[own.clamp(min=0)], own)
+    inv_pos = 1.0 / num_pos[a_order].clamp(min=1).to(anchors.dtype)
+    inv_pos = torch.where(num_pos[a_order] > 0, inv_pos, torch.zeros_like(inv_pos))
+
+    keys, counts = torch.unique_consecutive(a_key[a_order], return_counts=True)
+    first = keys - keys % 2  # 2 * label
+    c_sorted = c_key[c_order]
+    bounds = [torch.searchsorted(c_sorted, first + i) for i in (0, 1, 2)]  # start, gt_start, end
+    row_end = counts.cumsum(0)
+    groups = [_Group(*g) for g in zip((row_end - counts).tolist(), row_end.tolist(),
+                                      *(b.tolist() for b in bounds), (keys % 2 == 1).tolist())]  # fmt: skip
+    return _Sorted(a_order, anchors[a_order], a_probs[a_order], own, inv_pos,
+                   contrast[c_order], c_probs[c_order], groups)  # fmt: skip
+
+
+def _negatives_max(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Row maximum over the columns outside ``start:end`` (-inf when there are none)."""
+    parts = [p.amax(dim=1) for p in (rows[:, :start], rows[:, end:]) if p.shape[1]]
+    if not parts:
+        return rows.new_full((rows.shape[0],), float("-inf"))
+    return parts[0] if len(parts) == 1 else torch.maximum(*parts)
+
+
+def _chunk_groups(groups: list[_Group], r0: int, r1: int) -> list[tuple[_Group, int, int]]:
+    """The groups meeting sorted rows ``r0:r1``, with their rows relative to ``r0``."""
+    return [(g, max(g.row_start, r0) - r0, min(g.row_end, r1) - r0)
+            for g in groups if g.row_start < r1 and g.row_end > r0]  # fmt: skip
+
+
+# oneDNN's float32 matmul (``torch._C._nn.mkldnn_linear``) reaches about twice the throughput of
+# the BLAS behind ``torch.mm`` on the AMD development machine (MKL does not use AVX-512 there); on
+# other CPUs the two are close. ``False`` forces ``torch.mm`` (float64 and GPU tensors always use it),
+# as do small products, where oneDNN's per-call set-up costs more than it saves.
+USE_ONEDNN = True
+ONEDNN_MIN_ELEMENTS = 1 << 18  # elements of the fixed factor m
+
+
+class _TimesTransposed:
+    """``x @ m.T`` for one fixed ``m``: oneDNN on CPU float32 (``m`` packed once), else ``torch.mm``."""
+
+    def __init__(self, m: torch.Tensor):
+        self.m = m
+        self.packed = None
+        if (USE_ONEDNN and m.device.type == "cpu" and m.dtype == torch.float32 and m.numel() >= ONEDNN_MIN_ELEMENTS
+                and torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")):
+            self.packed = m.contiguous().to_mkldnn()
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.packed, None).to_dense()
+        return torch.mm(x, self.m.T, out=out)
+
+
+def _ucd_sorted(srt: _Sorted, inv_tau: float, reference: bool, block_size: int, need_grad: bool):
+    """Per-anchor loss and its gradient w.r.t. the anchor (sorted order; see the module docstring).
+
+    For a chunk of sorted anchors: one product ``S' = s - shift`` (the shift is folded into the
+    product as an extra column), ``exp`` in place, the anchors' own class range set to 0, and one
+    product ``exp(S') @ [C, 1]`` that gives at once the negatives' sum ``N_i`` (last column) and
+    their softmax-weighted sum of contrast vectors (the gradient's negative part). The positive
+    terms (weights, softplus, sigmoid) are computed on the small ``|A_c| x |C_c|`` blocks only.
+    """
+    anchors, contrast = srt.anchors, srt.contrast
+    (n, dim), k = anchors.shape, contrast.shape[0]
+    ones = contrast.new_ones((k, 1))
+    contrast1 = torch.cat([contrast, ones], dim=1)  # [C, 1]
+    bound = inv_tau * anchors.norm(dim=1) * contrast.norm(dim=1).max()  # >= s_ik (Cauchy-Schwarz)
+    exact_shift = 2.0 * float(bound.max()) > _EXP_RANGE.get(anchors.dtype, 60.0)
+    anchors1 = torch.cat([anchors * inv_tau, -bound[:, None]], dim=1)  # [a / tau, -bound]
+
+    loss = anchors.new_zeros(n)
+    grad = anchors.new_zeros((n, dim)) if need_grad else None
+    rows_per_chunk = min(n, max(1, (block_size * n) // k))
+    similarities = _TimesTransposed(contrast1)  # x @ [C, 1].T
+    weighted_sum = _TimesTransposed(contrast1.T) if need_grad else None  # x @ [C, 1]
+    # torch.mm writes into reused buffers: a fresh |rows| x |C| tensor per chunk is paged in again
+    scores_buf = anchors.new_empty((rows_per_chunk, k)) if similarities.packed is None else None
+    neg_buf = anchors.new_empty((rows_per_chunk, dim + 1)) if need_grad and weighted_sum.packed is None else None
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, n)
+        parts = _chunk_groups(srt.groups, r0, r1)
+        scores = similarities(anchors1[r0:r1], None if scores_buf is None else scores_buf[: r1 - r0])
+        # scores = s_ik - shift_i <= 0
+        shift = bound[r0:r1].clone()
+        if exact_shift:  # large 1/tau: shift by the negatives' own maximum so exp() cannot underflow
+            neg_max = torch.cat([_negatives_max(scores[g0:g1], g.start, g.end) for g, g0, g1 in parts])
+            neg_max = torch.where(torch.isfinite(neg_max), neg_max, torch.zeros_like(neg_max))
+            scores -= neg_max[:, None]
+            shift += neg_max
+        blocks = [scores[g0:g1, g.start:g.end].clone() for g, g0, g1 in parts]  # positives + own copy
+        if reference:  # m_i = max_k s_ik, i.e. shift_i + the maximum of row i of scores
+            row_max = shift + _row_max(scores, parts, blocks, srt.own[r0:r1])
+        scores.exp_()
+        for g, g0, g1 in parts:
+            scores[g0:g1, g.start:g.end] = 0.0  # only negatives remain
+        if need_grad:  # (rows, D + 1): sum_n exp(s'_in) c_n | sum_n exp(s'_in)
+            neg = weighted_sum(scores, None if neg_buf is None else neg_buf[: r1 - r0])
+            neg_sum = neg[:, dim].clone()
+        else:
+            neg_sum = scores.sum(dim=1)
+        # u_ik = log N_i + m_i - s_ik with log N_i = shift_i + log(neg_sum_i), s_ik = shift_i + s'_ik
+        offset = neg_sum.log() + (row_max if reference else 0.0)  # u_ik = offset_i - s'_ik
+        agg = anchors.new_zeros(r1 - r0) if need_grad else None
+        for (g, g0, g1), u in zip(parts, blocks):
+            rows = slice(r0 + g0, r0 + g1)
+            weight = _pair_weights(srt, g, rows)
+            u.neg_().add_(offset[g0:g1, None])
+            if need_grad:
+                coef = torch.sigmoid(u).mul_(weight)  # -dl/ds_ik * |P_i|
+                agg[g0:g1] = coef.sum(dim=1)
+                grad[rows] = -(coef @ contrast[g.start:g.end])
+            loss[rows] = _softplus_(u).mul_(weight).sum(dim=1)
+        if need_grad:
+            # negative part: agg_i * softmax over the negatives of s_in, times c_n
+            mean_neg = neg[:, :dim] / neg_sum.clamp(min=torch.finfo(neg_sum.dtype).tiny)[:, None]
+            grad[r0:r1] += agg[:, None] * mean_neg
+    loss *= srt.inv_pos
+    if need_grad:
+        grad *= (srt.inv_pos * inv_tau)[:, None]
+    return loss, grad
+
+
+def _pair_weights(srt: _Sorted, g: _Group, rows: slice) -> torch.Tensor:
+    """``w_ik`` on a class block: ``<p_i, p_k>``, 1 for GT x GT, 0 at the anchor's own copy."""
+    weight = srt.anchor_probs[rows] @ srt.contrast_probs[g.start:g.end].T
+    if g.is_gt:
+        weight[:, g.gt_start - g.start:] = 1.0
+    own = srt.own[rows]
+    has_own = own >= 0
+    weight[has_own.nonzero()[:, 0], own[has_own] - g.start] = 0.0
+    return weight
+
+
+def _softplus_(u: torch.Tensor) -> torch.Tensor:
+    """``log(1 + exp(u))``, overwriting ``u``: ``max(u, 0) + log1p(exp(-|u|))``.
+
+    ``log1p`` is written as ``log(w) - ((w - 1) - e) / w`` with ``w = 1 + e`` (the rounding
+    error of ``1 + e`` corrected to first order): relative error a few 1e-7 in float32, and
+    vectorised ``exp`` / ``log`` run several times faster than ``F.softplus`` on a CPU.
+    """
+    e = u.abs().neg_().exp_()
+    w = e + 1.0
+    correction = (w - 1.0).sub_(e).div_(w)
+    return w.log_().sub_(correction).add_(u.clamp_(min=0.0))
+
+
+def _row_max(scores, parts, blocks, own) -> torch.Tensor:
+    """``m_i - shift_i``: the maximum of row ``i`` of ``scores`` (the whole contrast set).
+
+    With the anchor's own copy present the maximum is the similarity with that copy (cosine <= 1),
+    which lies in the anchor's class block, so the small block's maximum is the row's maximum up
+    to rounding (a few ulp of 1/tau). Rows without an own copy take the exact maximum of the row.
+    """
+    out = []
+    for (g, g0, g1), block in zip(parts, blocks):
+        own_rows = own[g0:g1] >= 0
+        if block.shape[1] and bool(own_rows.all()):
+            out.append(block.amax(dim=1))
+        else:
+            out.append(scores[g0:g1].amax(dim=1))
+    return torch.cat(out)
+
+
+class _SortedContrastive(torch.autograd.Function):
+    """Per-anchor UCD loss ``(N,)``; gradient only w.r.t. the (L2-normalised) anchors.
+
+    Each per-anchor loss depends on its own anchor only, so its Jacobian is one ``(D,)`` row per
+    anchor: the forward pass computes it alongside the loss (when the anchors need a gradient) and
+    the backward pass scales it by the incoming gradient. Nothing ``|A| x |C|`` is kept.
+    """
 
     @staticmethod
     def forward(ctx, anchors, contrast, a_labels, c_labels, a_probs, c_probs, a_gt, c_gt,
                 self_index, num_pos, inv_tau, reference, block_size):  # fmt: skip
-        n, k = anchors.shape[0], contrast.shape[0]
-        args = (anchors, contrast, a_labels, c_labels, a_probs, c_probs, a_gt, c_gt, self_index)
-        neg_inf = torch.full((n,), float("-inf"), dtype=anchors.dtype, device=anchors.device)
-
-        # pass 1: m_i = max_k s_ik and logN_i = logsumexp over the negatives
-        row_max, log_neg = neg_inf.clone(), neg_inf.clone()
-        for start in range(0, k, block_size):
-            blk = _block(*args, start, min(start + block_size, k), inv_tau, with_weight=False)
-            row_max = torch.maximum(row_max, blk.scores.max(dim=1).values)
-            neg_scores = blk.scores.masked_fill(~blk.negative, float("-inf"))
-            log_neg = torch.logaddexp(log_neg, torch.logsumexp(neg_scores, dim=1))
-
-        # pass 2: positive terms and the aggregate G_i = (1/|P_i|) sum_k w_ik sigmoid(u_ik)
-        offset = log_neg + (row_max if reference else torch.zeros_like(row_max))
-        loss = torch.zeros_like(row_max)
-        agg = torch.zeros_like(row_max)
-        for start in range(0, k, block_size):
-            blk = _block(*args, start, min(start + block_size, k), inv_tau)
-            u = offset[:, None] - blk.scores
-            wp = torch.where(blk.positive, blk.weight, torch.zeros_like(blk.weight))
-            loss += (wp * F.softplus(u)).sum(dim=1)
-            agg += (wp * torch.sigmoid(u)).sum(dim=1)
-        inv_pos = 1.0 / num_pos.clamp(min=1).to(loss.dtype)
-        inv_pos = torch.where(num_pos > 0, inv_pos, torch.zeros_like(inv_pos))
-
-        ctx.save_for_backward(*args, offset, log_neg, agg * inv_pos, inv_pos)
-        ctx.inv_tau, ctx.block_size = inv_tau, block_size
-        return loss * inv_pos
+        srt = _sort_by_class(anchors, contrast, a_labels, c_labels, a_probs, c_probs, a_gt, c_gt,
+                             self_index, num_pos)  # fmt: skip
+        need_grad = bool(ctx.needs_input_grad[0])
+        loss_sorted, grad_sorted = _ucd_sorted(srt, inv_tau, reference, block_size, need_grad)
+        loss = torch.empty_like(loss_sorted)
+        loss[srt.order] = loss_sorted
+        if need_grad:
+            jacobian = torch.empty_like(grad_sorted)
+            jacobian[srt.order] = grad_sorted
+            ctx.save_for_backward(jacobian)
+        return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
-        *args, offset, log_neg, agg, inv_pos = ctx.saved_tensors
-        anchors, contrast = args[0], args[1]
-        k, block_size = contrast.shape[0], ctx.block_size
-        grad = torch.zeros_like(anchors)
-        pos_scale = (grad_loss * inv_pos)[:, None]
-        neg_scale = (grad_loss * agg)[:, None]
-        for start in range(0, k, block_size):
-            end = min(start + block_size, k)
-            blk = _block(*args, start, end, ctx.inv_tau)
-            u = offset[:, None] - blk.scores
-            d_pos = -blk.weight * torch.sigmoid(u) * pos_scale  # dL/ds_ik, k positive
-            d_neg = torch.exp(blk.scores - log_neg[:, None]) * neg_scale  # dL/ds_in, n negative
-            coef = torch.where(blk.positive, d_pos, torch.zeros_like(d_pos))
-            coef = torch.where(blk.negative, d_neg, coef)
-            grad += coef @ contrast[start:end]
-        grad *= ctx.inv_tau
-        return (grad,) + (None,) * 12
+        (jacobian,) = ctx.saved_tensors
+        return (grad_loss[:, None] * jacobian,) + (None,) * 12
 
 
 def _check_options(temperature: float, formulation: str, block_size: int) -> None:
@@ -351,7 +523,7 @@ def contrastive_distillation_flat(
         zero = anchors.flatten()[:0].sum()  # exactly 0, with a grad path to the anchors
         return zero if reduction != "none" else anchors[:, 0] * 0
 
-    per_anchor = _StreamedContrastive.apply(
+    per_anchor = _SortedContrastive.apply(
         anchors,
         contrast.detach().to(dtype),
         a_labels,

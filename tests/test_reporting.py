@@ -75,6 +75,8 @@ def test_ucd_gains_pair_runs_by_seed():
     # old: deltas +0.03 and +0.01 -> mean 0.02, sample std sqrt(2 * 0.01**2) = 0.01414
     assert row["without_background_old_mean"] == pytest.approx(0.02)
     assert row["without_background_old_std"] == pytest.approx(math.sqrt(2) * 0.01)
+    # 95 % interval of the mean of 2 paired values: t(0.975, df=1) = 12.706 times std / sqrt(2)
+    assert row["without_background_old_ci95"] == pytest.approx(12.7062 * math.sqrt(2) * 0.01 / math.sqrt(2), rel=1e-4)
     assert row["without_background_old_wins"] == 2
     # new: deltas -0.01 and 0 -> UCD higher on no seed
     assert row["without_background_new_mean"] == pytest.approx(-0.005)
@@ -97,7 +99,8 @@ def test_report_command_writes_tables_csv_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (out / "report.md").read_text()
     assert "| embedded 4-3-3 overlapped | mib | 0,1 | 15.0 ± 7.1 |" in text
-    assert "| embedded 4-3-3 overlapped | mib+ucd - mib | 0,1 | +2.00 ± 1.41 (2/2) |" in text
+    # mean +2, 95 % interval 2 +- t(0.975, 1) * 1.414 / sqrt(2) = 2 +- 12.71
+    assert "| embedded 4-3-3 overlapped | mib+ucd - mib | 0,1 | +2.00 [-10.71, +14.71] (2/2) |" in text
     assert (out / "report.png").stat().st_size > 0
     csv_lines = (out / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[1].startswith("embedded,4-3-3,overlapped,mib,0 1,")

@@ -316,8 +316,10 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
 
     Pairing by seed removes what both runs share (step 0, the data order), so the spread left is
     the spread of UCD's effect. Each row: dataset, task, setting, method (``X+ucd``), base, seeds
-    (those both ran), and per convention and group (and ``avg``) ``{conv}_{group}_mean`` / ``_std`` (fractions)
-    and ``{conv}_{group}_wins`` (seeds where UCD is strictly higher).
+    (those both ran), and per convention and group (and ``avg``) ``{conv}_{group}_mean`` / ``_std`` (fractions),
+    ``{conv}_{group}_ci95`` (the half-width of the 95 % confidence interval of the mean paired
+    difference, Student's t with n - 1 degrees of freedom: ``t * std / sqrt(n)``; ``None`` for one
+    seed) and ``{conv}_{group}_wins`` (seeds where UCD is strictly higher).
     """
     groups = _group_runs(results_list)
     rows = []
@@ -338,9 +340,19 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
                           if _final(ucd, conv, group) is not None and _final(ref, conv, group) is not None]
                 mean, std = _mean_std(deltas) if deltas else (None, None)
                 row[f"{conv}_{group}_mean"], row[f"{conv}_{group}_std"] = mean, std
+                row[f"{conv}_{group}_ci95"] = _ci95_half_width(std, len(deltas))
                 row[f"{conv}_{group}_wins"] = sum(d > 0 for d in deltas)
         rows.append(row)
     return rows
+
+
+def _ci95_half_width(std: float | None, n: int) -> float | None:
+    """Half-width of the two-sided 95 % interval of a mean of ``n`` values with sample std ``std``."""
+    if std is None or n < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1) * std / np.sqrt(n))
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -376,19 +388,21 @@ def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _signed(mean: float | None, std: float | None, wins: int, n: int) -> str:
+def _signed(mean: float | None, ci95: float | None, wins: int, n: int) -> str:
     if mean is None:
         return "-"
-    return f"{100 * mean:+.2f} ± {100 * std:.2f} ({wins}/{n})"
+    interval = "" if ci95 is None else f" [{100 * (mean - ci95):+.2f}, {100 * (mean + ci95):+.2f}]"
+    return f"{100 * mean:+.2f}{interval} ({wins}/{n})"
 
 
 def ucd_gains_markdown(rows: Sequence[dict]) -> str:
-    lines = ["UCD over its base method, paired by seed: mean ± standard deviation of (X+ucd) - X in mIoU "
-             "points after the last step; in brackets, the seeds where UCD is higher.", "", _TABLE_HEAD, _TABLE_SEP]
+    lines = ["UCD over its base method, paired by seed: the mean of (X+ucd) - X in mIoU points after the "
+             "last step, its 95 % confidence interval in square brackets (Student's t over the seeds), and "
+             "in brackets the seeds where UCD is higher.", "", _TABLE_HEAD, _TABLE_SEP]
     for row in rows:
         n = len(row["seeds"])
         cells = _table_cells(row, f"{row['method']} - {row['base']}", lambda conv, g: _signed(
-            row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"], row[f"{conv}_{g}_wins"], n))
+            row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_ci95"], row[f"{conv}_{g}_wins"], n))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

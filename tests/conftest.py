@@ -130,7 +130,7 @@ def base_overrides(root: Path, out: Path) -> list[str]:
         "data.dataset=embedded", f"data.root={root}", f"data.cache_dir={out / 'index-cache'}",
         f"data.embedded_train={BENCH['num_train']}", f"data.embedded_val={BENCH['num_val']}",
         f"data.embedded_size={BENCH['image_size']}", "data.crop_size=64",
-        "task.name=8-2", "model.backbone=resnet18",
+        "task.name=8-2", "model.backbone=resnet18", "model.output_stride=16", "model.pretrained=null",
         "train.batch_size=4", "train.iterations=2", "train.iterations_next=2", "train.log_every=1",
         "method.name=mib+ucd", "eval.batch_size=16", "eval.num_images=1",
     ]

@@ -74,3 +74,11 @@ def test_base_files_are_merged_first(tmp_path):
     (tmp_path / "orphan.yaml").write_text("_base_: gone.yaml\n")
     with pytest.raises(ConfigError, match="gone.yaml does not exist"):
         load_config(tmp_path / "orphan.yaml")
+
+
+def test_output_stride_must_suit_the_backbone():
+    assert load_config(None, []).model.output_stride == 4  # the default embedded_resnet
+    assert load_config(None, ["model.backbone=resnet101", "model.output_stride=8"]).model.output_stride == 8
+    with pytest.raises(ConfigError, match=r"'model.output_stride' is 4; backbone resnet18 takes 8 or 16") as err:
+        load_config(None, ["model.backbone=resnet18"])
+    assert "\n" not in str(err.value)

@@ -303,7 +303,7 @@ def engine_overrides(root: Path, out: Path, name: str, bn: str = "frozen", *extr
         "data.dataset=embedded", f"data.root={root}", f"data.cache_dir={out / 'index-cache'}",
         f"data.embedded_train={BENCH['num_train']}", f"data.embedded_val={BENCH['num_val']}",
         f"data.embedded_size={BENCH['image_size']}", "data.crop_size=64", "task.name=8-2",
-        "model.backbone=resnet18", "train.batch_size=8", "train.iterations=2", "train.iterations_next=2",
+        "model.backbone=resnet18", "model.output_stride=16", "model.pretrained=null", "train.batch_size=8", "train.iterations=2", "train.iterations_next=2",
         "train.log_every=1", f"train.bn={bn}", f"method.name={NAME}", "method.ucd_gather=true",
         "eval.batch_size=16", "eval.num_images=1", *extra,
     ]

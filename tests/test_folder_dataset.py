@@ -151,7 +151,7 @@ def test_check_run_and_predict_from_the_command_line(folder, tmp_path, capsys, t
     config = tmp_path / "own.yaml"
     config.write_text(f"name: shapes\noutput_dir: {tmp_path / 'runs'}\ndevice: cpu\n"
                       f"data: {{dataset: folder, root: {root}, crop_size: 64, cache_dir: {tmp_path / 'cache'}}}\n"
-                      "task: {name: 3-1}\nmodel: {backbone: resnet18}\nmethod: {name: mib}\n"
+                      "task: {name: 3-1}\nmodel: {backbone: resnet18, output_stride: 16}\nmethod: {name: mib}\n"
                       "train: {batch_size: 4, iterations: 1, iterations_next: 1}\neval: {num_images: 1}\n")
     assert main(["--quiet", "run", str(config)]) == 0
     results = json.loads((tmp_path / "runs" / "shapes" / "results.json").read_text())

@@ -131,7 +131,7 @@ def test_the_example_trains_from_its_own_package_directory(tiny_benchmark, tmp_p
         "imports: [ucdseg_cosine]\nname: cos\noutput_dir: runs\ndevice: cpu\n"
         f"data: {{dataset: embedded, root: {tiny_benchmark}, embedded_train: {BENCH['num_train']}, "
         f"embedded_val: {BENCH['num_val']}, embedded_size: {BENCH['image_size']}, crop_size: 64, cache_dir: cache}}\n"
-        "task: {name: 8-2}\nmodel: {backbone: resnet18}\nmethod: {name: mib+cos}\n"
+        "task: {name: 8-2}\nmodel: {backbone: resnet18, output_stride: 16}\nmethod: {name: mib+cos}\n"
         "train: {batch_size: 4, iterations: 2, iterations_next: 2, log_every: 1}\n"
         "eval: {batch_size: 16, num_images: 1}\n")
     src = str(Path(ucdseg.__file__).resolve().parents[1])

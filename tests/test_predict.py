@@ -58,7 +58,7 @@ def setup(tmp_path_factory, voc_model):
     """A checkpoint and a folder of three images: the VOC photo, its mirror (same size) and a crop."""
     base = tmp_path_factory.mktemp("predict")
     cfg = load_config(None, ["data.dataset=voc", "task.name=15-5", f"task.order_seed={ORDER_SEED}",
-                             "model.backbone=resnet18"])
+                             "model.backbone=resnet18", "model.output_stride=16"])
     checkpoint = base / "step1.pt"
     save_checkpoint(checkpoint, {"model": voc_model.state_dict(), "step": 1, "config": to_dict(cfg),
                                  "classes_per_step": CLASSES_PER_STEP})

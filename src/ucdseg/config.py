@@ -154,6 +154,12 @@ def _validate(cfg: RunConfig) -> None:
         value = getattr(getattr(cfg, section) if section else cfg, attr)
         if value not in choices:
             raise ConfigError(f"config key {dotted!r} is {value!r}; expected one of {list(choices)}")
+    from .models.backbones import BACKBONE_OUTPUT_STRIDES
+
+    strides = BACKBONE_OUTPUT_STRIDES.get(cfg.model.backbone)
+    if strides is not None and cfg.model.output_stride not in strides:
+        raise ConfigError(f"config key 'model.output_stride' is {cfg.model.output_stride}; backbone "
+                          f"{cfg.model.backbone} takes {' or '.join(map(str, strides))}")
     for dotted in ("train.batch_size", "train.accumulate", "eval.batch_size", "data.crop_size"):
         section, attr = dotted.split(".")
         if getattr(getattr(cfg, section), attr) < 1:

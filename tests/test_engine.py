@@ -360,7 +360,8 @@ def close_metrics(a: list[dict], b: list[dict], tol: float) -> None:
 
 def test_channels_last_gives_the_same_run(reference, make_config, tiny_model):
     # NHWC runs the same convolutions with other kernels: the floats may differ in their last bits
-    # (here: weights within 1e-6 after the 8 SGD iterations), which may flip the argmax of a few of
+    # (here: weights within 1e-6 after the 8 SGD iterations; BatchNorm running variances, which reach
+    # the hundreds, within a relative 1e-5), which may flip the argmax of a few of
     # the 16 x 64 x 64 validation pixels; IoUs and accuracy are allowed 1e-3 (about 65 pixels)
     ref_cfg, ref = reference
     cfg = make_config("nhwc", *REFERENCE, "train.channels_last=true")
@@ -370,7 +371,7 @@ def test_channels_last_gives_the_same_run(reference, make_config, tiny_model):
         theirs = load_state(ref_cfg.run_dir / "checkpoints" / f"step{step}.pt")["model"]
         assert ours.keys() == theirs.keys()
         for key in ours:
-            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5, msg=key)
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-5, msg=key)
         assert all(v.is_contiguous() for v in ours.values())  # saved in the default layout
     close_metrics(metrics(results), metrics(ref), tol=1e-3)
 

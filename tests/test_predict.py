@@ -23,7 +23,7 @@ import ucdseg
 from ucdseg.cli import main
 from ucdseg.config import load_config, to_dict
 from ucdseg.data.meta import VOC_CLASSES, VOC_PALETTE
-from ucdseg.engine.checkpoint import save_checkpoint
+from ucdseg.io import save_checkpoint
 from ucdseg.models import build_model
 from ucdseg.predict import checkpoint_classes, overlay_figure, predict
 

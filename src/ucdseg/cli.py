@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import reporting
-    from .engine.checkpoint import write_text
+    from .io import write_text
     from .engine.trainer import run
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -111,7 +111,7 @@ def checkpoint_classes(state: dict, path: str | Path) -> CheckpointClasses:
 
 def load_predictor(path: str | Path, device: str | torch.device = "cpu"):
     """``(model in eval mode on device, CheckpointClasses)`` of a step checkpoint."""
-    from .engine.checkpoint import load_checkpoint
+    from .io import load_checkpoint
     from .models import build_model
 
     path = Path(path)
@@ -220,7 +220,7 @@ def overlay_figure(image: Image.Image, mask: np.ndarray, classes: CheckpointClas
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    from .engine.checkpoint import atomic_path
+    from .io import atomic_path
 
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -232,7 +232,7 @@ def _save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    from .engine.checkpoint import atomic_path
+    from .io import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
@@ -321,7 +321,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], output: str | 
     writer = csv.DictWriter(text, fieldnames=SUMMARY_HEADER, lineterminator="\n")
     writer.writeheader()
     writer.writerows(ordered)
-    from .engine.checkpoint import write_text
+    from .io import write_text
 
     write_text(out / "summary.csv", text.getvalue())
     return ordered

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .data.meta import VOID_COLOR, colorize
-from .engine.checkpoint import atomic_path, write_text
+from .io import atomic_path, write_text
 from .engine.metrics import average_over_steps
 
 CONVENTIONS = ("without_background", "with_background")

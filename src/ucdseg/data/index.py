@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..labels import SETTINGS, select_images
+from ..io import write_bytes
 from ..tasks import Task
 
 __all__ = ["StepIndex", "default_cache_dir", "scan_presence", "step_index", "index_report", "format_index_report"]
@@ -82,21 +82,6 @@ def _dataset_dir(dataset: MaskDataset, cache_dir: PathLike) -> Path:
     root = os.path.abspath(os.fspath(dataset.root))
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset.name}-{dataset.split}")
     return base / f"{safe}-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -249,7 +234,7 @@ def _presence(dataset: MaskDataset, workers: Optional[int], progress: bool,
     values = np.concatenate(result) if result else np.zeros(0, dtype=np.int64)
     buf = io.BytesIO()
     np.savez(buf, values=values.astype(np.int64), offsets=offsets)
-    _atomic_write(folder / "presence.npz", buf.getvalue())
+    write_bytes(folder / "presence.npz", buf.getvalue())
     new_manifest = {
         "version": CACHE_VERSION,
         "dataset": dataset.name,
@@ -259,7 +244,7 @@ def _presence(dataset: MaskDataset, workers: Optional[int], progress: bool,
         "presence_sha256": digest,
         "files": files,
     }
-    _atomic_write(manifest_path, json.dumps(new_manifest).encode())
+    write_bytes(manifest_path, json.dumps(new_manifest).encode())
     return result, relpaths, digest
 
 
@@ -316,7 +301,7 @@ def _step_index_from(dataset: MaskDataset, presence: list[np.ndarray], relpaths:
     }
     record = {"version": CACHE_VERSION, "key": key, "presence_sha256": digest, "manifest": manifest,
               "indices": indices, "images": images}
-    _atomic_write(path, json.dumps(record).encode())
+    write_bytes(path, json.dumps(record).encode())
     return StepIndex(indices=indices, checksum=checksum, manifest=manifest)
 
 

@@ -39,7 +39,6 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -48,6 +47,8 @@ from typing import Callable, Iterable, Mapping, Optional
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from ..io import atomic_path, write_bytes
 
 __all__ = ["Archive", "ARCHIVES", "UnsafeArchiveError", "prepare", "verify_archive", "safe_members", "run_prepare"]
 
@@ -120,19 +121,7 @@ class _State:
             return None
 
     def set(self, name: str, value: dict) -> None:
-        _write_atomic(self.path(name), json.dumps(value).encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_bytes(self.path(name), json.dumps(value).encode())
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -140,7 +129,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
     buffer = io.BytesIO()
     Image.fromarray(array.astype(np.uint8), mode="L").save(buffer, format="PNG")
-    _write_atomic(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _file_stamp(path: Path) -> dict:
@@ -262,15 +251,8 @@ def _extract(archive: Path, dest: Path, select: Selector, expect: str, progress:
                 elif resume and target.is_file() and target.stat().st_size == info.file_size:
                     pass  # written (atomically) by an earlier, interrupted prepare
                 else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-                    try:
-                        with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-                            shutil.copyfileobj(src, out, 1 << 20)
-                        os.replace(tmp, target)
-                    except BaseException:
-                        Path(tmp).unlink(missing_ok=True)
-                        raise
+                    with atomic_path(target) as tmp, open(tmp, "wb") as out, zf.open(info) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
                     count += 1
                 bar.update(1)
     else:
@@ -394,7 +376,7 @@ def _prepare_voc(root: Path, paths: dict[str, Path], state: _State, progress: bo
                     mask = np.array(im)
             _save_png(mask, target)
         train_aug = sorted((set(voc_train) | set(sbd_ids)) - set(voc_val))
-        _write_atomic(lists / "train_aug.txt", ("\n".join(train_aug) + "\n").encode())
+        write_bytes(lists / "train_aug.txt", ("\n".join(train_aug) + "\n").encode())
         state.set("voc-aug.json", {"masks": len(todo), "train_aug": len(train_aug)})
         shutil.rmtree(sbd_dir, ignore_errors=True)  # the .mat files are no longer needed
 

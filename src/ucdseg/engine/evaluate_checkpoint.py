@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from ..config import ConfigError, from_dict
 from ..methods import get_method
 from ..models import build_model
-from . import checkpoint as ckpt
+from .. import io as ckpt
 from .distributed import setup
 from .trainer import build_task, evaluate_step, joint_task, open_dataset
 

@@ -33,7 +33,7 @@ from ..data.index import scan_presence, step_index
 from ..methods import LossContext, get_method
 from ..models import EMBEDDED_PRETRAINED, build_model, load_previous_step, pretrain_embedded_backbone
 from ..tasks import Task, get_task
-from . import checkpoint as ckpt
+from .. import io as ckpt
 from .distributed import Dist, barrier, setup
 from .evaluate import evaluate
 from .metrics import average_over_steps, miou_summary

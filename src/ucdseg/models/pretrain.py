@@ -95,7 +95,7 @@ def pretrain_embedded_backbone(
     state dict is written atomically to ``path`` (default :func:`embedded_backbone_path`) with a
     JSON sidecar holding the recipe and the training accuracy of the last 20 batches.
     """
-    from ..engine.checkpoint import atomic_path, write_json
+    from ..io import atomic_path, write_json
 
     path = Path(path) if path is not None else embedded_backbone_path(backbone, iterations, seed)
     if path.is_file():

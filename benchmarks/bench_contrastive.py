@@ -15,7 +15,7 @@ Three parts, all on the same deterministic inputs:
    resident memory above its resident memory at the call's start is recorded as a cross-check
    (``rss_peak_mib``; it also counts library pages faulted in). Each process saves its loss and
    the gradient on the new-model features; ours and the release are then compared.
-3. **Global batch** (``method.ucd_gather``): the local anchors fixed, the contrast set made ``W``
+3. **Global batch** (``method.options.gather``): the local anchors fixed, the contrast set made ``W``
    times larger (``W`` = 1, 2, 4, 8 simulated processes on one process), time and memory of ours;
    and, if ``torch.distributed`` (gloo) works, two real processes calling
    ``gathered_contrastive_distillation`` vs the same processes' local loss.
@@ -321,7 +321,7 @@ def _gloo_worker(rank: int, world: int, port: int, args: dict, out: str) -> None
     import torch.distributed as dist
 
     from ucdseg.losses import contrastive_distillation
-    from ucdseg.losses.distributed import gathered_contrastive_distillation
+    from ucdseg.losses.gathered import gathered_contrastive_distillation
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

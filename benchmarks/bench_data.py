@@ -28,7 +28,7 @@ TASK = ("embedded", "6-1")
 
 
 def _prepare(tmp: Path, quick: bool) -> tuple[Path, dict]:
-    from ucdseg.data import prepare_embedded
+    from ucdseg.embedded import prepare_embedded
 
     sizes = {"num_train": 300, "num_val": 64} if quick else {"num_train": 2000, "num_val": 400}
     t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def _loader(root: Path, tmp: Path, repeats: int) -> dict:
 
     from ucdseg.data import StepDataset, build_dataset, train_transforms
     from ucdseg.data.index import step_index
-    from ucdseg.labels import train_lut
+    from ucdseg.label_maps import train_lut
     from ucdseg.tasks import get_task
 
     task = get_task(*TASK)
@@ -93,7 +93,7 @@ def _evaluation(root: Path, repeats: int) -> dict:
 
     from ucdseg.data import StepDataset, build_dataset, eval_transforms
     from ucdseg.engine.evaluate import evaluate
-    from ucdseg.labels import eval_lut
+    from ucdseg.label_maps import eval_lut
     from ucdseg.models import build_model
     from ucdseg.tasks import get_task
 

@@ -43,7 +43,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 def run(quick: bool = False) -> dict:
-    from ucdseg.config import MethodConfig
     from ucdseg.methods import LossContext, get_method
     from ucdseg.models import build_model, load_previous_step
 
@@ -57,7 +56,7 @@ def run(quick: bool = False) -> dict:
     images, labels = make_batch(cfg["batch"], cfg["crop"])
     method = get_method(METHOD)
     weights = method.weights()
-    options = MethodConfig(name=METHOD)
+    options = get_method(METHOD).resolve_options()
 
     setups: dict[str, dict] = {}
     for name in VARIANTS:

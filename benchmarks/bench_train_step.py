@@ -56,10 +56,9 @@ def make_batch(batch: int, crop: int, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def run(quick: bool = False) -> dict:
-    from ucdseg.config import MethodConfig
     from ucdseg.losses import prepare_contrastive_inputs
     from ucdseg.methods import LossContext, get_method
-    from ucdseg.methods.registry import ucd
+    from ucdseg.methods.builtin import ucd
     from ucdseg.models import build_model, load_previous_step
 
     cfg = QUICK if quick else FULL
@@ -87,8 +86,8 @@ def run(quick: bool = False) -> dict:
         with torch.no_grad():
             old = old_model(images)
         t1 = time.perf_counter()
-        ctx = LossContext(1, out, old, labels.clone(), NEW_CLASS, 1, options=MethodConfig(name=name),
-                          state=dict(thresholds) if name.startswith("plop") else {})
+        ctx = LossContext(1, out, old, labels.clone(), NEW_CLASS, 1, options=get_method(name).resolve_options(),
+                          state=thresholds if name.startswith("plop") else None)
         terms = method.losses(ctx, method.weights())
         loss = sum(terms.values())
         t2 = time.perf_counter()
@@ -120,8 +119,8 @@ def run(quick: bool = False) -> dict:
     for name in ("mib+ucd", "plop+ucd"):
         with torch.no_grad():
             out, old = model(images), old_model(images)
-        ctx = LossContext(1, out, old, labels.clone(), NEW_CLASS, 1, options=MethodConfig(name=name),
-                          state=dict(thresholds) if name.startswith("plop") else {})
+        ctx = LossContext(1, out, old, labels.clone(), NEW_CLASS, 1, options=get_method(name).resolve_options(),
+                          state=thresholds if name.startswith("plop") else None)
         if methods[name].targets is not None:
             methods[name].targets(ctx)
         feats = out.features.detach().requires_grad_(True)

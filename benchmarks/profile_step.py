@@ -67,8 +67,9 @@ def phase_groups(terms: list[str]) -> dict[str, list[str]]:
 def _data_loader(tmp: Path, batch: int, crop: int, quick: bool):
     from torch.utils.data import DataLoader
 
-    from ucdseg.data import StepDataset, build_dataset, prepare_embedded, train_transforms
-    from ucdseg.labels import train_lut
+    from ucdseg.data import StepDataset, build_dataset, train_transforms
+    from ucdseg.embedded import prepare_embedded
+    from ucdseg.label_maps import train_lut
     from ucdseg.tasks import get_task
 
     class LabelledStepDataset(StepDataset):
@@ -105,7 +106,6 @@ def _data_loader(tmp: Path, batch: int, crop: int, quick: bool):
 
 
 def run(quick: bool = False) -> dict:
-    from ucdseg.config import MethodConfig
     from ucdseg.methods import LossContext, get_method
     from ucdseg.models import build_model, load_previous_step
 
@@ -122,7 +122,7 @@ def run(quick: bool = False) -> dict:
     images, labels = make_batch(cfg["batch"], cfg["crop"])
     method = get_method(METHOD)
     assert method.targets is None and method.before_step is None, "the phases below assume MiB+UCD's hooks"
-    weights, options = method.weights(), MethodConfig(name=METHOD)
+    weights, options = method.weights(), get_method(METHOD).resolve_options()
     terms = [name for name in method.terms if weights[name]]
     groups = phase_groups(terms)
 

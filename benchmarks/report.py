@@ -92,7 +92,7 @@ def contrastive_md(r: dict) -> list[str]:
     if g:
         lines += [
             "",
-            f"Global batch (`method.ucd_gather`): {g['anchors_per_process']} local anchors against the contrast "
+            f"Global batch (`method.options.gather`): {g['anchors_per_process']} local anchors against the contrast "
             "sets of W simulated processes (one process), ours:",
             "",
             "| W | contrast | s (median) | s / W=1 | peak MiB | ours / matmul |",

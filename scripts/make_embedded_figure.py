@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from ucdseg.data import build_dataset, colorize, prepare_embedded  # noqa: E402
+from ucdseg.data import build_dataset, colorize  # noqa: E402
+from ucdseg.embedded import prepare_embedded  # noqa: E402
 from ucdseg.data.meta import VOID_COLOR  # noqa: E402
 
 

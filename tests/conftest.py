@@ -2,9 +2,9 @@
 
 The engine and method tests train for real, so everything here is sized for seconds on 2 CPU
 cores: the benchmark (60 train / 16 val scenes of 64 x 64) is generated once per session from
-a synthetic Fashion-MNIST IDX set (filled rectangles, written by hand), and ``tiny_model``
-swaps the engine's ``build_model`` for an :class:`IncrementalDeepLab` on a 4-stage,
-16-channel backbone (same outputs and state-dict layout as the real models, ~13k parameters).
+a synthetic Fashion-MNIST IDX set (filled rectangles, written by hand), and run configs
+use ``model.backbone=tiny``, a 4-stage, 16-channel backbone registered here through
+:func:`ucdseg.models.register_backbone` (same outputs and state-dict layout as the real models).
 Runs use one torch thread: on a shared 2-core machine two threads are several times slower.
 """
 
@@ -23,13 +23,15 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from ucdseg.config import RunConfig, load_config
-from ucdseg.data import prepare_embedded
+from ucdseg.embedded import prepare_embedded
+from ucdseg.models import build_model, register_backbone
 from ucdseg.models.backbones import Backbone
 from ucdseg.models.deeplab import IncrementalDeepLab
 
 #: Parameters of the session's benchmark; run configs must repeat them (``data.embedded_*``).
 BENCH = {"num_train": 60, "num_val": 16, "image_size": 64}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+TINY = "tiny"  #: the tests' backbone (model.backbone=tiny)
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +69,12 @@ def tiny_benchmark(tmp_path_factory) -> Path:
     return prepare_embedded(base / "embedded", seed=0, fashion_mnist_dir=fmnist, progress=False, **BENCH)
 
 
-def tiny_build_model(backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
-                     pretrained=None, head_channels: int = 256) -> IncrementalDeepLab:
-    """Stand-in for :func:`ucdseg.models.build_model`: strides 4, 8, 16, 16 like a ResNet at OS 16."""
+@register_backbone(TINY, output_strides=(8, 16))
+def tiny_backbone(output_stride: int = 16) -> Backbone:
+    """A 4-stage, 16-channel backbone (strides 4, 8, 16, 16 like a ResNet at output stride 16, whatever
+    ``output_stride`` says; it only sets the head's ASPP rates):
+    same outputs and state-dict layout as the real models, about 13k parameters with its head.
+    Registered as ``model.backbone=tiny``; every run config of :func:`base_overrides` uses it."""
 
     def block(cin: int, cout: int, stride: int, dilation: int = 1) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
@@ -78,8 +83,13 @@ def tiny_build_model(backbone: str, classes_per_step: Sequence[int], output_stri
     net = nn.Sequential(OrderedDict(layer1=block(3, 8, 4), layer2=block(8, 8, 2), layer3=block(8, 16, 2),
                                     layer4=block(16, 16, 1, 2)))
     body = IntermediateLayerGetter(net, return_layers={s: s for s in STAGES})
-    net = Backbone("tiny", 16, body, list(STAGES), [8, 8, 16, 16], key_prefix="")
-    return IncrementalDeepLab(net, classes_per_step, head_channels=16)
+    return Backbone(TINY, output_stride, body, list(STAGES), [8, 8, 16, 16], key_prefix="", head_channels=16)
+
+
+def tiny_build_model(backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
+                     pretrained=None, head_channels: int | None = None) -> IncrementalDeepLab:
+    """:func:`ucdseg.models.build_model` of the tiny backbone, whatever ``backbone`` says."""
+    return build_model(TINY, classes_per_step, output_stride=16, pretrained=pretrained)
 
 
 @contextmanager
@@ -95,13 +105,8 @@ def _one_thread() -> Iterator[None]:
 
 @contextmanager
 def _tiny_engine() -> Iterator[None]:
-    """While active, the engine (training and ``ucdseg eval``) builds :func:`tiny_build_model` models."""
-    import ucdseg.engine.evaluate_checkpoint as evaluate_checkpoint
-    import ucdseg.engine.trainer as trainer
-
-    with pytest.MonkeyPatch.context() as mp, _one_thread():
-        mp.setattr(trainer, "build_model", tiny_build_model)
-        mp.setattr(evaluate_checkpoint, "build_model", tiny_build_model)
+    """One torch thread (the runs of :func:`base_overrides` build the tiny backbone)."""
+    with _one_thread():
         yield
 
 
@@ -130,7 +135,7 @@ def base_overrides(root: Path, out: Path) -> list[str]:
         "data.dataset=embedded", f"data.root={root}", f"data.cache_dir={out / 'index-cache'}",
         f"data.embedded_train={BENCH['num_train']}", f"data.embedded_val={BENCH['num_val']}",
         f"data.embedded_size={BENCH['image_size']}", "data.crop_size=64",
-        "task.name=8-2", "model.backbone=resnet18", "model.output_stride=16", "model.pretrained=null",
+        "task.name=8-2", f"model.backbone={TINY}", "model.output_stride=16", "model.pretrained=null",
         "train.batch_size=4", "train.iterations=2", "train.iterations_next=2", "train.log_every=1",
         "method.name=mib+ucd", "eval.batch_size=16", "eval.num_images=1",
     ]

@@ -16,7 +16,7 @@ Why these choices make the two runs equal (to float rounding), not merely close:
   per-process means is not the global mean.
 * Hence the method: ``plop+ucd`` (PLOP's CE is averaged over all pixels as in PLOP's release, POD
   is a mean over images, the entropy thresholds are all-reduced, and UCD with
-  ``method.ucd_gather=true`` contrasts the global batch and scales its gradient for DDP), with the
+  ``method.options.gather=true`` contrasts the global batch and scales its gradient for DDP), with the
   all-pixel cross-entropy below at step 0, so that the comparison does not depend on how the
   built-in step-0 term is normalised.
 """
@@ -40,7 +40,7 @@ def all_pixel_cross_entropy(ctx):
 def register_method(base: str = "plop+ucd") -> str:
     """Registers ``base`` with the all-pixel cross-entropy at step 0 as ``{base}-exact``; its name."""
     from ucdseg.methods import get_method
-    from ucdseg.methods.base import _METHODS, register
+    from ucdseg.methods.registry import _METHODS, register
 
     name = f"{base}-exact"
     if name not in _METHODS:
@@ -52,7 +52,7 @@ def register_method(base: str = "plop+ucd") -> str:
 @contextmanager
 def registered(*bases: str) -> Iterator[list[str]]:
     """The ``-exact`` variants of ``bases`` registered while active (the registry is left as it was)."""
-    from ucdseg.methods.base import _METHODS
+    from ucdseg.methods.registry import _METHODS
 
     names = [register_method(base) for base in bases]
     try:
@@ -64,13 +64,11 @@ def registered(*bases: str) -> Iterator[list[str]]:
 
 def launch() -> int:
     """The torchrun processes' entry point: the method above, the tiny test model, then the CLI."""
-    import ucdseg.engine.trainer as trainer
-    from conftest import tiny_build_model
+    import conftest  # noqa: F401  (registers model.backbone=tiny)
     from ucdseg.cli import main
 
     register_method("plop+ucd")
     register_method("plop")
-    trainer.build_model = tiny_build_model
     return main()
 
 

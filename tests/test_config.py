@@ -9,10 +9,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_overrides_are_typed_and_applied(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  batch_size: 4\nmethod:\n  name: mib\n")
-    cfg = load_config(path, ["train.batch_size=8", "method.weights.ucd=0.5", "task.order=[3,1,2]"])
+    path.write_text("train:\n  batch_size: 4\nmethod:\n  name: plop+ucd\n")
+    cfg = load_config(path, ["train.batch_size=8", "method.weights.ucd=0.5", "task.order=[3,1,2]",
+                             "method.options.temperature=0.2"])
     assert cfg.train.batch_size == 8
-    assert cfg.method.name == "mib"
+    assert cfg.method.name == "plop+ucd"
+    assert cfg.method.options == {"temperature": 0.2}
     assert cfg.method.weights == {"ucd": 0.5}
     assert cfg.task.order == [3, 1, 2]
 
@@ -82,3 +84,28 @@ def test_output_stride_must_suit_the_backbone():
     with pytest.raises(ConfigError, match=r"'model.output_stride' is 4; backbone resnet18 takes 8 or 16") as err:
         load_config(None, ["model.backbone=resnet18"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["method.name=mib", "method.weights.ucd=1"], ["'mib' has no loss term 'ucd'", "unce"]),
+    (["method.name=nope"], ["method.name", "unknown method 'nope'"]),
+    (["method.name=mib", "method.options.temperature=0.1"], ["method.options.temperature", "'mib' has no such option"]),
+    (["method.name=mib+ucd", "method.options.temperature=0"], ["method.options.temperature", "> 0"]),
+    (["method.name=mib+ucd", "method.options.formulation=dense"], ["method.options.formulation", "supcon"]),
+    (["method.name=mib+ucd", "method.options.gather=3"], ["method.options.gather", "bool"]),
+    (["method.name=plop", "method.options.pod_factor=-1"], ["method.options.pod_factor", "> 0"]),
+    (["method.ucd_temperature=0.1"], ["method.ucd_temperature", "method.options.temperature"]),
+])
+def test_method_weights_and_options_are_checked_when_the_config_is_read(overrides, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_saved_configs_of_older_versions_move_method_options_into_method_options():
+    old = to_dict(load_config(None, ["method.name=plop+ucd"]))
+    old["method"].pop("options")
+    old["method"].update(ucd_temperature=0.2, ucd_formulation="reference", ucd_gather=False, pod_factor=0.001,
+                         pod_last_factor=0.0005)
+    cfg = from_dict(old)
+    assert cfg.method.options == {"temperature": 0.2, "pod_factor": 0.001}  # defaults are dropped

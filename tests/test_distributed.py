@@ -3,7 +3,7 @@
 1. :func:`gathered_contrastive_distillation` on two processes, each holding half of a batch, vs a
    naive dense UCD loss (written here from SPEC §3) on the concatenated batch in one process:
    same value on both ranks, and the gradients follow the DDP convention of
-   ``ucdseg.losses.distributed``: DDP *averages* parameter gradients over the W=2 processes, so
+   ``ucdseg.losses.gathered``: DDP *averages* parameter gradients over the W=2 processes, so
    each rank's gradient w.r.t. its own features is W times the matching slice of the
    single-process gradient, and a layer shared by the ranks, its gradients averaged as DDP does,
    receives exactly the single-process gradient.
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ucdseg.losses.distributed import all_gather_rows, gathered_contrastive_distillation, is_distributed
+from ucdseg.losses.gathered import all_gather_rows, gathered_contrastive_distillation, is_distributed
 
 TAU = 0.07
 WORLD = 2
@@ -138,8 +138,7 @@ def _worker(rank: int, port: int, data_path: str, out_dir: str) -> None:
                 p.grad /= WORLD
             out[name]["ddp_weight_grad"] = proj.weight.grad.clone()
             out[name]["ddp_bias_grad"] = proj.bias.grad.clone()
-        # (3) the method's "ucd" term with method.ucd_gather=true uses the global batch
-        from ucdseg.config import MethodConfig
+        # (3) the method's "ucd" term with method.options.gather=true uses the global batch
         from ucdseg.methods import LossContext, get_method
 
         sc = data["unequal"]
@@ -149,7 +148,7 @@ def _worker(rank: int, port: int, data_path: str, out_dir: str) -> None:
         term = get_method("mib+ucd").terms["ucd"][0]
         ctx = LossContext(step=1, out=SimpleNamespace(features=proj(x).detach()),
                           old=SimpleNamespace(features=g, low_logits=z), labels=y, num_old=C_OLD, num_new=2,
-                          options=MethodConfig(ucd_gather=True))
+                          options={"temperature": 0.07, "formulation": "reference", "gather": True})
         out["method_term"] = term(ctx).detach()
         # (4) every rank has no pixel: an exact 0 that still back-propagates
         f = proj(x).detach().requires_grad_(True)
@@ -234,7 +233,7 @@ def test_different_feature_widths_raise_on_every_rank(two_ranks):
 
 
 def test_method_term_gathers_when_ucd_gather_is_set(two_ranks):
-    """``method.ucd_gather=true``: the ``ucd`` term of mib+ucd is the global-batch loss on every rank."""
+    """``method.options.gather=true``: the ``ucd`` term of mib+ucd is the global-batch loss on every rank."""
     data, outs = two_ranks
     sc = data["unequal"]
     expected, *_ = reference(sc)
@@ -303,10 +302,10 @@ def engine_overrides(root: Path, out: Path, name: str, bn: str = "frozen", *extr
         "data.dataset=embedded", f"data.root={root}", f"data.cache_dir={out / 'index-cache'}",
         f"data.embedded_train={BENCH['num_train']}", f"data.embedded_val={BENCH['num_val']}",
         f"data.embedded_size={BENCH['image_size']}", "data.crop_size=64", "task.name=8-2",
-        "model.backbone=resnet18", "model.output_stride=16", "model.pretrained=null", "train.batch_size=8", "train.iterations=2", "train.iterations_next=2",
-        "train.log_every=1", f"train.bn={bn}", f"method.name={NAME}", "method.ucd_gather=true",
+        "model.backbone=tiny", "model.output_stride=16", "model.pretrained=null", "train.batch_size=8", "train.iterations=2", "train.iterations_next=2",
+        "train.log_every=1", f"train.bn={bn}", f"method.name={NAME}",
         "eval.batch_size=16", "eval.num_images=1", *extra,
-    ]
+    ] + ([] if any(e.startswith("method.name=") for e in extra) else ["method.options.gather=true"])
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -377,7 +376,7 @@ def max_weight_difference(a: Path, b: Path, step: int, buffers: bool = True) -> 
 
 def test_torchrun_run_records_its_processes(engine_runs):
     _, ddp, single, proc = engine_runs
-    assert ddp["config"]["method"]["ucd_gather"] is True and ddp["config"]["train"]["bn"] == "frozen"
+    assert ddp["config"]["method"]["options"]["gather"] is True and ddp["config"]["train"]["bn"] == "frozen"
     assert [(s["world_size"], s["batch_per_process"]) for s in ddp["steps"]] == [(2, 4), (2, 4)]
     assert [(s["world_size"], s["batch_per_process"]) for s in single["steps"]] == [(1, 8), (1, 8)]
     assert "warning" not in proc.stderr  # gathered UCD, frozen BatchNorm: nothing depends on the processes

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ucdseg.data import build_dataset, prepare_embedded
-from ucdseg.data import embedded as E
+from ucdseg.data import build_dataset
+from ucdseg.embedded import generate as E
+from ucdseg.embedded import prepare_embedded
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_INTENSITY, TEST_INTENSITY = 255, 60  # tells scenes made from each split apart by brightness

@@ -22,8 +22,8 @@ import ucdseg
 from ucdseg import cli
 from ucdseg.config import to_dict, to_yaml
 from ucdseg.engine import run
-from ucdseg.engine.evaluate_checkpoint import evaluate_checkpoint
-from ucdseg.engine.trainer import Trainer
+from ucdseg.engine.evaluation import evaluate_checkpoint
+from ucdseg.engine.runner import Run
 from ucdseg.methods import Method
 
 NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
@@ -174,9 +174,10 @@ def test_two_step_run_writes_every_output(make_config):
         assert state["class_names"][:3] == ["background", "T-shirt/top", "trouser"]
         assert state["step"] == step and state["classes_per_step"] == classes_per_step
         assert state["config"] == to_dict(cfg)
-        assert state["model"]["classifier.0.weight"].shape == (9, 256, 1, 1)
+        # the tiny backbone of conftest: 16-channel pre-logits features
+        assert state["model"]["classifier.0.weight"].shape == (9, 16, 1, 1)
         assert ("classifier.1.weight" in state["model"]) == (step == 1)
-    assert load_state(out / "checkpoints" / "step1.pt")["model"]["classifier.1.weight"].shape == (2, 256, 1, 1)
+    assert load_state(out / "checkpoints" / "step1.pt")["model"]["classifier.1.weight"].shape == (2, 16, 1, 1)
 
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -251,12 +252,12 @@ def test_mid_step_resume_matches_uninterrupted_run(reference, make_config, tiny_
 
 
 def test_changed_config_in_existing_run_dir_is_refused(make_config):
-    Trainer(make_config("cfg"), progress=False).writer.close()  # writes config.yaml
+    Run(make_config("cfg"), progress=False).writer.close()  # writes config.yaml
     # settings that cannot change the results may differ
-    Trainer(make_config("cfg", "eval.batch_size=3", "train.checkpoint_every=5", "train.log_every=7"),
+    Run(make_config("cfg", "eval.batch_size=3", "train.checkpoint_every=5", "train.log_every=7"),
             progress=False).writer.close()
     with pytest.raises(ValueError, match=r"differing keys: method\.name, train\.lr_next\)") as err:
-        Trainer(make_config("cfg", "train.lr_next=0.5", "method.name=mib"), progress=False)
+        Run(make_config("cfg", "train.lr_next=0.5", "method.name=mib"), progress=False)
     assert "cfg" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -264,13 +265,13 @@ def test_changed_config_in_existing_run_dir_is_refused(make_config):
 def test_step0_from_reuses_step_zero(reference, make_config, tiny_model, monkeypatch):
     ref_cfg, ref = reference
     trained: list[int] = []
-    original = Trainer.train_step
+    original = Run.train_step
 
     def spy(self, step):
         trained.append(step)
         return original(self, step)
 
-    monkeypatch.setattr(Trainer, "train_step", spy)
+    monkeypatch.setattr(Run, "train_step", spy)
     source = f"train.step0_from={ref_cfg.run_dir}"
     results = run(make_config("mib", *REFERENCE, "method.name=mib", source), progress=False)
     assert trained == [1]
@@ -422,8 +423,8 @@ def test_step0_from_accepts_a_step0_checkpoint_file(reference, make_config, tiny
     bare.parent.mkdir()
     shutil.copyfile(ref_cfg.run_dir / "checkpoints" / "step0.pt", bare)
     trained: list[int] = []
-    original = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step", lambda self, step: (trained.append(step), original(self, step))[1])
+    original = Run.train_step
+    monkeypatch.setattr(Run, "train_step", lambda self, step: (trained.append(step), original(self, step))[1])
     results = run(make_config("from-file", *REFERENCE, "method.name=mib", f"train.step0_from={bare}"), progress=False)
     assert trained == [1]
     first = results["steps"][0]

@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader
 from conftest import tiny_build_model
 from ucdseg.config import ConfigError, RunConfig, load_config, to_dict
 from ucdseg.engine import run
-from ucdseg.engine.distributed import Dist
-from ucdseg.engine.evaluate import evaluate
-from ucdseg.engine.trainer import (Trainer, build_task, config_differences, distributed_notes, freeze_batchnorm,
-                                   open_dataset, val_dataset)
+from ucdseg.engine.process_group import Dist
+from ucdseg.engine.build import build_task, open_dataset, val_data
+from ucdseg.engine.evaluation import confusion_matrix
+from ucdseg.engine.runner import Run, config_differences, distributed_notes, freeze_batchnorm
 from ucdseg.methods import LossContext, Method
-from ucdseg.methods.base import _METHODS, register
+from ucdseg.methods.registry import _METHODS, register
 
 CONVENTIONS = list(itertools.product(("all", "seen"), ("ignore", "background")))
 UNSEEN = {9, 10}  # embedded 8-2: classes of step 1, unseen after step 0
@@ -37,8 +37,8 @@ def scalars(run_dir) -> dict[str, list[float]]:
 # --------------------------------------------------------------------- evaluation conventions
 def confusion(cfg: RunConfig, step: int, model: torch.nn.Module) -> tuple[torch.Tensor, int]:
     task = build_task(cfg)
-    val = val_dataset(cfg, task, open_dataset(cfg, "val", prepare=False), step)
-    cm = evaluate(model, DataLoader(val, batch_size=16), len(task.seen(step)), torch.device("cpu"), progress=False)
+    val = val_data(cfg, task, open_dataset(cfg, "val", prepare=False), step)
+    cm = confusion_matrix(model, DataLoader(val, batch_size=16), len(task.seen(step)), torch.device("cpu"), progress=False)
     return cm.mat, len(val)
 
 
@@ -148,23 +148,23 @@ def test_distributed_notes_name_the_process_count_on_rank_0_only():
     cfg = load_config(None, ["method.name=mib+ucd", "train.batch_size=24"])
     ucd = {"unce": 1.0, "unkd": 10.0, "ucd": 0.01}
     cpu = torch.device("cpu")
-    (line,) = [n for n in distributed_notes(cfg, ucd, Dist(0, 2, 0, cpu)) if "ucd_gather" in n]
-    assert line.startswith("ucdseg: warning: 2 processes and method.ucd_gather=false") and "12 images" in line
+    (line,) = [n for n in distributed_notes(cfg, ucd, Dist(0, 2, 0, cpu)) if "options.gather" in n]
+    assert line.startswith("ucdseg: warning: 2 processes and method.options.gather=false") and "12 images" in line
     assert "\n" not in line
     assert distributed_notes(cfg, ucd, Dist(1, 2, 1, cpu)) == []  # rank 1 says nothing
     assert distributed_notes(cfg, ucd, Dist(0, 1, 0, cpu)) == []  # one process: nothing to say
-    gather = load_config(None, ["method.ucd_gather=true", "train.batch_size=24"])
-    assert not any("ucd_gather" in n for n in distributed_notes(gather, ucd, Dist(0, 2, 0, cpu)))
+    gather = load_config(None, ["method.options.gather=true", "train.batch_size=24"])
+    assert not any("options.gather" in n for n in distributed_notes(gather, ucd, Dist(0, 2, 0, cpu)))
     no_ucd = {"unce": 1.0, "unkd": 10.0}
-    assert not any("ucd_gather" in n for n in distributed_notes(cfg, no_ucd, Dist(0, 2, 0, cpu)))
-    assert not any("ucd_gather" in n for n in distributed_notes(cfg, {**ucd, "ucd": 0.0}, Dist(0, 2, 0, cpu)))
+    assert not any("options.gather" in n for n in distributed_notes(cfg, no_ucd, Dist(0, 2, 0, cpu)))
+    assert not any("options.gather" in n for n in distributed_notes(cfg, {**ucd, "ucd": 0.0}, Dist(0, 2, 0, cpu)))
     # SyncBatchNorm is CUDA-only: on CPU, sync says it acts as local; local and frozen say nothing
     assert any("train.bn=sync" in n for n in distributed_notes(gather, ucd, Dist(0, 2, 0, cpu)))
     for bn in ("local", "frozen"):
-        quiet = load_config(None, ["method.ucd_gather=true", f"train.bn={bn}"])
+        quiet = load_config(None, ["method.options.gather=true", f"train.bn={bn}"])
         assert distributed_notes(quiet, ucd, Dist(0, 2, 0, cpu)) == []
     # accumulation: UCD contrasts micro-batches, even on one process and with gathering
-    acc = load_config(None, ["method.ucd_gather=true", "train.bn=local", "train.batch_size=24", "train.accumulate=3"])
+    acc = load_config(None, ["method.options.gather=true", "train.bn=local", "train.batch_size=24", "train.accumulate=3"])
     assert distributed_notes(acc, ucd, Dist(0, 1, 0, cpu)) == [
         "ucdseg: warning: train.accumulate=3: UCD contrasts each pixel with the pixels of its micro-batch "
         "(8 images) only, not with the whole batch"]
@@ -173,16 +173,16 @@ def test_distributed_notes_name_the_process_count_on_rank_0_only():
 
 
 def test_trainer_prints_the_warning_once_as_rank_0(make_config, monkeypatch, capsys):
-    import ucdseg.engine.trainer as trainer
+    import ucdseg.engine.runner as run_module
 
-    for rank in (0, 1):  # a Trainer believing it is rank `rank` of 2 (no collective runs in __init__)
-        monkeypatch.setattr(trainer, "setup", lambda device, rank=rank: Dist(rank, 2, rank, torch.device("cpu")))
-        Trainer(make_config("two", "train.batch_size=8", "train.bn=local"), progress=False)
+    for rank in (0, 1):  # a Run believing it is rank `rank` of 2 (no collective runs in __init__)
+        monkeypatch.setattr(run_module, "setup", lambda device, rank=rank: Dist(rank, 2, rank, torch.device("cpu")))
+        Run(make_config("two", "train.batch_size=8", "train.bn=local"), progress=False)
         lines = capsys.readouterr().err.splitlines()
         assert lines == ([] if rank else [
-            "ucdseg: warning: 2 processes and method.ucd_gather=false: UCD contrasts each pixel with its own "
+            "ucdseg: warning: 2 processes and method.options.gather=false: UCD contrasts each pixel with its own "
             "process's 4 images only, so the result depends on the number of processes "
-            "(method.ucd_gather=true contrasts with the global batch)"])
+            "(method.options.gather=true contrasts with the global batch)"])
 
 
 # ------------------------------------------------------------------------ method diagnostics
@@ -194,8 +194,8 @@ def diagnostic_method():
     def ce(ctx: LossContext):
         labels = ctx.labels
         valid = labels != 255
-        ctx.batch["diagnostics"] = {"labelled_pixels": int(valid.sum()),
-                                    "background_share": float((labels == 0).sum() / valid.sum())}
+        ctx.diagnostics.update(labelled_pixels=int(valid.sum()),
+                               background_share=float((labels == 0).sum() / valid.sum()))
         return torch.nn.functional.cross_entropy(ctx.out.logits, labels, ignore_index=255)
 
     method = register(Method("test-diagnostics", "CE with diagnostics", {"ce": (ce, 1.0)}, {"ce": (ce, 1.0)}))
@@ -205,7 +205,7 @@ def diagnostic_method():
     def losses(self, ctx, weights):
         out = original(self, ctx, weights)
         if self is method:
-            recorded.append(dict(ctx.batch["diagnostics"]))
+            recorded.append(dict(ctx.diagnostics))
         return out
 
     with pytest.MonkeyPatch.context() as mp:
@@ -218,7 +218,7 @@ def test_method_diagnostics_are_logged_like_loss_terms(make_config, tiny_model, 
     cfg = make_config("diag", "method.name=test-diagnostics", "train.iterations_next=3")
     run(cfg, progress=False)
     logged = scalars(cfg.run_dir)
-    recorded = diagnostic_method  # what the method put in ctx.batch, iteration by iteration (2 + 3)
+    recorded = diagnostic_method  # what the method put in ctx.diagnostics, iteration by iteration (2 + 3)
     assert len(recorded) == 5
     for step, batches in ((0, recorded[:2]), (1, recorded[2:])):
         assert logged[f"step{step}/labelled_pixels"] == [b["labelled_pixels"] for b in batches]
@@ -239,10 +239,10 @@ def test_a_key_missing_from_an_old_config_counts_as_its_default(make_config, tin
 
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
-    Trainer(cfg, progress=False)  # raises "started with a different config" if the keys counted
+    Run(cfg, progress=False)  # raises "started with a different config" if the keys counted
     changed = make_config("old", "train.bn=frozen")
     with pytest.raises(ValueError, match=r"differing keys: train\.bn\)"):
-        Trainer(changed, progress=False)
+        Run(changed, progress=False)
 
 
 # ----------------------------------------------------------------------- gradient accumulation

@@ -139,10 +139,6 @@ def test_every_method_and_setting_trains_on_a_folder_dataset(every_method):
 def test_check_run_and_predict_from_the_command_line(folder, tmp_path, capsys, tiny_model, monkeypatch):
     """``ucdseg data check``, ``run`` and ``predict`` through the command line's entry point, in-process
     (tiny models; ``ucdseg run`` and ``predict`` in subprocesses are tested by test_plugins and test_predict)."""
-    import ucdseg.models
-    from conftest import tiny_build_model
-
-    monkeypatch.setattr(ucdseg.models, "build_model", tiny_build_model)  # what predict builds
     root, _ = folder
     assert main(["--quiet", "data", "check", "--dataset", "folder", "--root", str(root)]) == 0
     out = capsys.readouterr().out
@@ -151,7 +147,7 @@ def test_check_run_and_predict_from_the_command_line(folder, tmp_path, capsys, t
     config = tmp_path / "own.yaml"
     config.write_text(f"name: shapes\noutput_dir: {tmp_path / 'runs'}\ndevice: cpu\n"
                       f"data: {{dataset: folder, root: {root}, crop_size: 64, cache_dir: {tmp_path / 'cache'}}}\n"
-                      "task: {name: 3-1}\nmodel: {backbone: resnet18, output_stride: 16}\nmethod: {name: mib}\n"
+                      "task: {name: 3-1}\nmodel: {backbone: tiny, output_stride: 16}\nmethod: {name: mib}\n"
                       "train: {batch_size: 4, iterations: 1, iterations_next: 1}\neval: {num_images: 1}\n")
     assert main(["--quiet", "run", str(config)]) == 0
     results = json.loads((tmp_path / "runs" / "shapes" / "results.json").read_text())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ucdseg import cli, losses
-from ucdseg.config import MethodConfig
+from ucdseg.methods.builtin import PlopStepState
 from ucdseg.engine import run
 from ucdseg.losses import plop
 from ucdseg.methods import LossContext, Method, get_method, list_methods
@@ -35,6 +35,11 @@ NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "s
          "bag", "ankle boot")
 Out = namedtuple("Out", "logits low_logits features stages pod_stages")
 FIRST_STEP = {"lwf-mc": {"bce"}}  # MiB's LwF-MC trains step 0 with BCE too; every other method with CE
+
+#: The methods' option defaults, as the papers give them (UCD: tau 0.07, the release's loss; PLOP's
+#: VOC POD factors 0.01 / 0.0005): written here, not read from the code under test.
+DEFAULT_OPTIONS = {"temperature": 0.07, "formulation": "reference", "gather": False, "pod_factor": 0.01,
+                   "pod_last_factor": 0.0005}
 
 
 def finite_or_none(value) -> bool:
@@ -59,7 +64,7 @@ def trained(config_factory, tiny_engine, tmp_path_factory):
 
             def losses_spy(self, ctx, weights):
                 terms = original(self, ctx, weights)
-                log.append((ctx.step, {k: v.item() for k, v in terms.items()}, ctx.state.get("thresholds")))
+                log.append((ctx.step, {k: v.item() for k, v in terms.items()}, getattr(ctx.state, "thresholds", None)))
                 return terms
 
             cfg = config_factory(out, name, f"method.name={name}", "eval.num_images=0")
@@ -192,7 +197,7 @@ def naive_lwf_mc(logits, old_logits, labels, first_step=False):
     return label_term / pixels if first_step else label_term / pixels + 10 * distill / pixels
 
 
-def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options: MethodConfig,
+def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options: dict,
                    thresholds: torch.Tensor) -> torch.Tensor:
     """The documented total loss of ``name`` at a step >= 1, from ucdseg.losses called by hand."""
     num_old, num_new = 3, 2
@@ -209,8 +214,8 @@ def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options:
 
     def ucd(y):
         return losses.contrastive_distillation(new.features, old.features, old.low_logits, y,
-                                               temperature=options.ucd_temperature,
-                                               formulation=options.ucd_formulation)
+                                               temperature=options["temperature"],
+                                               formulation=options["formulation"])
 
     if name.startswith("mib"):
         unce = losses.unbiased_cross_entropy(new.logits, labels, num_old, reduction="sum") / labels.numel()
@@ -220,19 +225,19 @@ def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options:
     levels = [*new.pod_stages, new.features, new.low_logits]
     old_levels = [*old.pod_stages, old.features, old.low_logits]
     total = plop.adaptive_cross_entropy(new.logits, pseudo, stats.confident_fraction)
-    total = total + losses.local_pod(levels, old_levels, num_old, num_new, factor=options.pod_factor,
-                                     last_factor=options.pod_last_factor)
+    total = total + losses.local_pod(levels, old_levels, num_old, num_new, factor=options["pod_factor"],
+                                     last_factor=options["pod_last_factor"])
     return total + 0.01 * ucd(labels) if name == "plop+ucd" else total  # UCD: the labels before pseudo-labelling
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_total_loss_is_the_weighted_sum_of_its_terms(name):
     new, old, labels = hand_made_batch()
-    options = MethodConfig(ucd_temperature=0.2, ucd_formulation="supcon", pod_factor=0.001, pod_last_factor=1e-5)
+    options = {"temperature": 0.2, "formulation": "supcon", "gather": False, "pod_factor": 0.001, "pod_last_factor": 1e-5}
     thresholds = torch.tensor([0.3, 0.6, 0.9])
     method = get_method(name)
     ctx = LossContext(1, new, old, labels.clone(), num_old=3, num_new=2, options=options,
-                      state={"thresholds": thresholds})
+                      state=PlopStepState(thresholds))
     terms = method.losses(ctx, method.weights())
     assert set(terms) == TERMS[name]
     total = sum(terms.values())
@@ -252,7 +257,7 @@ def test_total_loss_is_the_weighted_sum_of_its_terms(name):
 def test_zero_weight_skips_a_term():
     new, old, labels = hand_made_batch(1)
     method = get_method("mib+ucd")
-    ctx = LossContext(1, new, old, labels, num_old=3, num_new=2, options=MethodConfig())
+    ctx = LossContext(1, new, old, labels, num_old=3, num_new=2, options=dict(DEFAULT_OPTIONS))
     terms = method.losses(ctx, method.weights({"ucd": 0, "unkd": 1}))
     assert set(terms) == {"unce", "unkd"}
     assert terms["unkd"].item() == pytest.approx(losses.unbiased_kd(new.logits, old.logits).item(), rel=1e-6)
@@ -265,14 +270,14 @@ def test_plop_target_hook_pseudo_labels_confident_background():
     labels = torch.tensor([[[0, 0, 0, 3, 0, 0, 255]]])
     # normalised entropies: ~0.005 (pixels 0, 2, 3, 6), 1.0 (pixel 1), ~0.334 (pixels 4, 5)
     thresholds = torch.tensor([0.5, 0.5, 0.2])
-    ctx = LossContext(1, None, old, labels, num_old=3, num_new=1, state={"thresholds": thresholds})
-    get_method("plop").targets(ctx)
+    ctx = LossContext(1, None, old, labels, num_old=3, num_new=1, state=PlopStepState(thresholds))
+    ctx.batch = get_method("plop").targets(ctx)
     # 0: confident class 1 -> 1; 1: uncertain -> 255; 2: confident background -> 0; 3: new class kept;
     # 4: class 1 at entropy 0.33 < 0.5 -> 1; 5: class 2 at 0.33 >= 0.2 -> 255; 6: void kept
     assert ctx.labels.tolist() == [[[1, 255, 0, 3, 1, 255, 255]]]
     assert labels.tolist() == [[[0, 0, 0, 3, 0, 0, 255]]]  # the loader's tensor is not modified
     assert ctx.step_labels is labels  # and stays available to UCD
-    assert ctx.batch["confident_fraction"].tolist() == pytest.approx([3 / 5])  # of 5 background pixels
+    assert ctx.batch.confident_fraction.tolist() == pytest.approx([3 / 5])  # of 5 background pixels
 
 
 # ------------------------------------------------------------------ PLOP + UCD wiring (SPEC §3)
@@ -295,10 +300,10 @@ def plop_ucd_batch(seed: int = 0):
 
 def test_plop_ucd_contrasts_the_step_labels_with_old_model_features():
     new, old, labels = plop_ucd_batch()
-    options = MethodConfig()
+    options = dict(DEFAULT_OPTIONS)
     method = get_method("plop+ucd")
     ctx = LossContext(1, new, old, labels.clone(), num_old=16, num_new=1, options=options,
-                      state={"thresholds": torch.ones(16)})  # every background pixel is pseudo-labelled
+                      state=PlopStepState(torch.ones(16)))  # every background pixel is pseudo-labelled
     terms = method.losses(ctx, method.weights())
     assert bool((ctx.labels != labels).any())  # PLOP's CE saw pseudo-labels ...
     assert torch.equal(ctx.step_labels, labels)  # ... UCD the step's labels
@@ -321,11 +326,11 @@ def test_plop_ucd_contrasts_the_step_labels_with_old_model_features():
 def test_mib_ucd_logs_what_the_ucd_term_sees():
     new, old, labels = plop_ucd_batch(1)
     method = get_method("mib+ucd")
-    ctx = LossContext(1, new, old, labels, num_old=16, num_new=1, options=MethodConfig())
+    ctx = LossContext(1, new, old, labels, num_old=16, num_new=1, options=dict(DEFAULT_OPTIONS))
     method.losses(ctx, method.weights())
-    assert set(ctx.batch["diagnostics"]) == {"ucd_anchors", "ucd_contrast", "ucd_old_elements",
+    assert set(ctx.diagnostics) == {"ucd_anchors", "ucd_contrast", "ucd_old_elements",
                                              "ucd_positive_pairs", "ucd_weighted_pair_share"}
-    assert all(isinstance(v, float) for v in ctx.batch["diagnostics"].values())
+    assert all(isinstance(v, float) for v in ctx.diagnostics.values())
     assert ctx.diagnostics["ucd_old_elements"] > 0
 
 
@@ -337,13 +342,13 @@ def test_classification_terms_average_over_all_pixels_void_included(name, term):
     new, old, labels = hand_made_batch(2)
     labels[1] = 255  # the second image is entirely void: it adds pixels to the mean and no loss
     method = get_method(name)
-    state = {"thresholds": torch.tensor([0.3, 0.6, 0.9])}
+    state = PlopStepState(torch.tensor([0.3, 0.6, 0.9]))
 
     def value(n: int, step: int):
         first = Out(*(t[:n] if torch.is_tensor(t) else [x[:n] for x in t] for t in new))
         previous = Out(*(t[:n] if torch.is_tensor(t) else [x[:n] for x in t] for t in old))
         ctx = LossContext(step, first, previous if step else None, labels[:n].clone(), 3, 2,
-                          options=MethodConfig(), state=state)
+                          options=dict(DEFAULT_OPTIONS), state=state)
         terms = method.losses(ctx, method.weights())
         return terms[term if step else next(iter(method.first_step_terms))].item()
 

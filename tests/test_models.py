@@ -229,14 +229,10 @@ def test_mib_init_values_by_hand() -> None:
     torch.testing.assert_close(model.classifier[1].bias, before["classifier.1.bias"])
 
 
-def test_plop_init_is_the_balanced_init_and_none_keeps_random() -> None:
+def test_none_init_keeps_random_and_unknown_modes_are_refused() -> None:
     torch.manual_seed(1)
-    model = build_model("resnet18", [4, 3])
-    bg_bias = model.classifier[0].bias[0].item()
-    model.init_new_classifier("plop")
-    assert torch.allclose(model.classifier[1].bias, torch.full((3,), bg_bias - math.log(4)))
-    torch.testing.assert_close(model.classifier[1].weight, model.classifier[0].weight[:1].expand(3, -1, -1, -1))
-
+    with pytest.raises(ValueError, match="unknown classifier init mode 'plop'"):
+        build_model("resnet18", [4, 3]).init_new_classifier("plop")
     model = build_model("resnet18", [4, 3])
     before = [p.clone() for p in model.classifier.parameters()]
     model.init_new_classifier("none")

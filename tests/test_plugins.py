@@ -25,7 +25,8 @@ from ucdseg import plugins
 from ucdseg.cli import main
 from ucdseg.data import base as data_base
 from ucdseg.data import dataset_meta, dataset_names
-from ucdseg.methods import LossContext, base as methods_base, get_method
+from ucdseg.methods import LossContext, get_method
+from ucdseg.methods import registry as methods_base
 from ucdseg.tasks import get_task
 
 from conftest import BENCH

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import ucdseg.engine.trainer as trainer
+import ucdseg.engine.build as build
 from ucdseg.config import load_config
+from ucdseg.engine.process_group import Dist
 from ucdseg.models import build_model
-from ucdseg.models import pretrain
-from ucdseg.models.pretrain import embedded_backbone_path, pretrain_embedded_backbone
+from ucdseg.embedded import pretrain
+from ucdseg.embedded.pretrain import embedded_backbone_path, pretrain_embedded_backbone
 
 
 @pytest.fixture
@@ -97,11 +98,11 @@ def test_bad_arguments_are_clear_errors(fmnist, tmp_path):
 
 
 def test_trainer_resolves_model_pretrained_embedded_to_the_cached_file(fmnist, tiny_benchmark, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "pretrain_embedded_backbone", _tiny(fmnist))
+    monkeypatch.setattr(pretrain, "pretrain_embedded_backbone", _tiny(fmnist))
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=r", f"data.root={tiny_benchmark}",
                              "model.pretrained=embedded", "data.embedded_train=60", "data.embedded_val=16"])
-    path = trainer.Trainer(cfg, progress=False)._pretrained()
+    path = build.pretrained_weights(cfg, Dist(0, 1, 0, torch.device("cpu")), progress=False)
     assert path == str(embedded_backbone_path("embedded_resnet", 2, 0)) and torch.load(path, weights_only=True)
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=s", f"data.root={tiny_benchmark}",
                              "model.pretrained=/some/file.pth", "data.embedded_train=60", "data.embedded_val=16"])
-    assert trainer.Trainer(cfg, progress=False)._pretrained() == "/some/file.pth"  # any other value is kept
+    assert build.pretrained_weights(cfg, Dist(0, 1, 0, torch.device("cpu")), progress=False) == "/some/file.pth"  # any other value is kept

@@ -23,9 +23,9 @@ import ucdseg.losses
 from ucdseg import cli
 from ucdseg.config import to_yaml
 from ucdseg.engine import run
-from ucdseg.engine.trainer import NonFiniteLossError
+from ucdseg.engine.loop import NonFiniteLossError
 from ucdseg.losses import contrastive_distillation
-from ucdseg.losses.distributed import gathered_contrastive_distillation
+from ucdseg.losses.gathered import gathered_contrastive_distillation
 
 METRIC_KEYS = ("step", "classes", "seen", "per_class_iou", "miou", "pixel_accuracy", "num_train_images",
                "index_checksum", "iterations")
@@ -49,7 +49,8 @@ def cli_args(root: Path, out: Path, name: str) -> list[str]:
     from conftest import base_overrides
 
     return ["--quiet", "run", str(cli.packaged_config("embedded/mib_ucd.yaml")),
-            *base_overrides(root, out), f"name={name}", "train.iterations_next=6", "train.checkpoint_every=2"]
+            *base_overrides(root, out), "model.backbone=resnet18", f"name={name}", "train.iterations_next=6",
+            "train.checkpoint_every=2"]
 
 
 def test_sigkill_mid_step_then_rerun_matches_uninterrupted_run(tiny_benchmark, tmp_path, one_thread, capsys):

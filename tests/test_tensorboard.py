@@ -4,7 +4,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from ucdseg.engine.trainer import Trainer
+from ucdseg.engine.runner import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +18,9 @@ def test_tensorboard_is_a_runtime_dependency():
 
 def test_run_without_tensorboard_says_once_that_logging_is_off(make_config, tiny_model, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
-    trainer = Trainer(make_config("no-tb"), progress=False)
+    trainer = Run(make_config("no-tb"), progress=False)
     assert trainer.writer is None
     lines = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
     assert len(lines) == 1
     assert "logging is off" in lines[0] and "pip install tensorboard" in lines[0]
-    assert str(trainer.run_dir / "tensorboard") in lines[0]
+    assert str(trainer.folder.path / "tensorboard") in lines[0]

@@ -25,7 +25,7 @@ def _load(config: str | None, overrides: Sequence[str]):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .engine.trainer import run
+    from .engine import run
 
     cfg = _load(args.config, args.overrides)
     results = run(cfg, progress=not args.quiet)
@@ -39,8 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import reporting
+    from .engine import run
     from .io import write_text
-    from .engine.trainer import run
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from .methods import get_method
@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine.evaluate_checkpoint import evaluate_checkpoint
+    from .engine.evaluation import evaluate_checkpoint
 
     record = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.quiet)
     print(f"step {record['step']}: mIoU " + ", ".join(
@@ -133,7 +133,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data.index import format_index_report, index_report
-    from .engine.trainer import build_task, open_dataset
+    from .engine.build import build_task, open_dataset
 
     overrides = [f"data.dataset={args.dataset}", f"task.name={args.task}", f"data.setting={args.setting}",
                  f"seed={args.seed}"]
@@ -168,8 +168,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare_embedded
-    from .data.embedded import default_root
+    from .embedded import default_root, prepare_embedded
 
     root = prepare_embedded(args.root or default_root(), num_train=args.num_train, num_val=args.num_val,
                             image_size=args.image_size, seed=args.seed, fashion_mnist_dir=args.fashion_mnist,
@@ -222,11 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("tasks", help="list the named tasks of a dataset")
-    p.add_argument("dataset", choices=("voc", "ade", "cityscapes", "embedded"))
+    p.add_argument("dataset", help="a registered dataset: voc, ade, cityscapes, embedded, folder or your own")
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("index", help="per-step image counts and checksums of a task")
-    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded", "folder"))
+    p.add_argument("--dataset", required=True, help="a registered dataset: voc, ade, cityscapes, embedded, folder or your own")
     p.add_argument("--root", default=None)
     p.add_argument("--task", required=True)
     p.add_argument("--setting", default="overlapped", choices=("overlapped", "disjoint", "partitioned"))
@@ -238,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="verify a dataset's layout, lists, images and masks")
-    p.add_argument("--dataset", required=True, choices=("voc", "ade", "cityscapes", "embedded", "folder"))
+    p.add_argument("--dataset", required=True, help="a registered dataset: voc, ade, cityscapes, embedded, folder or your own")
     p.add_argument("--root", required=True)
     p.add_argument("--limit", type=int, default=None,
                    help="read N evenly spaced image/mask pairs per split; every entry is still checked for existence")

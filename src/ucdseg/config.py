@@ -85,14 +85,34 @@ class TrainConfig:
 class MethodConfig:
     name: str = "mib+ucd"
     weights: Dict[str, float] = field(default_factory=dict)  # overrides of the method's loss weights
-    ucd_temperature: float = 0.07
-    ucd_formulation: str = "reference"  # reference | supcon
-    ucd_gather: bool = False  # contrast against the global batch under DDP
-    # PLOP's Local POD: weight of every level but the last (--pod_factor) and of the last level,
-    # the logits (pod_options switch.after.factor). VOC preset 0.01 / 0.0005; PLOP's ADE scripts
-    # 0.001 / 0.00001 (configs/ade/*/plop*.yaml).
-    pod_factor: float = 0.01
-    pod_last_factor: float = 0.0005
+    # the method's own options, checked by the method (``ucdseg methods`` lists them), e.g.
+    # UCD's temperature / formulation / gather, PLOP's pod_factor / pod_last_factor
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+#: Keys of configs written before the methods owned their options (issue 13), and where they went.
+LEGACY_METHOD_KEYS = {"ucd_temperature": "temperature", "ucd_formulation": "formulation", "ucd_gather": "gather",
+                      "pod_factor": "pod_factor", "pod_last_factor": "pod_last_factor"}
+#: Their defaults: a saved config holding a default value means "not set".
+_LEGACY_DEFAULTS = {"ucd_temperature": 0.07, "ucd_formulation": "reference", "ucd_gather": False,
+                    "pod_factor": 0.01, "pod_last_factor": 0.0005}
+
+
+def migrate(data: dict) -> dict:
+    """A saved config (``config.yaml``, ``results.json``, a checkpoint) in today's keys: the
+    method options of older configs move into ``method.options`` (defaults dropped)."""
+    method = data.get("method") if isinstance(data, dict) else None
+    if not isinstance(method, dict) or not any(k in method for k in LEGACY_METHOD_KEYS):
+        return data
+    method = dict(method)
+    options = dict(method.get("options") or {})
+    for old, new in LEGACY_METHOD_KEYS.items():
+        if old in method:
+            value = method.pop(old)
+            if value != _LEGACY_DEFAULTS[old]:
+                options[new] = value
+    method["options"] = options
+    return {**data, "method": method}
 
 
 @dataclass
@@ -130,7 +150,6 @@ _CHOICES = {
     "train.bn": ("sync", "local", "frozen"),
     "eval.images": ("all", "seen"),
     "eval.unseen": ("ignore", "background"),
-    "method.ucd_formulation": ("reference", "supcon"),
     "device": ("auto", "cpu", "cuda"),
     "model.output_stride": (4, 8, 16),
 }
@@ -167,6 +186,17 @@ def _validate(cfg: RunConfig) -> None:
     from .plugins import load_plugins  # user methods and datasets, before anything looks them up
 
     load_plugins(cfg.imports)
+    from .methods import get_method
+
+    try:
+        method = get_method(cfg.method.name)
+    except KeyError as exc:
+        raise ConfigError(f"config key 'method.name': {exc.args[0]}") from None
+    try:
+        method.weights(cfg.method.weights)
+        method.resolve_options(cfg.method.options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
@@ -198,6 +228,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith("method.") and key[len("method."):] in LEGACY_METHOD_KEYS:
+            raise ConfigError(f"config key {key!r} is now 'method.options.{LEGACY_METHOD_KEYS[key[7:]]}'")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
@@ -212,7 +246,7 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 def from_dict(data: dict) -> RunConfig:
-    cfg: RunConfig = OmegaConf.to_object(_merge(OmegaConf.structured(RunConfig), data))  # type: ignore
+    cfg: RunConfig = OmegaConf.to_object(_merge(OmegaConf.structured(RunConfig), migrate(data)))  # type: ignore
     _validate(cfg)
     return cfg
 

@@ -259,8 +259,11 @@ def _method_name(label: str) -> str:
 
 
 def _base_method(label: str) -> str:
-    """``mib`` for ``mib``, ``mib+ucd`` and ``mib+ucd [ucd=1]``."""
-    return _method_name(label).removesuffix("+ucd")
+    """The method a run's method extends (:attr:`Method.base`): ``mib`` for ``mib+ucd`` and
+    ``mib+ucd [ucd=1]``; the method itself when it extends none."""
+    name = _method_name(label)
+    method = _registered(name)
+    return method.base if method is not None and method.base else name
 
 
 def _method_rank(label: str) -> tuple[int, str]:

@@ -32,6 +32,8 @@ __all__ = ["DATASETS", "NAMED_TASKS", "ALIASES", "Task", "TaskError", "get_task"
            "num_foreground"]
 
 #: Number of foreground classes of each dataset (background 0 comes on top).
+#: Foreground classes of the built-in datasets, as their class tables (``ucdseg.data.meta``) say;
+#: a test keeps the two equal. Read here so that tasks stay a pure module (no torch import).
 DATASETS: dict[str, int] = {"voc": 20, "ade": 150, "cityscapes": 19, "embedded": 10}
 
 #: The named tasks of each dataset (SPEC §1; the embedded benchmark's tasks are ours).
@@ -114,13 +116,6 @@ class Task:
         """Classes added at step ``t`` (dataset ids); step 0 includes background."""
         t = self._check_step(t)
         return list(self.steps[t])
-
-    def step_of(self, cls: int) -> int:
-        """The step at which dataset class ``cls`` is learned."""
-        for t, step in enumerate(self.steps):
-            if cls in step:
-                return t
-        raise TaskError(f"class id {cls!r} is not a class of task {self.name!r}: expected 0..{self.num_classes - 1}")
 
     # ------------------------------------------------------------------ id spaces
     @property

@@ -30,6 +30,11 @@ _FOLDERS = {"train": "training", "val": "validation"}
 class ADE20KSegmentation(SegmentationDataset):
     """ADE20K, 151 classes (0 = "other"/background, 1..150)."""
 
+    @staticmethod
+    def config_options(data) -> dict:
+        """Reader options from the config: ``data.score_background``."""
+        return {"score_background": data.score_background}
+
     def __init__(self, root: PathLike, split: str, score_background: bool = False):
         check_split("ade", split)
         root = Path(root).expanduser()

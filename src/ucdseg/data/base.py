@@ -21,7 +21,7 @@ from PIL import Image
 from .meta import DatasetMeta
 
 __all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "build_dataset", "dataset_names", "dataset_meta",
-           "register_dataset",
+           "register_dataset", "open_dataset_split",
            "read_mask", "read_image", "require_dir", "require_file", "check_split"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -86,6 +86,29 @@ def build_dataset(name: str, root: PathLike, split: str, **options) -> "Segmenta
         valid = ", ".join(accepted) if accepted else "none"
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r}: valid options: {valid}")
     return cls(root, split, **options)
+
+
+def open_dataset_split(data, split: str, prepare: bool = True, progress: bool = True) -> "SegmentationDataset":
+    """The reader of ``data.dataset`` (a :class:`~ucdseg.config.DataConfig`) for ``split``.
+
+    A reader may declare three class-level hooks, so no caller needs to know which dataset it is:
+    ``default_root()`` (the folder used when ``data.root`` is unset), ``prepare(root, data,
+    progress)`` (make the data on first use, e.g. generate the embedded benchmark) and
+    ``config_options(data)`` (its keyword options taken from the config, e.g. ADE20K's
+    ``score_background``).
+    """
+    if data.dataset not in _REGISTRY:
+        raise ValueError(f"config key 'data.dataset' is {data.dataset!r}: expected one of {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[data.dataset]
+    root = data.root
+    if root is None:
+        if not hasattr(cls, "default_root"):
+            raise ValueError(f"data.root is not set; give the {data.dataset} dataset directory (data.root=DIR)")
+        root = str(cls.default_root())
+    if prepare and hasattr(cls, "prepare"):
+        cls.prepare(root, data, progress)
+    options = cls.config_options(data) if hasattr(cls, "config_options") else {}
+    return build_dataset(data.dataset, root, split, **options)
 
 
 # ------------------------------------------------------------------------------- small helpers
@@ -195,7 +218,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 class StepDataset(torch.utils.data.Dataset):
     """The images ``indices`` of ``base`` with their masks mapped by ``lut`` and then ``transform``.
 
-    ``lut`` is a (256,) uint8 look-up table (dataset id -> step label, see ``ucdseg.labels``);
+    ``lut`` is a (256,) uint8 look-up table (dataset id -> step label, see ``ucdseg.label_maps``);
     ``transform(image, mask) -> (float C x H x W, int64 H x W)``, e.g. :func:`train_transforms`.
     ``transform=None`` uses ``eval_transforms(None)`` (no geometry, ImageNet normalisation).
     """

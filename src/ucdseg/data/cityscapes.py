@@ -84,6 +84,11 @@ _LUT = label_id_lut()
 class CityscapesSegmentation(SegmentationDataset):
     """Cityscapes, 20 classes (0 = void as background, 1..19 = the train-id classes)."""
 
+    @staticmethod
+    def config_options(data) -> dict:
+        """Reader options from the config: ``data.score_background``."""
+        return {"score_background": data.score_background}
+
     def __init__(self, root: PathLike, split: str, score_background: bool = False):
         check_split("cityscapes", split)
         root = Path(root).expanduser()

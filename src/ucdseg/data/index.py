@@ -8,7 +8,7 @@ from the masks, cached on disk and recorded with a checksum.
   file's relative path, size and modification time. The cache is reused while none of these
   change; otherwise only the new or modified masks are read again.
 * :func:`step_index` selects the training images of one step of a task (see
-  :func:`ucdseg.labels.select_images`) and caches the list with its manifest and checksum.
+  :func:`ucdseg.label_maps.select_images`) and caches the list with its manifest and checksum.
 * :func:`index_report` / :func:`format_index_report` summarise every step of a task.
 
 Cache layout (``cache_dir``: argument, else ``$UCDSEG_CACHE``, else ``~/.cache/ucdseg``)::
@@ -37,7 +37,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..labels import SETTINGS, select_images
+from ..label_maps import SETTINGS, select_images
 from ..io import write_bytes
 from ..tasks import Task
 

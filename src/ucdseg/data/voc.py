@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir, require_file
-from .meta import EMBEDDED_META, VOC_META, DatasetMeta
+from .meta import VOC_META, DatasetMeta
 
 __all__ = ["VOCSegmentation", "EmbeddedSegmentation", "VOC_LAYOUT", "read_list"]
 
@@ -82,13 +82,3 @@ class VOCSegmentation(_VOCLayout):
 
     def __init__(self, root: PathLike, split: str):
         super().__init__("voc", VOC_META, root, split)
-
-
-@register_dataset("embedded")
-class EmbeddedSegmentation(_VOCLayout):
-    """The embedded Fashion-MNIST benchmark written by :func:`ucdseg.data.prepare_embedded`."""
-
-    _hint = " (create it with ucdseg.data.prepare_embedded(root) or `ucdseg prepare-embedded --root DIR`)"
-
-    def __init__(self, root: PathLike, split: str):
-        super().__init__("embedded", EMBEDDED_META, root, split)

@@ -1,5 +1,12 @@
-"""Training engine: the incremental loop, evaluation, checkpoints and distributed set-up."""
+"""Training engine, split by job:
 
-from .trainer import Trainer, run
+* :mod:`.build`: every object a run is made of, built from its config (the only reader of it);
+* :mod:`.loop`: one iteration (:func:`train_one_iteration`) and the iterations of a step;
+* :mod:`.evaluation`: the evaluation after a step and of a checkpoint (``ucdseg eval``);
+* :mod:`.runner`: the run folder, resume, a shared step 0 and ``results.json`` (:func:`run`);
+* :mod:`.process_group`, :mod:`.sampling`, :mod:`.metrics`: processes, batches, confusion matrix.
+"""
 
-__all__ = ["Trainer", "run"]
+from .runner import Run, run
+
+__all__ = ["Run", "run"]

@@ -7,7 +7,7 @@
 * PLOP: :func:`local_pod`, :func:`entropy_pseudo_labels`, :class:`EntropyThresholds` (plop.py)
 * UCD: :func:`contrastive_distillation` (and its flat, gather-friendly core
   :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`), and
-  :func:`gathered_contrastive_distillation`, its global-batch version under DDP (distributed.py);
+  :func:`gathered_contrastive_distillation`, its global-batch version under DDP (gathered.py);
   :func:`contrastive_input_stats` counts what it sees (for the logs)
 """
 
@@ -19,7 +19,7 @@ from .contrastive import (
     resize_labels_nearest,
 )
 from .contrastive_stats import contrastive_input_stats
-from .distributed import gathered_contrastive_distillation
+from .gathered import gathered_contrastive_distillation
 from .distillation import (
     feature_distillation,
     knowledge_distillation,

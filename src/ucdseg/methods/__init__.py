@@ -8,7 +8,8 @@ same for every method.
 
 from __future__ import annotations
 
-from .base import LossContext, Method, get_method, list_methods, register
-from . import registry as _registry  # noqa: F401  (registers the built-in methods)
+from .method import LossContext, Method
+from .registry import get_method, list_methods, register
+from . import builtin as _builtin  # noqa: F401  (registers the built-in methods)
 
 __all__ = ["LossContext", "Method", "get_method", "list_methods", "register"]

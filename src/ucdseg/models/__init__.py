@@ -8,10 +8,10 @@ from .backbones import (
     OUTPUT_STRIDES,
     Backbone,
     build_backbone,
+    register_backbone,
     load_backbone_weights,
     read_state_dict,
 )
-from .pretrain import EMBEDDED_PRETRAINED, pretrain_embedded_backbone
 from .deeplab import (
     INIT_MODES,
     DeepLabV3Head,
@@ -22,8 +22,6 @@ from .deeplab import (
 )
 
 __all__ = [
-    "EMBEDDED_PRETRAINED",
-    "pretrain_embedded_backbone",
     "BACKBONES",
     "OUTPUT_STRIDES",
     "INIT_MODES",
@@ -32,6 +30,7 @@ __all__ = [
     "IncrementalDeepLab",
     "SegOutput",
     "build_backbone",
+    "register_backbone",
     "build_model",
     "load_backbone_weights",
     "load_previous_step",

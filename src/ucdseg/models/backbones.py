@@ -41,7 +41,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,7 @@ __all__ = [
     "OUTPUT_STRIDES",
     "Backbone",
     "build_backbone",
+    "register_backbone",
     "dilate_resnet_stage",
     "has_preactivation",
     "block_preactivation",
@@ -91,13 +92,16 @@ class Backbone(nn.Module):
             last block's pre-activation (ResNet stages) or its output (other stages).
         aspp_rates: the atrous rates of the segmentation head's ASPP suited to this backbone
             (DeepLab-v3's for 512 px crops, unless the backbone is made for other sizes).
-        aspp_channels: the width of the ASPP branches (the pre-logits features stay 256).
+        aspp_channels: the width of the ASPP branches.
+        head_channels: the width of the pre-logits features (256 for every built-in backbone).
     """
 
     def __init__(self, name: str, output_stride: int, body: IntermediateLayerGetter,
                  stage_names: list[str], stage_channels: list[int], key_prefix: str,
-                 aspp_rates: tuple[int, ...] | None = None, aspp_channels: int = 256) -> None:
+                 aspp_rates: tuple[int, ...] | None = None, aspp_channels: int = 256,
+                 head_channels: int = 256) -> None:
         super().__init__()
+        self.head_channels = head_channels
         self.aspp_rates = tuple(aspp_rates or ASPP_RATES[output_stride])
         self.aspp_channels = aspp_channels
         self.name = name
@@ -279,14 +283,34 @@ def _mobilenet_v3_large(output_stride: int) -> Backbone:
                     channels, key_prefix="features.")
 
 
+#: Backbones added with :func:`register_backbone`: name -> builder(output_stride) -> Backbone.
+_REGISTERED: dict[str, Callable[[int], Backbone]] = {}
+
+
+def register_backbone(name: str, output_strides: tuple[int, ...]) -> Callable:
+    """Decorator: make ``builder(output_stride) -> Backbone`` available as ``model.backbone=name``
+    at the given output strides (your own backbones, or a tiny one in tests)."""
+
+    def wrap(builder: Callable[[int], Backbone]) -> Callable[[int], Backbone]:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is built in; register yours under another name")
+        _REGISTERED[name] = builder
+        BACKBONE_OUTPUT_STRIDES[name] = tuple(output_strides)
+        return builder
+
+    return wrap
+
+
 def build_backbone(name: str, output_stride: int = 16) -> Backbone:
     """Build the named backbone (random init) at one of its output strides
     (:data:`BACKBONE_OUTPUT_STRIDES`: 16 or 8; 8 or 4 for ``embedded_resnet``)."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    if name not in BACKBONE_OUTPUT_STRIDES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONE_OUTPUT_STRIDES)}")
     if output_stride not in BACKBONE_OUTPUT_STRIDES[name]:
         raise ValueError(f"backbone {name} takes output_stride "
                          f"{' or '.join(map(str, BACKBONE_OUTPUT_STRIDES[name]))}, got {output_stride!r}")
+    if name in _REGISTERED:
+        return _REGISTERED[name](output_stride)
     if name == "mobilenet_v3_large":
         return _mobilenet_v3_large(output_stride)
     if name == "embedded_resnet":

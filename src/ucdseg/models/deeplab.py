@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Classifier init modes for a new step, see :meth:`IncrementalDeepLab.init_new_classifier`.
-INIT_MODES = ("mib", "plop", "none")
+INIT_MODES = ("mib", "none")
 
 
 class SegOutput(NamedTuple):
@@ -141,9 +141,8 @@ class IncrementalDeepLab(nn.Module):
           ``b_bg - log(n_new + 1)``. The background probability of the previous model is then
           split evenly between background and the new classes, and every other class keeps its
           probability.
-        * ``"plop"``: PLOP's ``--init_balanced`` (its ``init_new_classifier`` with one background
-          mode); it is the same computation as ``"mib"``. (PLOP's multimodal-background inits
-          need several background channels, which this model does not have.)
+          PLOP's ``--init_balanced`` is the same computation (PLOP's methods use ``"mib"``; its
+          multimodal-background inits need several background channels, which this model has not).
         * ``"none"``: keep the random initialisation of the new convolution.
         """
         if mode not in INIT_MODES:
@@ -162,7 +161,7 @@ class IncrementalDeepLab(nn.Module):
 
 
 def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
-                pretrained: str | os.PathLike | None = None, head_channels: int = 256) -> IncrementalDeepLab:
+                pretrained: str | os.PathLike | None = None, head_channels: int | None = None) -> IncrementalDeepLab:
     """Build an :class:`IncrementalDeepLab`.
 
     Args:
@@ -172,12 +171,13 @@ def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: i
         pretrained: ``None`` (random init), a path to a torchvision-format ImageNet checkpoint of
             that backbone, or a torchvision weight name such as ``"IMAGENET1K_V1"`` (downloads;
             needs internet). See :func:`ucdseg.models.backbones.load_backbone_weights`.
-        head_channels: width of the ASPP head and of the pre-logits features.
+        head_channels: width of the ASPP head and of the pre-logits features (default: the
+            backbone's ``head_channels``, 256 for every built-in backbone).
     """
     net = build_backbone(backbone, output_stride)
     if pretrained is not None and pretrained != "":
         load_backbone_weights(net, pretrained)
-    return IncrementalDeepLab(net, classes_per_step, head_channels=head_channels)
+    return IncrementalDeepLab(net, classes_per_step, head_channels=head_channels or net.head_channels)
 
 
 def load_previous_step(model: IncrementalDeepLab, state_dict: Mapping[str, Tensor]) -> IncrementalDeepLab:

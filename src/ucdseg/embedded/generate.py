@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .meta import EMBEDDED_META, VOID, VOID_COLOR
+from ..data.meta import EMBEDDED_META, VOID, VOID_COLOR
 
 __all__ = ["prepare_embedded", "default_root", "find_fashion_mnist", "load_fashion_mnist", "read_idx", "make_scenes",
            "scene_rng", "BenchmarkExistsError", "PARAMS_FILE", "GENERATOR_VERSION", "FASHION_MNIST_ENV",

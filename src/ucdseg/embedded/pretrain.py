@@ -30,9 +30,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm.auto import tqdm
 
-from ..data import embedded as emb
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .backbones import EmbeddedResNet
+from ..models.backbones import EmbeddedResNet
+from . import generate as emb
 
 __all__ = ["pretrain_embedded_backbone", "embedded_backbone_path", "EMBEDDED_PRETRAINED"]
 
@@ -95,13 +95,21 @@ def pretrain_embedded_backbone(
     state dict is written atomically to ``path`` (default :func:`embedded_backbone_path`) with a
     JSON sidecar holding the recipe and the training accuracy of the last 20 batches.
     """
-    from ..io import atomic_path, write_json
-
     path = Path(path) if path is not None else embedded_backbone_path(backbone, iterations, seed)
     if path.is_file():
         return path
     if iterations < 1 or batch_size < 1:
         raise ValueError(f"iterations and batch_size must be >= 1, got {iterations} and {batch_size}")
+    # the caller's random state is left as it was: a run seeds itself before building its model,
+    # and must build the same model whether these weights were cached or made just now
+    with torch.random.fork_rng(devices=[]):
+        return _pretrain(backbone, path, iterations, batch_size, lr, seed, fashion_mnist_dir, progress)
+
+
+def _pretrain(backbone: str, path: Path, iterations: int, batch_size: int, lr: float, seed: int,
+              fashion_mnist_dir, progress: bool) -> Path:
+    from ..io import atomic_path, write_json
+
     torch.manual_seed(seed)  # the initialisation too
     model = classification_network(backbone, num_classes=10)
     images, labels = emb.load_fashion_mnist("train", fashion_mnist_dir)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ucdseg.labels import SETTINGS, apply_lut, eval_lut, partition_steps, select_images, train_lut
+from ucdseg.label_maps import SETTINGS, apply_lut, eval_lut, partition_steps, select_images, train_lut
 from ucdseg.tasks import get_task
 
 # embedded has classes 1..10; "4-3-3": step 0 = {0,1,2,3,4}, step 1 = {5,6,7}, step 2 = {8,9,10}
@@ -167,7 +167,7 @@ def test_eval_lut_conventions_agree_once_every_class_is_seen():
 
 def test_eval_images_keeps_images_with_a_seen_class():
     """DEFAULT after step 0: seen foreground {1,2,3,4}."""
-    from ucdseg.labels import eval_images
+    from ucdseg.label_maps import eval_images
 
     assert eval_images(PRESENCE, DEFAULT, 0, images="all") == list(range(10))
     # dropped: 3 ({5,9}), 4 ({6}), 5 ({8}) hold foreground classes, none of them seen;
@@ -180,7 +180,7 @@ def test_eval_images_keeps_images_with_a_seen_class():
 
 
 def test_eval_conventions_reject_unknown_names():
-    from ucdseg.labels import eval_images
+    from ucdseg.label_maps import eval_images
 
     with pytest.raises(ValueError, match="unseen-class convention 'void'"):
         eval_lut(DEFAULT, 0, unseen="void")

@@ -50,7 +50,3 @@ def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
-
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

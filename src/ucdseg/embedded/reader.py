@@ -1,0 +1,31 @@
+"""The reader of the embedded benchmark: the Pascal VOC layout that :mod:`.generate` writes."""
+
+from __future__ import annotations
+
+from ..data.base import PathLike, register_dataset
+from ..data.meta import EMBEDDED_META
+from ..data.voc import _VOCLayout
+
+
+@register_dataset("embedded")
+class EmbeddedSegmentation(_VOCLayout):
+    """The embedded Fashion-MNIST benchmark written by :func:`ucdseg.embedded.prepare_embedded`."""
+
+    _hint = " (create it with ucdseg.embedded.prepare_embedded(root) or `ucdseg prepare-embedded --root DIR`)"
+
+    def __init__(self, root: PathLike, split: str):
+        super().__init__("embedded", EMBEDDED_META, root, split)
+
+    @staticmethod
+    def default_root():
+        from .generate import default_root
+
+        return default_root()
+
+    @staticmethod
+    def prepare(root, data, progress: bool = True) -> None:
+        """Generate the benchmark of ``data.embedded_*`` in ``root`` unless it is there."""
+        from .generate import prepare_embedded
+
+        prepare_embedded(root, num_train=data.embedded_train, num_val=data.embedded_val,
+                         image_size=data.embedded_size, progress=progress)

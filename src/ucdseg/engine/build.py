@@ -1,0 +1,179 @@
+"""Everything a run is made of, built from its :class:`~ucdseg.config.RunConfig`.
+
+This is the only module of the engine that reads the config: the loop (:mod:`.loop`), the
+evaluation (:mod:`.evaluation`) and the run (:mod:`.runner`) receive the objects built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import label_maps
+from ..config import RunConfig
+from ..data import StepDataset, eval_transforms, open_dataset_split, train_transforms
+from ..data.index import StepIndex, scan_presence, step_index
+from ..methods import Method, get_method
+from ..models import build_model
+from ..tasks import Task, get_task
+from .process_group import Dist, barrier
+from .sampling import SeededSamples, StepBatchSampler, num_iterations
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------ task, method, data
+def build_task(cfg: RunConfig) -> Task:
+    """The benchmark's task: its steps are what results report as old and new classes."""
+    order: Any = cfg.task.order if cfg.task.order is not None else cfg.task.order_seed
+    return get_task(cfg.data.dataset, cfg.task.name, order=order, root=cfg.data.root)
+
+
+def joint_task(task: Task) -> Task:
+    """All classes of ``task`` in a single step (the joint-training upper bound)."""
+    return dataclasses.replace(task, name=f"{task.name} (joint)", steps=[[c for s in task.steps for c in s]])
+
+
+def training_task(cfg: RunConfig, task: Task | None = None) -> Task:
+    """The task the run trains: ``task`` itself, or its joint transformation when the method is
+    ``joint``. Nothing else in the engine asks whether a run is joint."""
+    task = task or build_task(cfg)
+    return joint_task(task) if build_method(cfg).joint else task
+
+
+def build_method(cfg: RunConfig) -> Method:
+    return get_method(cfg.method.name)
+
+
+def method_weights(cfg: RunConfig) -> dict[str, float]:
+    """The method's loss weights with ``method.weights`` applied."""
+    return build_method(cfg).weights(cfg.method.weights)
+
+
+def method_options(cfg: RunConfig) -> dict[str, Any]:
+    """The method's options (defaults updated by ``method.options``)."""
+    return build_method(cfg).resolve_options(cfg.method.options)
+
+
+def open_dataset(cfg: RunConfig, split: str, prepare: bool = True, progress: bool = True):
+    """The raw dataset of ``split`` (the embedded benchmark is generated on first use when
+    ``prepare``)."""
+    return open_dataset_split(cfg.data, split, prepare=prepare, progress=progress)
+
+
+def scan_datasets(cfg: RunConfig, train_set, val_set, dist: Dist, progress: bool) -> None:
+    """Index which classes each image holds, once, by rank 0 (cached on disk for the others)."""
+    if dist.is_main:
+        scan_presence(train_set, cache_dir=cfg.data.cache_dir, progress=progress)
+        if cfg.eval.images == "seen":
+            scan_presence(val_set, cache_dir=cfg.data.cache_dir, progress=progress)
+    barrier()
+
+
+def train_data(cfg: RunConfig, task: Task, train_set, step: int, progress: bool = True
+               ) -> tuple[SeededSamples, StepIndex]:
+    """Step ``step``'s training images (by ``data.setting``), their labels mapped for the step,
+    with the training transforms (seeded per sample)."""
+    index = step_index(train_set, task, cfg.data.setting, step, cache_dir=cfg.data.cache_dir, seed=cfg.seed,
+                       progress=progress)
+    transform = train_transforms(cfg.data.crop_size, scale=(cfg.data.scale_min, cfg.data.scale_max))
+    lut = label_maps.train_lut(task, step)
+    return SeededSamples(StepDataset(train_set, index.indices, lut, transform)), index
+
+
+def val_data(cfg: RunConfig, task: Task, val_set, step: int) -> StepDataset:
+    """The validation images scored after ``step`` and their labels, by ``cfg.eval``'s conventions
+    (``eval.images``, ``eval.unseen``; see :func:`ucdseg.label_maps.eval_images` and ``eval_lut``)."""
+    lut = label_maps.eval_lut(task, step, ignore_background=val_set.meta.ignore_background_in_eval,
+                              unseen=cfg.eval.unseen)
+    indices: Any = range(len(val_set))
+    if cfg.eval.images != "all":
+        presence = scan_presence(val_set, cache_dir=cfg.data.cache_dir, progress=False)
+        indices = label_maps.eval_images(presence, task, step, images=cfg.eval.images)
+    return StepDataset(val_set, indices, lut, eval_transforms(cfg.data.eval_crop_size))
+
+
+def train_loader(cfg: RunConfig, dataset, sampler, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def eval_loader(cfg: RunConfig, dataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers)
+
+
+# ------------------------------------------------------------------------------ model
+def pretrained_weights(cfg: RunConfig, dist: Dist, progress: bool = True) -> str | None:
+    """``model.pretrained``, with ``embedded`` made (once, by rank 0) and resolved to its file."""
+    from ..embedded import pretrain
+
+    value = cfg.model.pretrained
+    if value != pretrain.EMBEDDED_PRETRAINED:
+        return value
+    if dist.is_main:
+        pretrain.pretrain_embedded_backbone(cfg.model.backbone, progress=progress)
+    barrier()
+    return str(pretrain.pretrain_embedded_backbone(cfg.model.backbone, progress=False))
+
+
+def step_model(cfg: RunConfig, classes_per_step: list[int], device: torch.device,
+               pretrained: str | None = None) -> torch.nn.Module:
+    """The DeepLab of ``model.*`` for the classes of the steps in ``classes_per_step``."""
+    return build_model(cfg.model.backbone, classes_per_step, output_stride=cfg.model.output_stride,
+                       pretrained=pretrained).to(device)
+
+
+# ------------------------------------------------------------------------------ schedule
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs an iteration (the config's ``train.*`` keys the loop needs)."""
+
+    batch_size: int  # global
+    accumulate: int
+    amp_dtype: torch.dtype | None
+    log_every: int
+    checkpoint_every: int
+    compile: bool
+    channels_last: bool
+    bn: str
+    sampler_seed: int
+
+
+def loop_options(cfg: RunConfig, step: int) -> LoopOptions:
+    t = cfg.train
+    return LoopOptions(t.batch_size, t.accumulate, AMP_DTYPES[t.amp], t.log_every, t.checkpoint_every, t.compile,
+                       t.channels_last, t.bn, sampler_seed=cfg.seed * 1000 + step)
+
+
+def step_iterations(cfg: RunConfig, step: int, num_images: int) -> int:
+    """Iterations of step ``step``: ``train.iterations(_next)``, else ``epochs(_next)`` over its images."""
+    first = step == 0
+    epochs = cfg.train.epochs if first or cfg.train.epochs_next is None else cfg.train.epochs_next
+    iters = cfg.train.iterations if first or cfg.train.iterations_next is None else cfg.train.iterations_next
+    return num_iterations(num_images, cfg.train.batch_size, epochs, iters)
+
+
+def optimizer_and_schedule(cfg: RunConfig, model: torch.nn.Module, step: int, total: int):
+    """SGD at ``train.lr`` (step 0) or ``train.lr_next``, with a per-iteration poly schedule."""
+    lr = cfg.train.lr if step == 0 else cfg.train.lr_next
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.train.momentum,
+                                nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
+    power = cfg.train.poly_power
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, total) / total) ** power)
+    return optimizer, scheduler
+
+
+def batch_sampler(cfg: RunConfig, step: int, num_images: int, total: int, dist: Dist, start: int = 0
+                  ) -> StepBatchSampler:
+    """The step's seeded batches (this process's share), resumable at iteration ``start``."""
+    return StepBatchSampler(num_images, cfg.train.batch_size, total, seed=cfg.seed * 1000 + step, start=start,
+                            rank=dist.rank, world_size=dist.world_size)
+
+
+def one_epoch_sampler(cfg: RunConfig, step: int, num_images: int, dist: Dist) -> StepBatchSampler:
+    """One pass over the step's images (a method's ``before_step`` pass, e.g. PLOP's thresholds)."""
+    total = num_iterations(num_images, cfg.train.batch_size, 1, None)
+    return batch_sampler(cfg, step, num_images, total, dist)

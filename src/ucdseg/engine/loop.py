@@ -1,0 +1,169 @@
+"""The training loop: one iteration, and the iterations of one step (torchvision's shape).
+
+:func:`train_one_iteration` is one SGD update of the model on one batch under the method's
+:class:`Criterion`; :func:`train_iterations` runs a step's iterations from ``start`` to
+``total``, logging and checkpointing on the way. Neither reads the config: the run
+(:mod:`.runner`) builds what they take with :mod:`.build`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from tqdm import tqdm
+
+from ..methods import LossContext, Method
+from .build import LoopOptions
+from .process_group import Dist
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class CompileError(RuntimeError):
+    """``train.compile=true`` but torch.compile cannot build the model here."""
+
+
+@contextlib.contextmanager
+def compile_errors(active: bool):
+    """Turn a failure of torch.compile's backend (no C/C++ toolchain, ...) into one clear line."""
+    if not active:
+        yield
+        return
+    import torch._dynamo as dynamo
+
+    try:
+        yield
+    except dynamo.exc.BackendCompilerFailed as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CompileError(
+            "train.compile=true: torch.compile failed to build the model; it needs a working C/C++ toolchain "
+            f"(a C++ compiler such as g++ on the PATH and the Python headers; Triton on CUDA), "
+            f"or set train.compile=false ({first})") from exc
+
+
+def _float(out):
+    """Losses are computed in float32 even when the forward ran under autocast."""
+    return type(out)(*([t.float() for t in v] if isinstance(v, list) else v.float() for v in out))
+
+
+@dataclass
+class Criterion:
+    """The method's loss for the batches of one step: its weighted terms on a :class:`LossContext`."""
+
+    method: Method
+    weights: Mapping[str, float]
+    options: Mapping[str, Any]
+    step: int
+    num_old: int  # classes known before the step, background included
+    num_new: int
+    state: Any = None  # what the method's before_step returned
+    diagnostics: dict = field(default_factory=dict)  # the last batch's, for the logs
+
+    def __call__(self, out, old, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        ctx = LossContext(self.step, _float(out), None if old is None else _float(old), labels, self.num_old,
+                          self.num_new, options=self.options, state=self.state)
+        terms = self.method.losses(ctx, self.weights)
+        self.diagnostics = ctx.diagnostics
+        return terms
+
+
+@dataclass
+class Trainee:
+    """What one step trains: the model (plain, for state dicts), the forward to call (DDP and/or
+    compiled), the frozen old model, and the optimisation state."""
+
+    model: torch.nn.Module
+    forward: Callable
+    old_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self, iteration: int, step: int) -> dict:
+        """A mid-step checkpoint: everything :meth:`load_state_dict` needs to continue bit for bit."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": torch.get_rng_state(), "iteration": iteration, "step": step}
+
+    def load_state_dict(self, state: dict) -> int:
+        """Continue from a mid-step checkpoint; returns its iteration."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        return state["iteration"]
+
+
+def train_one_iteration(trainee: Trainee, criterion: Criterion, images: torch.Tensor, labels: torch.Tensor,
+                        opts: LoopOptions, dist: Dist, where: str = "") -> dict[str, torch.Tensor]:
+    """One SGD update on a batch; returns the loss and its terms (detached, averaged over micro-batches).
+
+    ``train.accumulate=N``: the process's images in N equal micro-batches, each loss divided by N,
+    the gradients summed; DDP all-reduces once, after the last micro-batch's backward.
+    """
+    trainee.optimizer.zero_grad(set_to_none=True)
+    logged: dict[str, torch.Tensor] = {}
+    device = images.device
+    for micro, (x, y) in enumerate(zip(images.chunk(opts.accumulate), labels.chunk(opts.accumulate))):
+        last = micro == opts.accumulate - 1
+        with trainee.forward.no_sync() if dist.enabled and not last else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=opts.amp_dtype or torch.bfloat16, enabled=opts.amp_dtype is not None), \
+                    compile_errors(opts.compile):
+                out = trainee.forward(x)
+                old = None
+                if trainee.old_model is not None:
+                    with torch.no_grad():
+                        old = trainee.old_model(x)
+            terms = criterion(out, old, y)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} {where}(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})")
+            with compile_errors(opts.compile):
+                trainee.scaler.scale(loss / opts.accumulate).backward()
+        for k, v in {"loss": loss, **terms}.items():
+            logged[k] = logged.get(k, 0) + v.detach() / opts.accumulate
+    trainee.scaler.step(trainee.optimizer)
+    trainee.scaler.update()
+    trainee.scheduler.step()
+    return logged
+
+
+def averaged(values: Mapping[str, torch.Tensor], dist: Dist) -> dict[str, float]:
+    """The logged values averaged over the processes: under DDP the quantity whose gradient is
+    applied (each process's value alone is a mean over its slice of the batch)."""
+    stacked = torch.stack([v.detach() for v in values.values()]).float()
+    if dist.enabled:
+        torch.distributed.all_reduce(stacked)
+        stacked /= dist.world_size
+    return dict(zip(values, stacked.tolist()))
+
+
+def train_iterations(trainee: Trainee, criterion: Criterion, loader: Iterable, opts: LoopOptions, dist: Dist,
+                     step: int, start: int, total: int, log: Callable[[int, dict], None],
+                     checkpoint: Callable[[int], None], progress: bool = True) -> None:
+    """Iterations ``start .. total-1`` of step ``step``: ``log(iteration, values)`` every
+    ``log_every`` iterations and at the end, ``checkpoint(iteration)`` every ``checkpoint_every``."""
+    device = next(trainee.model.parameters()).device
+    memory_format = torch.channels_last if opts.channels_last else torch.preserve_format
+    bar = tqdm(loader, total=total, initial=start, desc=f"step {step} train", disable=not (progress and dist.is_main),
+               dynamic_ncols=True)
+    for it, (images, labels) in enumerate(bar, start=start):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        values = train_one_iteration(trainee, criterion, images, labels, opts, dist,
+                                     where=f"at step {step}, iteration {it} ")
+        if (it + 1) % opts.log_every == 0 or it + 1 == total:
+            means = averaged(values, dist)
+            bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items()})
+            log(it + 1, {**means, **{k: float(v) for k, v in criterion.diagnostics.items()},
+                         "lr": trainee.scheduler.get_last_lr()[0]})
+        if opts.checkpoint_every and (it + 1) % opts.checkpoint_every == 0 and it + 1 < total:
+            checkpoint(it + 1)
+    bar.close()

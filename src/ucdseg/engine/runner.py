@@ -1,0 +1,401 @@
+"""A run: every step of a task, in a run folder that makes it resumable.
+
+For step ``t`` the run builds the model for the classes seen so far, loads step ``t-1`` into it
+and into a frozen copy (the old model), initialises the new classifier as the method says,
+selects and maps the step's images, trains (:mod:`.loop`), evaluates (:mod:`.evaluation`) and
+saves. The run folder (``output_dir/name``) holds ``config.yaml``, ``results.json``,
+``checkpoints/stepN.pt`` (and ``stepN-last.pt`` mid-step), ``tensorboard/`` and the reports;
+running the same command again continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import ucdseg
+
+from .. import io
+from ..config import RunConfig, from_dict, migrate, to_dict, to_yaml
+from ..methods import get_method
+from ..models import load_previous_step
+from . import build
+from .evaluation import evaluate_step
+from .loop import Criterion, NonFiniteLossError, Trainee, train_iterations
+from .metrics import average_over_steps
+from .process_group import Dist, barrier, setup
+
+# Keys that may change between a run and its resumption without changing its results.
+# The paths only locate the run and its inputs (a moved dataset or run directory may resume).
+# train.channels_last and train.compile only choose how the same computation is laid out in
+# memory and which kernels run it: like ``device`` they can change the last bits of the floats,
+# never what is computed, so a run may be resumed with them switched (e.g. on a machine without
+# a C++ compiler for torch.compile).
+RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every", "eval.batch_size",
+                  "eval.num_images", "train.checkpoint_every", "name", "output_dir", "data.root",
+                  "model.pretrained", "train.channels_last", "train.compile"}
+
+# Settings a reused step 0 must share with this run (the method may differ: step 0 is plain CE).
+STEP0_TRAIN_KEYS = {f"train.{k}" for k in ("batch_size", "epochs", "iterations", "lr", "momentum", "nesterov",
+                                           "weight_decay", "poly_power", "amp", "bn", "accumulate")}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key not in ("weights", "options"):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(a: dict, b: dict, ignore: set[str] = RESUMABLE_KEYS) -> list[str]:
+    """Keys whose values differ; a key missing from a config (saved before the key existed) has
+    its default value."""
+    defaults = _flatten(to_dict(RunConfig()))
+    fa, fb = defaults | _flatten(migrate(a)), defaults | _flatten(migrate(b))
+    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def versions() -> dict:
+    """Versions, platform and torch's intra-op thread count: on CPU a seed fixes a run for a given
+    thread count (reductions split across threads add in another order)."""
+    import torchvision
+
+    return {"ucdseg": ucdseg.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """``train.bn=frozen``: every BatchNorm layer in eval mode, so it normalises with its running
+    statistics and never updates them; its affine weight and bias are still trained."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def distributed_notes(cfg: RunConfig, weights: dict, dist: Dist) -> list[str]:
+    """Warning lines for a run of several processes or micro-batches (printed by rank 0 only)."""
+    if not dist.is_main:
+        return []
+    notes = []
+    micro = cfg.train.batch_size // dist.world_size // cfg.train.accumulate
+    if weights.get("ucd") and cfg.train.accumulate > 1:
+        notes.append(f"ucdseg: warning: train.accumulate={cfg.train.accumulate}: UCD contrasts each pixel with the "
+                     f"pixels of its micro-batch ({micro} images{' per process' if dist.enabled else ''}) only, "
+                     "not with the whole batch")
+    if not dist.enabled:
+        return notes
+    if weights.get("ucd") and not build.method_options(cfg).get("gather"):
+        notes.append(f"ucdseg: warning: {dist.world_size} processes and method.options.gather=false: UCD contrasts "
+                     f"each pixel with its own process's {micro} images only, so the result depends on the "
+                     "number of processes (method.options.gather=true contrasts with the global batch)")
+    if cfg.train.bn == "sync" and dist.device.type != "cuda":
+        notes.append(f"ucdseg: warning: train.bn=sync: SyncBatchNorm needs CUDA; on {dist.device.type} each of the "
+                     f"{dist.world_size} processes normalises with its own batch statistics (as train.bn=local)")
+    return notes
+
+
+class RunFolder:
+    """The files of a run folder: its config, its results and its checkpoints."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+
+    def final(self, step: int) -> Path:
+        return self.checkpoints / f"step{step}.pt"
+
+    def partial(self, step: int) -> Path:
+        return self.checkpoints / f"step{step}-last.pt"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Refuse to continue a run folder started with a different config; write ``config.yaml``."""
+        if self.config.exists():
+            import yaml
+
+            saved = yaml.safe_load(self.config.read_text())
+            diff = config_differences(saved, to_dict(cfg))
+            if diff:
+                raise ValueError(f"run directory {self.path} was started with a different config "
+                                 f"(differing keys: {', '.join(diff)}); use another name= or the saved config")
+        io.write_text(self.config, to_yaml(cfg))
+
+    def load_results(self) -> dict | None:
+        """The saved results, keeping only the steps whose checkpoint exists (the results file is
+        written after it)."""
+        if not self.results.exists():
+            return None
+        results = io.read_json(self.results, "results file")
+        results["steps"] = [s for s in results["steps"] if self.final(s["step"]).exists()]
+        return results
+
+
+class Run:
+    """Runs every step of ``cfg``'s task and writes the run folder."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.dist: Dist = setup(cfg.device)
+        self.device = self.dist.device
+        per_process, accumulate = cfg.train.batch_size // self.dist.world_size, cfg.train.accumulate
+        if cfg.train.batch_size % self.dist.world_size or per_process % accumulate:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} does not split into {self.dist.world_size} "
+                             f"process(es) x train.accumulate={accumulate} equal micro-batches")
+        self.method = build.build_method(cfg)
+        self.weights = build.method_weights(cfg)
+        self.options = build.method_options(cfg)
+        self.task = build.build_task(cfg)  # the benchmark's task; old/new are reported against its step 0
+        self.train_task = build.training_task(cfg, self.task)
+        self.folder = RunFolder(cfg.run_dir)
+        if self.dist.is_main:
+            self.folder.check_config(cfg)
+            self.train_set = build.open_dataset(cfg, "train", progress=progress)
+        barrier()
+        if not self.dist.is_main:
+            self.train_set = build.open_dataset(cfg, "train", prepare=False)
+        self.val_set = build.open_dataset(cfg, "val", prepare=False)
+        build.scan_datasets(cfg, self.train_set, self.val_set, self.dist, progress)
+        self.meta = self.train_set.meta
+        self.results = self.folder.load_results() or self._new_results()
+        self.writer = self._tensorboard()
+        for note in distributed_notes(cfg, self.weights, self.dist):
+            print(note, file=sys.stderr, flush=True)
+
+    def _new_results(self) -> dict:
+        return {
+            "format": 1,
+            "seed": self.cfg.seed,
+            "config": to_dict(self.cfg),
+            "versions": versions(),
+            "method": self.method.name,
+            "weights": self.weights,
+            "task": {"dataset": self.task.dataset, "name": self.task.name, "steps": self.task.steps,
+                     "order": list(self.task.order), "setting": self.cfg.data.setting},
+            "class_names": list(self.meta.class_names),
+            "steps": [],
+        }
+
+    def _tensorboard(self):
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # a dependency since issue 14: only a broken install lacks it
+            print(f"ucdseg: warning: TensorBoard logging is off ({exc}); install it with "
+                  f"`pip install tensorboard` to log to {self.folder.path / 'tensorboard'}", file=sys.stderr)
+            return None
+        return SummaryWriter(str(self.folder.path / "tensorboard"))
+
+    def _add_step(self, record: dict) -> None:
+        """Append a finished step to ``results.json``, with the average over the steps so far."""
+        self.results["steps"].append(record)
+        self.results["avg"] = average_over_steps(self.results["steps"])
+        io.write_json(self.folder.results, self.results)
+
+    # ----------------------------------------------------------------- the steps
+    def run(self) -> dict:
+        done = {s["step"] for s in self.results["steps"]}
+        for step in range(self.train_task.num_steps):
+            if step in done:
+                continue
+            if step == 0 and self.cfg.train.step0_from:
+                self.reuse_step0(Path(self.cfg.train.step0_from))
+            else:
+                self.train_step(step)
+        if self.dist.is_main:
+            from .. import reporting
+
+            reporting.write_run_reports(self.results, self.folder.path)
+        if self.writer is not None:
+            self.writer.close()
+        return self.results
+
+    def _models(self, step: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """Step ``step``'s model (step ``t-1``'s weights, new classifier initialised) and the
+        frozen old model (None at step 0)."""
+        classes = self.train_task.classes_per_step
+        pretrained = build.pretrained_weights(self.cfg, self.dist, self.progress) if step == 0 else None
+        model = build.step_model(self.cfg, classes[: step + 1], self.device, pretrained)
+        if step == 0:
+            return model, None
+        previous = io.load_checkpoint(self.folder.final(step - 1), map_location=self.device)["model"]
+        old_model = build.step_model(self.cfg, classes[:step], self.device)
+        old_model.load_state_dict(previous)
+        old_model.eval().requires_grad_(False)
+        load_previous_step(model, previous)
+        model.init_new_classifier(self.method.classifier_init)
+        return model, old_model
+
+    def train_step(self, step: int) -> dict:
+        cfg, dist, opts = self.cfg, self.dist, build.loop_options(self.cfg, step)
+        torch.manual_seed(cfg.seed * 1000 + step)
+        model, old_model = self._models(step)
+        if opts.bn == "sync" and dist.enabled and self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if opts.channels_last:  # parameters keep their identity: the optimizer below sees them
+            for m in (model, old_model):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+
+        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress)
+        total = build.step_iterations(cfg, step, len(train_data))
+        optimizer, scheduler = build.optimizer_and_schedule(cfg, model, step, total)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=opts.amp_dtype == torch.float16)
+        trainee = Trainee(model, model, old_model, optimizer, scheduler, scaler)
+        partial = self.folder.partial(step)
+        start = trainee.load_state_dict(io.load_checkpoint(partial, self.device)) if partial.exists() else 0
+        forward = DistributedDataParallel(model) if dist.enabled else model
+        trainee.forward = forward
+        if opts.compile:  # the training forward only; ``model`` stays plain for state dicts and evaluation
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # the previous step's graphs are of no use; keep clear of the recompile limit
+            trainee.forward = torch.compile(forward)
+
+        num_old, num_new = sum(self.train_task.classes_per_step[:step]), self.train_task.classes_per_step[step]
+        state = None
+        if old_model is not None and self.method.before_step is not None:
+            loader = build.train_loader(cfg, train_data, build.one_epoch_sampler(cfg, step, len(train_data), dist),
+                                        self.device)
+            state = self.method.before_step(old_model=old_model, loader=loader, device=self.device, num_old=num_old,
+                                            num_new=num_new, progress=self.progress and dist.is_main)
+        criterion = Criterion(self.method, self.weights, self.options, step, num_old, num_new, state)
+        loader = build.train_loader(cfg, train_data, build.batch_sampler(cfg, step, len(train_data), total, dist, start),
+                                    self.device)
+
+        def log(iteration: int, values: dict) -> None:
+            if self.writer is not None:
+                for k, v in values.items():
+                    self.writer.add_scalar(f"step{step}/{k}", v, iteration)
+
+        def checkpoint(iteration: int) -> None:
+            if dist.is_main:
+                io.save_checkpoint(partial, trainee.state_dict(iteration, step))
+            barrier()
+
+        t0 = time.perf_counter()
+        forward.train()
+        if opts.bn == "frozen":
+            freeze_batchnorm(model)
+        try:
+            train_iterations(trainee, criterion, loader, opts, dist, step, start, total, log, checkpoint, self.progress)
+        except NonFiniteLossError as exc:
+            kept = next((p for p in (partial, self.folder.final(step - 1)) if p.exists()), None)
+            raise NonFiniteLossError(f"{exc}; " + (f"the last good checkpoint is {kept}" if kept else
+                                                   "no checkpoint of this run was written yet")) from None
+        train_seconds = time.perf_counter() - t0
+        if opts.channels_last:  # evaluate and save in the default layout, as without the option
+            model.to(memory_format=torch.contiguous_format)
+
+        record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
+                               self.progress, predictions=self.folder.path / "predictions" / f"step{step}.png")
+        record.update(num_train_images=len(index.indices), index_checksum=index.checksum, iterations=total,
+                      train_seconds=round(train_seconds, 2), world_size=dist.world_size,
+                      batch_per_process=cfg.train.batch_size // dist.world_size, accumulate=cfg.train.accumulate)
+        if dist.is_main:
+            io.save_checkpoint(self.folder.final(step), {
+                "model": model.state_dict(), "step": step, "config": to_dict(cfg),
+                "classes_per_step": self.train_task.classes_per_step[: step + 1],
+                # dataset space (index = class id), so ``ucdseg predict`` needs nothing else
+                "class_names": list(self.meta.class_names), "palette": [list(c) for c in self.meta.palette]})
+            self._add_step(record)
+            partial.unlink(missing_ok=True)
+            if self.writer is not None:
+                for conv, groups in record["miou"].items():
+                    for group, value in groups.items():
+                        if value is not None:
+                            self.writer.add_scalar(f"miou_{conv}/{group}", value, step)
+        barrier()
+        return record
+
+    # ----------------------------------------------------------------- a shared step 0
+    def reuse_step0(self, source: Path) -> None:
+        """Take step 0 from another run with the same data, task and model (as papers share it):
+        its run directory (step 0's checkpoint and record are copied) or a step-0 checkpoint file
+        (copied, and evaluated here for step 0's record)."""
+        if source.is_file():
+            state = io.load_checkpoint(source)
+            if "config" not in state or state.get("step") != 0 or "classes_per_step" not in state:
+                raise ValueError(f"train.step0_from={source}: not a step-0 checkpoint written by ucdseg (it has "
+                                 f"{'step ' + str(state['step']) if 'step' in state else 'no step or config'}); "
+                                 "give a run directory or its checkpoints/step0.pt")
+            self._check_step0_source(source, state["config"], _step0_classes(source, state["config"]), eval_keys=False)
+            checkpoint, model = source, self._check_step0_weights(source, state["model"])
+            record = evaluate_step(model, self.cfg, self.train_task, len(self.task.steps[0]), self.val_set, 0,
+                                   self.dist, self.progress)
+            record["step0_from"] = str(source)
+        elif (source / "results.json").is_file():
+            results = io.read_json(source / "results.json", "results file")
+            self._check_step0_source(source, results["config"], results["steps"][0]["classes"], eval_keys=True)
+            checkpoint, record = source / "checkpoints" / "step0.pt", results["steps"][0]
+            self._check_step0_weights(source, io.load_checkpoint(checkpoint, map_location=self.device)["model"])
+        else:
+            raise FileNotFoundError(f"train.step0_from={source}: neither a checkpoint file nor a run directory "
+                                    "(with results.json)")
+        if self.dist.is_main:
+            with io.atomic_path(self.folder.final(0)) as tmp:
+                shutil.copyfile(checkpoint, tmp)
+            self._add_step(record)
+        barrier()
+
+    def _check_step0_source(self, source: Path, theirs: dict, their_classes: list[int], eval_keys: bool) -> None:
+        """Same seed, data, task, model and step-0 training settings (and, when step 0's record is
+        copied rather than measured here, the same evaluation conventions); same step-0 classes."""
+        keys = STEP0_TRAIN_KEYS | ({"eval.images", "eval.unseen"} if eval_keys else set())
+        diff = [k for k in config_differences(theirs, to_dict(self.cfg))
+                if k == "seed" or k.split(".")[0] in ("data", "task", "model") or k in keys]
+        if diff:
+            raise ValueError(f"train.step0_from={source}: its step 0 was trained with different settings ({', '.join(diff)})")
+        their_method = get_method(theirs.get("method", {}).get("name", "ft"))
+        if their_method.first_step != self.method.first_step:
+            raise ValueError(f"train.step0_from={source}: its step 0 was trained by {their_method.name} with the "
+                             f"{their_method.first_step} loss, {self.method.name} trains step 0 with "
+                             f"{self.method.first_step}; it cannot be shared")
+        if self.method.joint or their_classes != self.train_task.steps[0]:
+            raise ValueError(f"train.step0_from={source}: its step 0 has classes {their_classes}, "
+                             f"this run's step 0 needs {self.train_task.steps[0]}; joint runs cannot share step 0")
+
+    def _check_step0_weights(self, source: Path, weights: dict) -> torch.nn.Module:
+        """This run's step-0 model holding ``weights`` (all of them, with the same shapes)."""
+        model = build.step_model(self.cfg, self.train_task.classes_per_step[:1], self.device)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+            raise ValueError(f"train.step0_from={source}: its weights do not fit this run's step-0 model "
+                             f"({self.cfg.model.backbone}, {self.train_task.classes_per_step[0]} classes): {first}") from None
+        return model
+
+
+def _step0_classes(source: Path, config: dict) -> list[int]:
+    """The classes (dataset ids, model order) of the step 0 that ``config`` trained."""
+    try:
+        cfg = from_dict(config)
+        return build.training_task(cfg).steps[0]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"train.step0_from={source}: its config cannot be read: {exc}") from None
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict:
+    """Run (or continue) every step of ``cfg``'s task; returns the results dictionary."""
+    return Run(cfg, progress=progress).run()

@@ -135,6 +135,10 @@ def resolves(key: str, fields: set[str]) -> bool:
     of a section) through the section ``data``."""
     if key.endswith(".*"):
         return key[:-2] in SECTIONS
+    if key.startswith("method.options."):  # a method's own option: some registered method has it
+        from ucdseg.methods import list_methods
+
+        return any(key[len("method.options."):] in m.options for m in list_methods())
     return key in fields or any(key.startswith(f + ".") for f in fields if f.endswith(".weights"))
 
 
@@ -145,6 +149,7 @@ def test_documented_key_parser():
     fields = config_fields()
     assert resolves("method.weights.unkd", fields) and resolves("eval.*", fields)
     assert not resolves("train.no_such_key", fields)
+    assert resolves("method.options.temperature", fields) and not resolves("method.options.no_such_option", fields)
     assert not resolves("nosection.*", fields)
     assert not resolves("key", fields)
 

@@ -142,7 +142,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.cache_dir:
         overrides.append(f"data.cache_dir={args.cache_dir}")
     cfg = load_config(None, overrides)
-    dataset = open_dataset(cfg, args.split, progress=not args.quiet)
+    dataset = open_dataset(cfg, args.split, prepare=False)  # indexes what is there, never generates data
     rows = index_report(dataset, build_task(cfg), args.setting, cache_dir=cfg.data.cache_dir, seed=args.seed,
                         progress=not args.quiet)
     print(format_index_report(rows))

@@ -1,4 +1,4 @@
-"""What the exact one-process vs two-process comparison of ``test_distributed.py`` runs, importable
+"""What the exact one-process vs two-process comparison of ``tests/e2e/test_distributed.py`` runs, importable
 by the torchrun processes too (their launcher puts this folder on ``sys.path``).
 
 Why these choices make the two runs equal (to float rounding), not merely close:

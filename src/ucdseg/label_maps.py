@@ -1,4 +1,4 @@
-"""Label maps and training-image selection of a task step (SPEC §1). Pure numpy functions.
+"""Label maps and training-image selection of a task step (docs/protocol.md §1). Pure numpy functions.
 
 Look-up tables (LUTs) are ``(256,)`` uint8 arrays indexed by a dataset id (a mask value); they
 give the label in *model space* (see :mod:`ucdseg.tasks`).

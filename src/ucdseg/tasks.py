@@ -1,6 +1,6 @@
 """Class-incremental tasks: which classes are learned at which step, and in which order.
 
-A :class:`Task` splits the foreground classes of a dataset into ordered steps (SPEC §1). Step 0
+A :class:`Task` splits the foreground classes of a dataset into ordered steps (docs/protocol.md §1). Step 0
 holds background (id 0) plus the base classes; every later step adds new classes. Class ids come
 in two spaces (see ``docs/architecture.md``): *dataset* ids (the values in the masks) and *model*
 ids (the position of a class in the concatenated steps, i.e. the logit channel). With the default
@@ -36,7 +36,7 @@ __all__ = ["DATASETS", "NAMED_TASKS", "ALIASES", "Task", "TaskError", "get_task"
 #: a test keeps the two equal. Read here so that tasks stay a pure module (no torch import).
 DATASETS: dict[str, int] = {"voc": 20, "ade": 150, "cityscapes": 19, "embedded": 10}
 
-#: The named tasks of each dataset (SPEC §1; the embedded benchmark's tasks are ours).
+#: The named tasks of each dataset (docs/protocol.md §1; the embedded benchmark's tasks are ours).
 NAMED_TASKS: dict[str, tuple[str, ...]] = {
     "voc": ("19-1", "15-5", "15-1", "10-1", "5-3", "2-2", "10-10"),
     "ade": ("100-50", "100-10", "100-5", "50-50"),

@@ -1,4 +1,4 @@
-"""Cached per-image class presence and per-step training-image lists (SPEC §1).
+"""Cached per-image class presence and per-step training-image lists (docs/protocol.md §1).
 
 A benchmark split is only reproducible if its per-step image lists are, so they are built once
 from the masks, cached on disk and recorded with a checksum.

@@ -1,4 +1,4 @@
-"""Loss functions of ucdseg: plain functions of tensors (SPEC §3).
+"""Loss functions of ucdseg: plain functions of tensors (docs/protocol.md §3).
 
 * MiB: :func:`unbiased_cross_entropy`, :func:`unbiased_kd`
 * LwF / ILT / LwF-MC: :func:`knowledge_distillation`, :func:`feature_distillation`,

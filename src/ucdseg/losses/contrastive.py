@@ -1,4 +1,4 @@
-"""UCD's uncertainty-aware contrastive distillation (Yang et al., TPAMI 2022; SPEC §3).
+"""UCD's uncertainty-aware contrastive distillation (Yang et al., TPAMI 2022; docs/protocol.md §3).
 
 Layout:
 
@@ -151,7 +151,7 @@ def prepare_contrastive_inputs(
     old_logits: torch.Tensor,
     labels: torch.Tensor,
 ) -> ContrastiveInputs:
-    """Select the pixels, anchors and contrast set of SPEC §3 "UCD contrastive distillation".
+    """Select the pixels, anchors and contrast set of docs/protocol.md §3.8.
 
     1. ``labels`` are resized to the feature map by reading each cell's centre
        (:func:`resize_labels_nearest`); ``p = softmax(old_logits)``.
@@ -554,7 +554,7 @@ def contrastive_distillation(
     formulation: str = "reference",
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> torch.Tensor:
-    """UCD uncertainty-aware contrastive distillation (SPEC §3), a 0-d float32 tensor.
+    """UCD uncertainty-aware contrastive distillation (docs/protocol.md §3), a 0-d float32 tensor.
 
     Args:
         features: new-model pre-logits features ``(B, D, h, w)`` (gradients flow here only).
@@ -573,7 +573,7 @@ def contrastive_distillation(
     anchor has a positive. Computed in float32 whatever the input precision (float64 stays float64).
     """
     _check_options(temperature, formulation, block_size)
-    # autocast would run the similarity matmuls in bfloat16/float16: SPEC §3 wants float32
+    # autocast would run the similarity matmuls in bfloat16/float16: docs/protocol.md §3 wants float32
     with torch.autocast(device_type=features.device.type, enabled=False):
         inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels)
         if inputs.anchors.shape[0] == 0:

@@ -32,7 +32,7 @@ def unbiased_cross_entropy(
     ignore_index: int = 255,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """MiB's unbiased cross-entropy (UNCE, SPEC §3).
+    """MiB's unbiased cross-entropy (UNCE, docs/protocol.md §3).
 
     With ``den = logsumexp(logits)`` over all channels, a pixel labelled ``y`` costs
     ``-(logsumexp(logits[:C_old]) - den)`` if ``y < C_old`` (background: the probability of
@@ -79,7 +79,7 @@ def unbiased_kd(
     alpha: float = 1.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """MiB's unbiased knowledge distillation (UNKD, SPEC §3).
+    """MiB's unbiased knowledge distillation (UNKD, docs/protocol.md §3).
 
     Target ``q = softmax(alpha * old_logits)`` over the ``C_old`` old channels (detached). The new
     model's background log-probability is ``logsumexp(logits over {0} and the new classes

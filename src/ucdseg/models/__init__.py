@@ -1,6 +1,6 @@
 """Segmentation models: DeepLab-v3 with per-step classifiers on torchvision backbones.
 
-See ``docs/architecture.md`` (``ucdseg.models``) and SPEC §2.
+See ``docs/architecture.md`` (``ucdseg.models``) and docs/protocol.md §2.
 """
 
 from .backbones import (

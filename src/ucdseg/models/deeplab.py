@@ -1,4 +1,4 @@
-"""DeepLab-v3 with one classifier per incremental step (SPEC §2).
+"""DeepLab-v3 with one classifier per incremental step (docs/protocol.md §2).
 
 Structure (MiB's ``modules/deeplab.py`` ``DeeplabV3`` head, with plain ``BatchNorm2d`` + ReLU in
 place of In-Place ABN + leaky ReLU):
@@ -136,7 +136,7 @@ class IncrementalDeepLab(nn.Module):
 
         Modes:
 
-        * ``"mib"`` (MiB, SPEC §2): every new class's weight is a copy of the background weight
+        * ``"mib"`` (MiB, docs/protocol.md §2): every new class's weight is a copy of the background weight
           (row 0 of step 0's classifier); the new biases and the background bias all become
           ``b_bg - log(n_new + 1)``. The background probability of the previous model is then
           split evenly between background and the new classes, and every other class keeps its

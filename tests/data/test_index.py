@@ -36,7 +36,7 @@ class FakeMasks:
         return np.array(Image.open(self.mask_path(i)))
 
 
-# per image the classes drawn in its mask (same as tests/test_labels.py), task embedded 4-3-3:
+# per image the classes drawn in its mask (same as tests/test_label_maps.py), task embedded 4-3-3:
 # step 0 = {0,1,2,3,4}, step 1 = {5,6,7}, step 2 = {8,9,10}
 CLASSES = [[0], [0, 1, 2], [0, 1, 5], [0, 5, 9], [6, 255], [0, 8], [0, 3, 255, 10], [255], [2, 0], [0, 7]]
 TASK = get_task("embedded", "4-3-3")

@@ -2,7 +2,7 @@
 a non-finite loss.
 
 (Resuming a run directory with a different config is covered by
-``test_engine.py::test_changed_config_in_existing_run_dir_is_refused``.)
+``tests/engine/test_runner.py::test_changed_config_in_existing_run_dir_is_refused``.)
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_contrastive_loss_on_bf16_inputs_under_autocast_is_float32_and_finite(lo
         got = loss_fn(f, g, z, y)
     got.backward()
     assert got.dtype == torch.float32 and torch.isfinite(got) and want.item() > 0
-    # SPEC §3: computed in float32 even under mixed precision (a bf16 matmul is off by ~1e-3)
+    # docs/protocol.md §3: computed in float32 even under mixed precision (a bf16 matmul is off by ~1e-3)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.isfinite(f.grad.float()).all() and f.grad.abs().sum() > 0
 

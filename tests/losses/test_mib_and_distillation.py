@@ -1,4 +1,4 @@
-"""MiB / LwF / LwF-MC / ILT losses vs per-pixel loops written from SPEC §3 and MiB's definitions."""
+"""MiB / LwF / LwF-MC / ILT losses vs per-pixel loops written from docs/protocol.md §3 and MiB's definitions."""
 
 import math
 

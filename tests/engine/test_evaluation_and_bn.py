@@ -1,7 +1,7 @@
 """The engine's protocol knobs (issue 12): evaluation conventions at intermediate steps
 (``eval.images``, ``eval.unseen``), BatchNorm modes (``train.bn``), the process-count warnings, the
 methods' diagnostics in the logs, and old run directories without the new keys. The two-process
-comparisons are in ``test_distributed.py``.
+comparisons are in ``tests/e2e/test_distributed.py``.
 """
 
 from __future__ import annotations

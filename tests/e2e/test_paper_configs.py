@@ -1,5 +1,5 @@
 """The paper benchmark configs (configs/{voc,ade,cityscapes}): every one loads with the paper's
-protocol (SPEC §5), builds its task and model, and fails clearly without its dataset; and
+protocol (docs/protocol.md §5), builds its task and model, and fails clearly without its dataset; and
 scripts/run_benchmark.sh runs a whole benchmark folder."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from ucdseg.engine.build import build_task, joint_task, open_dataset
 from ucdseg.methods import get_method
 from ucdseg.models import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "src" / "ucdseg" / "configs"
 
-# Written by hand from the paper (SPEC §1, §5): folder -> (dataset, task, setting, classes per step).
+# Written by hand from the paper (docs/protocol.md §1, §5): folder -> (dataset, task, setting, classes per step).
 BENCHMARKS = {
     "voc/19-1-disjoint": ("voc", "19-1", "disjoint", [20, 1]),
     "voc/19-1-overlapped": ("voc", "19-1", "overlapped", [20, 1]),
@@ -90,7 +90,7 @@ def test_config_has_the_paper_protocol_task_and_a_clear_missing_data_error(rel, 
         assert (options["pod_factor"], options["pod_last_factor"]) == POD_FACTORS.get(rel, (0.01, 0.0005))
     else:
         assert "pod_factor" not in cfg.method.options
-    # SPEC §5
+    # docs/protocol.md §5
     assert (cfg.model.backbone, cfg.model.output_stride) == ("resnet101", 16)
     assert (cfg.data.crop_size, cfg.data.eval_crop_size, cfg.data.scale_min, cfg.data.scale_max) == (512, 512, 0.5, 2.0)
     t = cfg.train

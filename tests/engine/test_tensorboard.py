@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ucdseg.engine.runner import Run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tensorboard_is_a_runtime_dependency():

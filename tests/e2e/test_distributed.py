@@ -1,7 +1,7 @@
 """Distributed training on CPU (gloo, two processes on 127.0.0.1).
 
 1. :func:`gathered_contrastive_distillation` on two processes, each holding half of a batch, vs a
-   naive dense UCD loss (written here from SPEC §3) on the concatenated batch in one process:
+   naive dense UCD loss (written here from docs/protocol.md §3) on the concatenated batch in one process:
    same value on both ranks, and the gradients follow the DDP convention of
    ``ucdseg.losses.gathered``: DDP *averages* parameter gradients over the W=2 processes, so
    each rank's gradient w.r.t. its own features is W times the matching slice of the
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# naive dense reference on one process (SPEC §3 steps 1-6), float64, autograd through anchors
+# naive dense reference on one process (docs/protocol.md §3 steps 1-6), float64, autograd through anchors
 # ----------------------------------------------------------------------------------------------
 def dense_ucd(f: torch.Tensor, g: torch.Tensor, z_old: torch.Tensor, y: torch.Tensor, tau: float = TAU):
     """Loss of the whole batch; ``y`` is at the feature size. Returns 0 (with a graph) if no positive."""
@@ -333,7 +333,7 @@ def torchrun(root: Path, out: Path, name: str, bn: str, *extra: str) -> subproce
     config = str(packaged_config("embedded/mib_ucd.yaml"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "UCDSEG_CACHE": str(out / "ucdseg-cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(Path(__file__).with_name("ddp_exact.py")), "--quiet", "run", config,
+           f"--master_port={free_port()}", str(Path(__file__).resolve().parents[1] / "ddp_exact.py"), "--quiet", "run", config,
            *engine_overrides(root, out, name, bn, *extra)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""UCD contrastive distillation vs a naive loop implementation written from SPEC §3."""
+"""UCD contrastive distillation vs a naive loop implementation written from docs/protocol.md §3."""
 
 import math
 
@@ -18,7 +18,7 @@ TAU = 0.07
 
 
 # ----------------------------------------------------------------------------------------------
-# naive reference: explicit loops over pixels, anchors and positives (SPEC §3, steps 1-6)
+# naive reference: explicit loops over pixels, anchors and positives (docs/protocol.md §3, steps 1-6)
 # ----------------------------------------------------------------------------------------------
 def naive_ucd(f, g, z_old, y, tau=TAU, formulation="reference"):
     """Returns (loss, number of anchors with >= 1 positive). ``y`` is at the feature size."""
@@ -195,7 +195,7 @@ def test_labels_at_higher_resolution_read_the_cell_centre():
     f, g, z, _ = make_case(seed=5)
     gen = torch.Generator().manual_seed(6)
     choices = torch.tensor([0, 0, 255, 4, 5])
-    # integer factor 2: the centre of cell i is pixel 2i + 1 (SPEC §3: s*i + s/2)
+    # integer factor 2: the centre of cell i is pixel 2i + 1 (docs/protocol.md §3: s*i + s/2)
     y_hi = choices[torch.randint(len(choices), (2, 6, 8), generator=gen)]
     y_lo = y_hi[:, 1::2, 1::2]
     want = naive_ucd(f, g, z, y_lo)[0]
@@ -390,7 +390,7 @@ def test_backward_keeps_no_anchor_by_contrast_matrix():
 # the class-sorted, fused core (issue 15): a dense float64 reference on flat inputs
 # ----------------------------------------------------------------------------------------------
 def dense_flat_reference(a, a_lab, a_p, a_gt, c, c_lab, c_p, c_gt, self_index, tau, formulation):
-    """Per-anchor losses and |P(i)| from SPEC §3 steps 3-6, as full |A| x |C| masks (float64)."""
+    """Per-anchor losses and |P(i)| from docs/protocol.md §3 steps 3-6, as full |A| x |C| masks (float64)."""
     a, c, a_p, c_p = a.double(), c.double(), a_p.double(), c_p.double()
     s = a @ c.T / tau
     same = a_lab[:, None] == c_lab[None, :]

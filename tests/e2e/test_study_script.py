@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV_KEYS = ("SEEDS", "BASELINE_SEEDS", "SWEEP_SEEDS", "TASKS", "WEIGHTS", "OUT", "JOBS", "REPORT")
 
 

@@ -1,7 +1,7 @@
 """The registered methods: each trains end to end, and each total loss is the documented sum.
 
 The compositions are checked against the loss functions of :mod:`ucdseg.losses` called by hand
-with the weights of the papers (SPEC §3), on a hand-made ``SegOutput``-like namedtuple.
+with the weights of the papers (docs/protocol.md §3), on a hand-made ``SegOutput``-like namedtuple.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ucdseg.engine import run
 from ucdseg.losses import plop
 from ucdseg.methods import LossContext, Method, get_method, list_methods
 
-# step >= 1 loss terms of every method, as documented (SPEC §3 and the MiB / PLOP papers)
+# step >= 1 loss terms of every method, as documented (docs/protocol.md §3 and the MiB / PLOP papers)
 TERMS = {
     "ft": {"ce"},
     "lwf": {"ce", "kd"},
@@ -280,7 +280,7 @@ def test_plop_target_hook_pseudo_labels_confident_background():
     assert ctx.batch.confident_fraction.tolist() == pytest.approx([3 / 5])  # of 5 background pixels
 
 
-# ------------------------------------------------------------------ PLOP + UCD wiring (SPEC §3)
+# ------------------------------------------------------------------ PLOP + UCD wiring (docs/protocol.md §3)
 def plop_ucd_batch(seed: int = 0):
     """B=4, 16 old classes (background included) + 1 new: mostly background labels, a few new-class cells."""
     g = torch.Generator().manual_seed(seed)
@@ -316,7 +316,7 @@ def test_plop_ucd_contrasts_the_step_labels_with_old_model_features():
     assert seen["ucd_old_elements"] == old_kept > 0
     assert seen["ucd_anchors"] == old_kept + (cells == 16).sum().item()
     assert seen["ucd_contrast"] == seen["ucd_anchors"] + old_kept
-    assert 0 < seen["ucd_weighted_pair_share"] < 1  # exact value: tests/test_contrastive_stats.py
+    assert 0 < seen["ucd_weighted_pair_share"] < 1  # exact value: tests/losses/test_contrastive_stats.py
     # the pseudo-labels would have left UCD with GT-GT pairs only (the defect this wiring avoids)
     pseudo = losses.contrastive_input_stats(
         losses.prepare_contrastive_inputs(new.features, old.features, old.low_logits, ctx.labels))

@@ -484,11 +484,21 @@ def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, tmp_path):
 def test_methods_lists_every_method_with_its_weights():
     result = ucdseg("methods")
     assert result.code == 0
-    listed = {}
+    listed, options = {}, {}
     for line in result.out.strip().splitlines():
+        if line.startswith(" "):  # an option of the method above: "option NAME=DEFAULT: help"
+            option = re.fullmatch(r"\s+option (\w+)=(\S+): .+", line)
+            assert option, line
+            options.setdefault(name, {})[option.group(1)] = option.group(2)
+            continue
         match = re.fullmatch(r"(\S+)\s+(.+)  \[(.+)\]", line)
         assert match, line
-        listed[match.group(1)] = dict(w.split("=") for w in match.group(3).split(", "))
+        name = match.group(1)
+        listed[name] = dict(w.split("=") for w in match.group(3).split(", "))
+    # UCD's options (tau 0.07 from the paper) and PLOP's POD factors (its VOC preset)
+    assert options["mib+ucd"] == {"temperature": "0.07", "formulation": "reference", "gather": "False"}
+    assert options["plop"] == {"pod_factor": "0.01", "pod_last_factor": "0.0005"}
+    assert options["plop+ucd"] == {**options["plop"], **options["mib+ucd"]} and "mib" not in options
     assert set(listed) >= {"ft", "lwf", "lwf-mc", "ilt", "mib", "mib+ucd", "joint", "plop", "plop+ucd"}
     # MiB (its release's --loss_kd 10): UNCE + 10 UNKD; UCD's paper adds 0.01 L_UCD; fine-tuning: CE alone
     assert listed["mib"] == {"unce": "1", "unkd": "10"}

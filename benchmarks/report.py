@@ -88,6 +88,12 @@ def contrastive_md(r: dict) -> list[str]:
         f"values within {t['value_rel_max']:.0e} relative (all sizes) {_ok(t['values_met'])}; gradients within "
         f"{t['grad_rel_max']:.0e} relative (max abs difference / max abs) {_ok(t['grads_met'])}.",
     ]
+    at = [c for c in r["cases"] if c["anchors"] == t["at_anchors"] and c.get("matmul_s")]
+    if at:  # the floor a forward + backward cannot beat by much: three products of |A| x |C| x D
+        lines += ["", "Against the three-product floor (3 x the matmul column, measured in the same run) at "
+                  f"|A| = {t['at_anchors']}: " + "; ".join(
+                      f"{c['formulation']} {c['ours_s']['median_s'] / (3 * c['matmul_s']['median_s']):.2f} of it for ours, "
+                      f"{c['release_s']['median_s'] / (3 * c['matmul_s']['median_s']):.1f}x it for the release" for c in at) + "."]
     g = r.get("global_batch")
     if g:
         lines += [

@@ -229,7 +229,7 @@ def test_existing_benchmark_reuse_mismatch_and_overwrite(tmp_path, fmnist_dir, m
 
     monkeypatch.setattr(E, "_generate", boom)
     assert prepare_embedded(root, **kwargs) == root.absolute()  # same parameters: no work
-    with pytest.raises(FileExistsError, match=r"num_train=4 \(asked 5\).*overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"num_train=4 \(asked 5\).*choose another folder"):
         prepare_embedded(root, **{**kwargs, "num_train": 5})
     monkeypatch.undo()
     prepare_embedded(root, **{**kwargs, "num_train": 5}, overwrite=True)

@@ -237,8 +237,9 @@ def test_a_key_missing_from_an_old_config_counts_as_its_default(make_config, tin
     # a run directory whose config.yaml predates the keys continues
     import yaml
 
-    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
     (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (cfg.run_dir / "checkpoints" / "step0-last.pt").write_bytes(b"")  # something was trained: the config counts
     Run(cfg, progress=False)  # raises "started with a different config" if the keys counted
     changed = make_config("old", "train.bn=frozen")
     with pytest.raises(ValueError, match=r"differing keys: train\.bn\)"):

@@ -187,7 +187,8 @@ def test_two_step_run_writes_every_output(make_config):
         assert tag in data, tag
 
     assert (out / "config.yaml").read_text() == to_yaml(cfg)
-    stray = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    stray = [p.name for p in out.rglob("*") if p.name != ".ucdseg.lock" and (p.name.endswith(".tmp")
+                                                                           or p.name.startswith("."))]
     assert stray == [] and not list(out.rglob("*-last.pt"))
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.yaml", "results.json", "results.csv", "summary.md", "miou_per_step.png", "predictions",
@@ -252,13 +253,23 @@ def test_mid_step_resume_matches_uninterrupted_run(reference, make_config, tiny_
 
 
 def test_changed_config_in_existing_run_dir_is_refused(make_config):
-    Run(make_config("cfg"), progress=False).writer.close()  # writes config.yaml
+    run(make_config("cfg", "eval.num_images=0"), progress=False)  # a finished run
     # settings that cannot change the results may differ
-    Run(make_config("cfg", "eval.batch_size=3", "train.checkpoint_every=5", "train.log_every=7"),
-            progress=False).writer.close()
+    Run(make_config("cfg", "eval.num_images=0", "eval.batch_size=3", "train.checkpoint_every=5", "train.log_every=7"),
+        progress=False).writer.close()
     with pytest.raises(ValueError, match=r"differing keys: method\.name, train\.lr_next\)") as err:
         Run(make_config("cfg", "train.lr_next=0.5", "method.name=mib"), progress=False)
     assert "cfg" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_failed_start_takes_the_corrected_config(make_config):
+    """Nothing trained yet (the first command failed before a step finished): the corrected
+    command is not refused as "a different config", and its config is the one saved."""
+    first = make_config("fix", "train.lr=0.5")
+    Run(first, progress=False).writer.close()  # config.yaml written, then (say) the run failed
+    corrected = make_config("fix", "train.lr=0.05")
+    Run(corrected, progress=False).writer.close()
+    assert (corrected.run_dir / "config.yaml").read_text() == to_yaml(corrected)
 
 
 # ------------------------------------------------------------------------------ step0_from

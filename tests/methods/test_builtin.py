@@ -131,7 +131,7 @@ def test_registry_and_methods_command(capsys):
         get_method("mib-ucd")
 
     assert cli.main(["methods"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]  # not options
     assert sorted(line.split()[0] for line in lines) == sorted(TERMS)
     by_name = {line.split()[0]: line for line in lines}
     assert by_name["mib+ucd"].endswith("[unce=1, unkd=10, ucd=0.01]")

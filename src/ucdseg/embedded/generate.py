@@ -49,7 +49,7 @@ _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 _HOW_TO_GET = ("install the Debian package dataset-fashion-mnist (it puts them in /usr/share/datasets/fashion-mnist), "
                "or download the four IDX files from https://github.com/zalandoresearch/fashion-mnist (data/fashion/), "
-               f"then pass fashion_mnist_dir=DIR (CLI: --fashion-mnist DIR) or set {FASHION_MNIST_ENV}=DIR")
+               f"then set {FASHION_MNIST_ENV}=DIR (or `ucdseg prepare-embedded --fashion-mnist DIR`)")
 
 # --- scene recipe (changing any of these changes the benchmark: bump GENERATOR_VERSION) ---
 # Version 2 (embedded v2): 1-3 larger objects on a less cluttered background, each tinted around
@@ -359,6 +359,29 @@ def _is_complete(root: Path, params: dict) -> bool:
             and all(f"{i}.png" in cls for i in ids["val"]))
 
 
+def _own_files(params: dict) -> set[str]:
+    """The relative paths (files and folders) of the benchmark ``params`` describes: the manifest of
+    what :func:`prepare_embedded` writes, so it never replaces a folder holding anything else."""
+    ids = _ids(params["num_train"], params["num_val"])
+    own = {"JPEGImages", "SegmentationClassAug", "SegmentationClass", "ImageSets", "ImageSets/Segmentation",
+           "ImageSets/Segmentation/train_aug.txt", "ImageSets/Segmentation/val.txt", PARAMS_FILE}
+    for i in ids["train"] + ids["val"]:
+        own |= {f"JPEGImages/{i}.jpg", f"SegmentationClassAug/{i}.png"}
+    own |= {f"SegmentationClass/{i}.png" for i in ids["val"]}
+    return own
+
+
+def _foreign_files(root: Path, params: dict) -> list[str]:
+    """What ``root`` holds that the benchmark of ``params`` does not (a user's files)."""
+    own = _own_files(params)
+    foreign = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel not in own and not any(rel.startswith(f + "/") for f in foreign):
+            foreign.append(rel)
+    return foreign
+
+
 def _palette_bytes() -> list[int]:
     flat = np.zeros((256, 3), dtype=np.uint8)
     flat[: EMBEDDED_META.num_classes] = np.asarray(EMBEDDED_META.palette, dtype=np.uint8)
@@ -438,9 +461,17 @@ def prepare_embedded(root: PathLike, num_train: int = 2000, num_val: int = 400, 
             diff = ", ".join(f"{k}={existing.get(k)!r} (asked {v!r})" for k, v in params.items()
                              if existing.get(k) != v)
             raise BenchmarkExistsError(f"prepare_embedded: {root} holds an embedded benchmark with other "
-                                       f"parameters: {diff}; pass overwrite=True to regenerate it, or choose another "
-                                       f"root")
-        replace = True  # other parameters with overwrite=True, or an incomplete copy of ours
+                                       f"parameters: {diff}; choose another folder (data.root=DIR, or `ucdseg "
+                                       f"prepare-embedded --root DIR`), or delete {root} to regenerate it there")
+        # other parameters with overwrite=True, or an incomplete copy of ours: replaced only when
+        # it holds nothing but the files of a benchmark (never a user's own files)
+        foreign = sorted(set(_foreign_files(root, existing)) & set(_foreign_files(root, params)))
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise BenchmarkExistsError(f"prepare_embedded: {root} is an incomplete embedded benchmark that also holds "
+                                       f"files it did not write ({', '.join(foreign[:3])}{more}); nothing was changed: "
+                                       f"move those files out or use another folder")
+        replace = True
     find_fashion_mnist(fashion_mnist_dir)  # fail early, before any file is written
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

@@ -24,8 +24,16 @@ class EmbeddedSegmentation(_VOCLayout):
 
     @staticmethod
     def prepare(root, data, progress: bool = True) -> None:
-        """Generate the benchmark of ``data.embedded_*`` in ``root`` unless it is there."""
+        """Generate the benchmark of ``data.embedded_*`` in ``root`` unless it is there. An explicit
+        ``data.root`` that does not exist is an error (a typo must not generate a benchmark)."""
+        from pathlib import Path
+
         from .generate import prepare_embedded
+
+        if data.root is not None and not Path(root).expanduser().exists():
+            raise FileNotFoundError(f"data.root={root} does not exist; create the embedded benchmark there with "
+                                    f"`ucdseg prepare-embedded --root {root}`, or leave data.root unset to use "
+                                    f"its default location")
 
         prepare_embedded(root, num_train=data.embedded_train, num_val=data.embedded_val,
                          image_size=data.embedded_size, progress=progress)

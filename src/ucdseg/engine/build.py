@@ -7,6 +7,8 @@ evaluation (:mod:`.evaluation`) and the run (:mod:`.runner`) receive the objects
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +73,27 @@ def scan_datasets(cfg: RunConfig, train_set, val_set, dist: Dist, progress: bool
         if cfg.eval.images == "seen":
             scan_presence(val_set, cache_dir=cfg.data.cache_dir, progress=progress)
     barrier()
+
+
+def check_readable(dataset) -> None:
+    """Read the first and the last (image, mask) pair of a split, so that unreadable data fails
+    before a step is trained (the readers' errors name the file)."""
+    for i in sorted({0, len(dataset) - 1}):
+        if i >= 0:
+            dataset[i]
+
+
+def data_identity(cfg: RunConfig, train_set, val_set) -> dict:
+    """What a run was trained on, independent of where the data lives: the dataset and checksums
+    of its two lists of files (relative to the root). A run resumes only on the same data."""
+    import hashlib
+
+    def files(dataset) -> str:
+        root = dataset.root
+        names = "\n".join(Path(os.path.relpath(dataset.mask_path(i), root)).as_posix() for i in range(len(dataset)))
+        return hashlib.sha256(names.encode()).hexdigest()
+
+    return {"dataset": cfg.data.dataset, "train_files": files(train_set), "val_files": files(val_set)}
 
 
 def train_data(cfg: RunConfig, task: Task, train_set, step: int, progress: bool = True

@@ -10,8 +10,10 @@ running the same command again continues from the last checkpoint.
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -107,11 +109,14 @@ def distributed_notes(cfg: RunConfig, weights: dict, dist: Dist) -> list[str]:
 
 
 class RunFolder:
-    """The files of a run folder: its config, its results and its checkpoints."""
+    """The files of a run folder: its lock, config, results and checkpoints."""
+
+    LOCK = ".ucdseg.lock"
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
+        self._lock = None
 
     def final(self, step: int) -> Path:
         return self.checkpoints / f"step{step}.pt"
@@ -127,26 +132,106 @@ class RunFolder:
     def config(self) -> Path:
         return self.path / "config.yaml"
 
+    # ---------------------------------------------------------------- exclusive use
+    def acquire(self) -> None:
+        """Take the folder's lock (``.ucdseg.lock``, an OS file lock: a killed process releases it,
+        so a stale lock is simply taken over); a second process gets one line naming the holder."""
+        io.make_dirs(self.path)
+        io.make_dirs(self.checkpoints)
+        try:
+            import fcntl
+        except ImportError:  # no POSIX file locks (Windows): the folder is not locked
+            return
+        path = self.path / self.LOCK
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise io.os_error(path, exc, "open") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RuntimeError(f"run folder {self.path} is in use by {holder}; wait for it to finish, "
+                               "or give this run another name=") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._lock = handle
+        io.remove_orphans(self.path)  # temporary files of a killed writer: ours, as we hold the lock
+        io.remove_orphans(self.checkpoints)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # ---------------------------------------------------------------- config and results
+    def has_progress(self) -> bool:
+        """Whether anything of a run was trained here (a finished step or a mid-step checkpoint)."""
+        return self.checkpoints.is_dir() and any(self.checkpoints.glob("step*.pt"))
+
     def check_config(self, cfg: RunConfig) -> None:
-        """Refuse to continue a run folder started with a different config; write ``config.yaml``."""
-        if self.config.exists():
+        """Refuse to continue a run folder started with a different config; write ``config.yaml``.
+
+        A folder where nothing was trained yet (a start that failed) takes the new config."""
+        if self.config.exists() and self.has_progress():
             import yaml
 
-            saved = yaml.safe_load(self.config.read_text())
+            try:
+                saved = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise io.FileError(f"{self.config} is corrupt ({first}); it records the config of the run in "
+                                   f"{self.path}: restore it, or give this run another name=") from None
+            if not isinstance(saved, dict):
+                raise io.FileError(f"{self.config} is corrupt (not a mapping of config keys); restore it, or give "
+                                   "this run another name=")
             diff = config_differences(saved, to_dict(cfg))
             if diff:
                 raise ValueError(f"run directory {self.path} was started with a different config "
                                  f"(differing keys: {', '.join(diff)}); use another name= or the saved config")
         io.write_text(self.config, to_yaml(cfg))
 
-    def load_results(self) -> dict | None:
-        """The saved results, keeping only the steps whose checkpoint exists (the results file is
-        written after it)."""
+    def load_results(self, warn: bool = True) -> dict | None:
+        """The saved results, keeping the steps whose checkpoint is intact (its checksum, recorded in
+        the step's record, matches) and, since each step starts from the one before, none after a
+        missing or damaged one; a warning line names what will be trained again."""
         if not self.results.exists():
             return None
-        results = io.read_json(self.results, "results file")
-        results["steps"] = [s for s in results["steps"] if self.final(s["step"]).exists()]
+        try:
+            results = io.read_json(self.results, "results file")
+            if not isinstance(results, dict) or not isinstance(results.get("steps"), list):
+                raise io.FileError(f"results file {self.results} is corrupt (no list of steps)")
+        except io.FileError as exc:  # rebuilt from the intact checkpoints (Run.recover_step)
+            if warn:
+                print(f"ucdseg: warning: {exc}; it is rebuilt from the checkpoints that are intact",
+                      file=sys.stderr, flush=True)
+            return None
+        kept = []
+        for record in sorted(results["steps"], key=lambda r: r["step"]):
+            problem = self.checkpoint_problem(record)
+            if problem:
+                if warn:
+                    print(f"ucdseg: warning: {self.final(record['step'])} {problem}; step {record['step']} and the "
+                          "steps after it are trained again", file=sys.stderr, flush=True)
+                break
+            kept.append(record)
+        results["steps"] = kept
         return results
+
+    def checkpoint_problem(self, record: dict) -> str | None:
+        """Why the checkpoint of a finished step cannot be trusted, or None."""
+        path = self.final(record["step"])
+        if not path.is_file():
+            return "is missing"
+        expected = record.get("checkpoint_sha256")
+        if expected is not None and io.sha256(path) != expected:
+            return "does not match the checksum recorded in results.json (truncated or replaced)"
+        return None
 
 
 class Run:
@@ -167,16 +252,38 @@ class Run:
         self.task = build.build_task(cfg)  # the benchmark's task; old/new are reported against its step 0
         self.train_task = build.training_task(cfg, self.task)
         self.folder = RunFolder(cfg.run_dir)
+        try:
+            self._open(cfg, progress)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _open(self, cfg: RunConfig, progress: bool) -> None:
+        """Everything a run needs, checked before any step trains: the folder (locked, writable),
+        the config against the folder's, the data (first and last files of each split readable,
+        the same data as the steps already trained), the results so far."""
         if self.dist.is_main:
+            self.folder.acquire()
             self.folder.check_config(cfg)
             self.train_set = build.open_dataset(cfg, "train", progress=progress)
         barrier()
         if not self.dist.is_main:
             self.train_set = build.open_dataset(cfg, "train", prepare=False)
         self.val_set = build.open_dataset(cfg, "val", prepare=False)
+        for dataset in (self.train_set, self.val_set):
+            build.check_readable(dataset)
         build.scan_datasets(cfg, self.train_set, self.val_set, self.dist, progress)
         self.meta = self.train_set.meta
-        self.results = self.folder.load_results() or self._new_results()
+        self.data_identity = build.data_identity(cfg, self.train_set, self.val_set)
+        saved = self.folder.load_results(warn=self.dist.is_main)
+        if saved is not None and saved.get("data", self.data_identity) != self.data_identity:
+            theirs = saved["data"]
+            raise ValueError(f"run directory {self.folder.path} was trained on other data ({theirs['dataset']} with "
+                             f"train/val lists {theirs['train_files'][:12]}/{theirs['val_files'][:12]}; data.root now "
+                             f"gives {self.data_identity['train_files'][:12]}/{self.data_identity['val_files'][:12]}); "
+                             "point data.root at the same dataset, or use another name=")
+        self.results = saved or self._new_results()
+        self.results["data"] = self.data_identity
         self.writer = self._tensorboard()
         for note in distributed_notes(cfg, self.weights, self.dist):
             print(note, file=sys.stderr, flush=True)
@@ -214,21 +321,64 @@ class Run:
 
     # ----------------------------------------------------------------- the steps
     def run(self) -> dict:
-        done = {s["step"] for s in self.results["steps"]}
-        for step in range(self.train_task.num_steps):
-            if step in done:
-                continue
-            if step == 0 and self.cfg.train.step0_from:
-                self.reuse_step0(Path(self.cfg.train.step0_from))
-            else:
-                self.train_step(step)
-        if self.dist.is_main:
-            from .. import reporting
+        try:
+            done = {s["step"] for s in self.results["steps"]}
+            for step in range(self.train_task.num_steps):
+                if step in done:
+                    continue
+                if step == 0 and self.cfg.train.step0_from:
+                    self.reuse_step0(Path(self.cfg.train.step0_from))
+                elif self._recoverable(step):
+                    self.recover_step(step)
+                else:
+                    self.train_step(step)
+            if self.dist.is_main:
+                from .. import reporting
 
-            reporting.write_run_reports(self.results, self.folder.path)
-        if self.writer is not None:
-            self.writer.close()
-        return self.results
+                reporting.write_run_reports(self.results, self.folder.path)
+            return self.results
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            self.folder.release()
+
+    def _recoverable(self, step: int) -> bool:
+        """A finished step's checkpoint without its record (``results.json`` deleted or damaged):
+        kept when it was written by this run's config, not trained again."""
+        path = self.folder.final(step)
+        if not path.is_file() or self.folder.partial(step).exists():
+            return False
+        try:
+            state = io.load_checkpoint(path)
+        except io.FileError as exc:
+            print(f"ucdseg: warning: {exc}; step {step} is trained again", file=sys.stderr, flush=True)
+            return False
+        same = state.get("step") == step and not config_differences(state.get("config", {}), to_dict(self.cfg))
+        if not same:
+            print(f"ucdseg: warning: {path} was not written by this run's config; step {step} is trained again",
+                  file=sys.stderr, flush=True)
+        return same
+
+    def recover_step(self, step: int) -> dict:
+        """The record of a finished step rebuilt from its checkpoint (evaluated again; the training
+        time is unknown: ``train_seconds`` is null and ``recovered`` true)."""
+        cfg, dist = self.cfg, self.dist
+        model = build.step_model(cfg, self.train_task.classes_per_step[: step + 1], self.device)
+        model.load_state_dict(io.load_checkpoint(self.folder.final(step), self.device)["model"])
+        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress)
+        record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
+                               self.progress)
+        record.update(num_train_images=len(index.indices), index_checksum=index.checksum,
+                      iterations=build.step_iterations(cfg, step, len(train_data)), train_seconds=None,
+                      world_size=dist.world_size, batch_per_process=cfg.train.batch_size // dist.world_size,
+                      accumulate=cfg.train.accumulate, recovered=True)
+        if dist.is_main:
+            print(f"ucdseg: note: step {step} recovered from {self.folder.final(step)} (results.json had no record "
+                  "of it)", file=sys.stderr, flush=True)
+            record["checkpoint_sha256"] = io.sha256(self.folder.final(step))
+            self._add_step(record)
+        barrier()
+        return record
 
     def _models(self, step: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         """Step ``step``'s model (step ``t-1``'s weights, new classifier initialised) and the
@@ -318,6 +468,7 @@ class Run:
                 "classes_per_step": self.train_task.classes_per_step[: step + 1],
                 # dataset space (index = class id), so ``ucdseg predict`` needs nothing else
                 "class_names": list(self.meta.class_names), "palette": [list(c) for c in self.meta.palette]})
+            record["checkpoint_sha256"] = io.sha256(self.folder.final(step))
             self._add_step(record)
             partial.unlink(missing_ok=True)
             if self.writer is not None:
@@ -355,6 +506,7 @@ class Run:
         if self.dist.is_main:
             with io.atomic_path(self.folder.final(0)) as tmp:
                 shutil.copyfile(checkpoint, tmp)
+            record = {**record, "checkpoint_sha256": io.sha256(self.folder.final(0))}
             self._add_step(record)
         barrier()
 

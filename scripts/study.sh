@@ -2,7 +2,8 @@
 # The embedded-benchmark study (docs/results/): every method on two tasks of the embedded
 # benchmark (v2), overlapped, then the reports.
 #
-#   scripts/study.sh        # about 50 min on 2 CPU cores; reports into docs/results/
+#   scripts/study.sh                      # the study; reports into docs/results/ (timing: docs/results/README.md)
+#   WEIGHTS="0.1 1" scripts/study.sh      # and the UCD-weight sweep (about 17 min more)
 #
 # Tasks: 4-3-3 (the demo's task, steps of 3 classes) and 6-1 (single-class steps). Both use the
 # demo's settings (src/ucdseg/configs/demo.yaml: the embedded ResNet-10 DeepLab-v3 with the embedded
@@ -12,8 +13,9 @@
 # that the paired UCD gain gets a 95 % interval); the other methods run BASELINE_SEEDS (3).
 # Each (task, seed) trains step 0 once per step-0 loss (cross-entropy; BCE for MiB's LwF-MC) and the
 # methods reuse it; joint trains its single step for the same 3 epochs.
-# The UCD-weight sweep (4-3-3): MiB+UCD and PLOP+UCD with UCD weighted WEIGHTS instead of the
-# paper's 0.01, on SWEEP_SEEDS, reusing the same step 0.
+# The UCD-weight sweep (4-3-3, when WEIGHTS is given): MiB+UCD and PLOP+UCD with UCD weighted
+# WEIGHTS instead of the paper's 0.01, on SWEEP_SEEDS, reusing the same step 0. It is not part of
+# the default study (it asks another question: what weight suits this benchmark).
 # Units run JOBS at a time, one torch thread each, so the numbers do not depend on the machine's
 # core count (docs/methods.md, Determinism); the UCD pairs of every seed come first, then the
 # baselines, then the sweep. Interrupted runs continue where they stopped when the script is run
@@ -21,7 +23,7 @@
 #
 # Environment:
 #   SEEDS="0 1 2 3 4", BASELINE_SEEDS="0 1 2" ("" for none), TASKS="4-3-3 6-1"
-#   WEIGHTS="0.1 1" (the sweep's UCD weights; "" for none), SWEEP_SEEDS="0 1 2"
+#   WEIGHTS=""      the sweep's UCD weights (e.g. "0.1 1"; default none), SWEEP_SEEDS="0 1 2"
 #   JOBS=2          units at once (units of the same task and seed wait for each other)
 #   OUT=runs/study  where the runs go (the sweep's: $OUT-ucd-weight)
 #   REPORT=1        write the reports at the end (0: only run)
@@ -35,7 +37,7 @@ out=${OUT:-runs/study}
 seeds=${SEEDS:-0 1 2 3 4}
 baseline_seeds=${BASELINE_SEEDS-0 1 2}
 tasks=${TASKS:-4-3-3 6-1}
-weights=${WEIGHTS-0.1 1}
+weights=${WEIGHTS-}
 sweep_seeds=${SWEEP_SEEDS-0 1 2}
 compared=mib,mib+ucd,plop,plop+ucd
 baselines=ft,lwf,lwf-mc,ilt,joint

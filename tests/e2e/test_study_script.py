@@ -19,7 +19,7 @@ def study(**env: str) -> subprocess.CompletedProcess:
 
 
 def test_study_runs_the_ucd_pairs_first_then_the_baselines_then_the_sweep_then_reports():
-    proc = study(SEEDS="0 1 2", BASELINE_SEEDS="0 1", SWEEP_SEEDS="1", OUT="runs/s")
+    proc = study(SEEDS="0 1 2", BASELINE_SEEDS="0 1", SWEEP_SEEDS="1", WEIGHTS="0.1 1", OUT="runs/s")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert all(line.startswith(f"+ {sys.executable} -m ucdseg.cli ") for line in lines)
@@ -51,10 +51,11 @@ def test_study_runs_the_ucd_pairs_first_then_the_baselines_then_the_sweep_then_r
     assert not (REPO / "runs" / "s").exists()  # a dry run creates nothing
 
 
-def test_study_defaults_five_seeds_for_the_ucd_pairs_three_for_the_baselines():
-    proc = study(REPORT="0", WEIGHTS="")
+def test_study_defaults_five_seeds_for_the_ucd_pairs_three_for_the_baselines_and_no_sweep():
+    proc = study(REPORT="0")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
+    assert not any(" run " in line for line in lines)  # the sweep runs only when WEIGHTS is given
     assert sum(" --methods mib,mib+ucd,plop,plop+ucd --seed " in line for line in lines) == 5 * 2
     assert sum(",ft,lwf,lwf-mc,ilt,joint --seed " in line for line in lines) == 3 * 2
 

@@ -163,3 +163,11 @@ def test_task_validation_and_replace():
         Task("embedded", "bad", [[0, 1, 2], [3]], 11, list(range(1, 11)))
     with pytest.raises(ValueError, match="must start with background 0"):
         Task("embedded", "bad", [[1, 0]], 11, list(range(1, 11)))
+
+
+def test_built_in_class_counts_equal_the_datasets_class_tables():
+    """tasks.DATASETS (kept in the pure tasks module) says what the datasets' class tables say."""
+    from ucdseg.data import dataset_meta
+    from ucdseg.tasks import DATASETS
+
+    assert DATASETS == {name: dataset_meta(name).num_classes - 1 for name in ("voc", "ade", "cityscapes", "embedded")}

@@ -242,6 +242,36 @@ def test_existing_benchmark_reuse_mismatch_and_overwrite(tmp_path, fmnist_dir, m
     assert read_all(root)["JPEGImages/train_000003.jpg"] == before["JPEGImages/train_000003.jpg"]
 
 
+def test_an_incomplete_benchmark_holding_a_users_files_is_never_replaced(tmp_path, fmnist_dir):
+    """Issue 16: a missing scene makes the copy incomplete, but the folder also holds the user's own
+    notes and a sub-folder: nothing is deleted, the error names them."""
+    root = tmp_path / "bench"
+    kwargs = dict(num_train=4, num_val=2, image_size=32, fashion_mnist_dir=fmnist_dir, progress=False)
+    prepare_embedded(root, **kwargs)
+    (root / "JPEGImages" / "train_000002.jpg").unlink()
+    (root / "notes.md").write_text("my notes")
+    (root / "experiments").mkdir()
+    (root / "experiments" / "a.txt").write_text("mine")
+    before = read_all(root)
+    with pytest.raises(FileExistsError) as info:
+        prepare_embedded(root, **kwargs)
+    assert "experiments" in str(info.value) and "notes.md" in str(info.value) and "nothing was changed" in str(info.value)
+    assert read_all(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]  # no temporary folder left behind
+
+
+def test_an_explicit_data_root_that_does_not_exist_is_an_error_not_a_new_benchmark(tmp_path):
+    from ucdseg.config import load_config
+    from ucdseg.engine.build import open_dataset
+
+    typo = tmp_path / "embeded"
+    cfg = load_config(None, [f"data.root={typo}"])
+    with pytest.raises(FileNotFoundError) as info:
+        open_dataset(cfg, "train", progress=False)
+    assert f"data.root={typo} does not exist" in str(info.value) and "prepare-embedded --root" in str(info.value)
+    assert not typo.exists()
+
+
 def test_refuses_foreign_folder_and_bad_arguments(tmp_path, fmnist_dir):
     foreign = tmp_path / "mine"
     foreign.mkdir()

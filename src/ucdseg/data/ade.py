@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir
+from .base import CheckRules, PathLike, SegmentationDataset, check_split, register_dataset, require_dir
 from .meta import ADE_META
 
 __all__ = ["ADE20KSegmentation", "ADE_LAYOUT"]
@@ -29,6 +29,14 @@ _FOLDERS = {"train": "training", "val": "validation"}
 @register_dataset("ade")
 class ADE20KSegmentation(SegmentationDataset):
     """ADE20K, 151 classes (0 = "other"/background, 1..150)."""
+
+    check_rules = CheckRules(
+        layout="ade", official={"train": 20210, "val": 2000},
+        missing_fix="download ADEChallengeData2016.zip (MIT Scene Parsing) and unzip it so that {root} is the "
+                    "ADEChallengeData2016 folder; see docs/datasets.md",
+        values_fix="use ADEChallengeData2016 (annotations 0..150); the full ADE20K release (thousands of classes) "
+                   "is a different dataset; see docs/datasets.md",
+        mode_fix="annotations must be the grayscale PNGs of ADEChallengeData2016/annotations")
 
     @staticmethod
     def config_options(data) -> dict:

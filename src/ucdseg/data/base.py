@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -21,13 +22,29 @@ from PIL import Image
 from .meta import DatasetMeta
 
 __all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "build_dataset", "dataset_names", "dataset_meta",
-           "register_dataset", "open_dataset_split",
+           "register_dataset", "open_dataset_split", "CheckRules", "dataset_class",
            "read_mask", "read_image", "require_dir", "require_file", "check_split"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 SPLITS = ("train", "val")
 
 _REGISTRY: dict[str, Callable[..., "SegmentationDataset"]] = {}
+
+
+@dataclass(frozen=True)
+class CheckRules:
+    """What ``ucdseg data check`` needs to know of a dataset, declared beside its reader
+    (``check_rules`` class attribute): which folder layout it has, the mask values it allows
+    (default: its class ids and 255), how to fix the usual mistakes, the official split sizes."""
+
+    layout: str  # voc | ade | cityscapes: the walker of ucdseg.data.check that lists its pairs
+    missing_fix: str  # how to get the data (``{root}`` is replaced by the folder checked)
+    values_fix: str  # what to do about mask values that are not class ids
+    mode_fix: str  # what to do about masks that are not palette/grayscale PNGs
+    allowed: frozenset[int] | None = None  # None: 0..num_classes-1 and 255
+    values_text: str | None = None  # the allowed values, for messages (None: derived)
+    official: Optional[dict[str, int]] = None  # images per split in the official release
+    nested: Optional[str] = None  # the inner folder users often point one level above (VOC2012)
 
 
 def register_dataset(name: str) -> Callable:
@@ -38,6 +55,13 @@ def register_dataset(name: str) -> Callable:
         return cls
 
     return wrap
+
+
+def dataset_class(name: str):
+    """The reader class registered as ``name`` (a one-line error naming the registered ones)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
 def dataset_names() -> tuple[str, ...]:

@@ -36,28 +36,17 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cityscapes import LABEL_TO_TRAIN_ID
-from .meta import METAS, VOID
+from .base import CheckRules, dataset_class, dataset_meta
+from .meta import VOID
 
 __all__ = ["Problem", "CheckResult", "SplitSummary", "check_dataset", "check", "format_report", "run_check",
-           "DATASETS", "OFFICIAL_COUNTS", "ERROR", "WARNING"]
+           "ERROR", "WARNING"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 ERROR = "error"
 WARNING = "warning"
 
-#: The datasets :func:`check_dataset` knows.
-DATASETS = ("voc", "ade", "cityscapes", "embedded")
-
-#: Number of images of each split in the official releases (shown in the report, not enforced).
-OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
-    "voc": {"train": 10582, "val": 1449},
-    "ade": {"train": 20210, "val": 2000},
-    "cityscapes": {"train": 2975, "val": 500},
-}
-
-_DOCS = "see docs/datasets.md"
 _VOC_LISTS = {"train": "train_aug.txt", "val": "val.txt"}
 _VOC_MASK_DIRS = {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")}
 _ADE_FOLDERS = {"train": "training", "val": "validation"}
@@ -117,35 +106,20 @@ class _Rules:
 
 
 def _rules(name: str, root: Path) -> _Rules:
-    if name == "cityscapes":
-        return _Rules(
-            frozenset(LABEL_TO_TRAIN_ID), "the official Cityscapes label ids 0..33",
-            "use the gtFine *_gtFine_labelIds.png files (label ids 0..33); *_labelTrainIds.png (0..18 and 255) "
-            "and *_color.png are not read by ucdseg", "use *_gtFine_labelIds.png (grayscale label ids), "
-            "not *_gtFine_color.png", f"download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from "
-            f"cityscapes-dataset.com and unzip both into {root}; {_DOCS}")
-    classes = METAS[name].num_classes
-    allowed = frozenset(range(classes)) | {VOID}
-    values_text = f"class ids 0..{classes - 1} and {VOID} (void)"
-    if name == "voc":
-        return _Rules(
-            allowed, values_text,
-            "use SegmentationClassAug from the SBD conversion (grayscale or palette PNGs of class ids), not "
-            "colour renderings or converted JPEGs; " + _DOCS,
-            "masks must be palette (P) or grayscale (L) PNGs of class ids, e.g. SegmentationClassAug; "
-            "SegmentationClassAug_Visualization holds colour pictures, not labels",
-            f"download VOCtrainval_11-May-2012.tar and SegmentationClassAug.zip and put them so that {root} is "
-            f"the VOC2012 folder; {_DOCS}")
-    if name == "ade":
-        return _Rules(
-            allowed, values_text,
-            "use ADEChallengeData2016 (annotations 0..150); the full ADE20K release (thousands of classes) is a "
-            "different dataset; " + _DOCS,
-            "annotations must be the grayscale PNGs of ADEChallengeData2016/annotations",
-            f"download ADEChallengeData2016.zip (MIT Scene Parsing) and unzip it so that {root} is the "
-            f"ADEChallengeData2016 folder; {_DOCS}")
-    regen = f"delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`"
-    return _Rules(allowed, values_text, regen, regen, regen)
+    """The check rules the dataset's reader declares (``check_rules``), for the folder ``root``."""
+    spec = _spec(name)
+    classes = dataset_meta(name).num_classes
+    allowed = spec.allowed if spec.allowed is not None else frozenset(range(classes)) | {VOID}
+    values_text = spec.values_text or f"class ids 0..{classes - 1} and {VOID} (void)"
+    return _Rules(allowed, values_text, spec.values_fix.format(root=root), spec.mode_fix.format(root=root),
+                  spec.missing_fix.format(root=root))
+
+
+def _spec(name: str) -> CheckRules:
+    spec = getattr(dataset_class(name), "check_rules", None)
+    if not isinstance(spec, CheckRules) or spec.layout not in _LAYOUTS:
+        raise ValueError(f"dataset {name!r} declares no check rules for `ucdseg data check`")
+    return spec
 
 
 # ------------------------------------------------------------------------------- small helpers
@@ -178,7 +152,8 @@ def _voc_layout(name: str, root: Path, rules: _Rules) -> tuple[list[Problem], di
     problems: list[Problem] = []
     pairs: dict[str, list[Pair]] = {}
     entries: dict[str, int] = {}
-    hint = _nested_hint(root, "VOC2012") if name == "voc" else ""
+    nested = _spec(name).nested
+    hint = _nested_hint(root, nested) if nested else ""
     for folder, what in (("JPEGImages", "the images"), ("SegmentationClassAug", "the SBD augmented masks")):
         if not (root / folder).is_dir():
             problems.append(_missing_dir(root / folder, what, rules.missing_fix + hint))
@@ -261,7 +236,7 @@ def _existing_pairs(found: Sequence[Pair], source: Path, rules: _Rules, problems
     return pairs
 
 
-def _ade_layout(root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
+def _ade_layout(name: str, root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
     problems: list[Problem] = []
     pairs: dict[str, list[Pair]] = {}
     entries: dict[str, int] = {}
@@ -297,7 +272,7 @@ def _match(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mas
     return [(images[k], masks[k]) for k in sorted(set(images) & set(masks))]
 
 
-def _cityscapes_layout(root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
+def _cityscapes_layout(name: str, root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
     problems: list[Problem] = []
     pairs: dict[str, list[Pair]] = {}
     entries: dict[str, int] = {}
@@ -328,6 +303,12 @@ def _cityscapes_layout(root: Path, rules: _Rules) -> tuple[list[Problem], dict[s
 
 
 # --------------------------------------------------------------------------------- contents
+#: The folder layouts a dataset's ``check_rules.layout`` may name: name -> walker listing its pairs.
+_LAYOUTS = {"voc": lambda name, root, rules: _voc_layout(name, root, rules),
+            "ade": lambda name, root, rules: _ade_layout(name, root, rules),
+            "cityscapes": lambda name, root, rules: _cityscapes_layout(name, root, rules)}
+
+
 def _check_image(path: Path) -> tuple[Optional[tuple[int, int]], Optional[str]]:
     """(size, None) for a readable image, (None, reason) otherwise."""
     try:
@@ -407,8 +388,7 @@ def check(name: str, root: PathLike, limit: Optional[int] = None, progress: bool
     ``limit``: read at most this many evenly spaced (image, mask) pairs per split (None: all).
     ``workers``: reader threads (default: the number of CPUs, at most 8).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    spec = _spec(name)  # a one-line error for an unknown dataset or one without check rules
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
@@ -419,12 +399,7 @@ def check(name: str, root: PathLike, limit: Optional[int] = None, progress: bool
     if root_problem is not None:
         result.problems.append(root_problem)
         return result
-    if name in ("voc", "embedded"):
-        problems, pairs, entries = _voc_layout(name, root, rules)
-    elif name == "ade":
-        problems, pairs, entries = _ade_layout(root, rules)
-    else:
-        problems, pairs, entries = _cityscapes_layout(root, rules)
+    problems, pairs, entries = _LAYOUTS[spec.layout](name, root, rules)
     result.problems += problems
     for split in ("train", "val"):
         if split not in pairs:
@@ -432,7 +407,7 @@ def check(name: str, root: PathLike, limit: Optional[int] = None, progress: bool
         sample = _sample(pairs[split], limit)
         result.problems += _scan(name, split, sample, rules, progress, workers)
         result.splits.append(SplitSummary(split, entries.get(split, 0), len(sample),
-                                          OFFICIAL_COUNTS.get(name, {}).get(split)))
+                                          (spec.official or {}).get(split)))
     return result
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir
+from .base import CheckRules, PathLike, SegmentationDataset, check_split, register_dataset, require_dir
 from .meta import CITYSCAPES_META
 
 __all__ = ["CityscapesSegmentation", "CITYSCAPES_LAYOUT", "LABEL_TO_TRAIN_ID", "label_id_lut"]
@@ -83,6 +83,15 @@ _LUT = label_id_lut()
 @register_dataset("cityscapes")
 class CityscapesSegmentation(SegmentationDataset):
     """Cityscapes, 20 classes (0 = void as background, 1..19 = the train-id classes)."""
+
+    check_rules = CheckRules(
+        layout="cityscapes", official={"train": 2975, "val": 500},
+        allowed=frozenset(LABEL_TO_TRAIN_ID), values_text="the official Cityscapes label ids 0..33",
+        missing_fix="download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from cityscapes-dataset.com "
+                    "and unzip both into {root}; see docs/datasets.md",
+        values_fix="use the gtFine *_gtFine_labelIds.png files (label ids 0..33); *_labelTrainIds.png (0..18 and "
+                   "255) and *_color.png are not read by ucdseg",
+        mode_fix="use *_gtFine_labelIds.png (grayscale label ids), not *_gtFine_color.png")
 
     @staticmethod
     def config_options(data) -> dict:

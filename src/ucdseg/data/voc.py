@@ -18,7 +18,7 @@ written. Masks are palette or grayscale PNGs whose pixel values are class ids (2
 from __future__ import annotations
 
 from pathlib import Path
-from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir, require_file
+from .base import CheckRules, PathLike, SegmentationDataset, check_split, register_dataset, require_dir, require_file
 from .meta import VOC_META, DatasetMeta
 
 __all__ = ["VOCSegmentation", "EmbeddedSegmentation", "VOC_LAYOUT", "read_list"]
@@ -79,6 +79,15 @@ class _VOCLayout(SegmentationDataset):
 @register_dataset("voc")
 class VOCSegmentation(_VOCLayout):
     """Pascal VOC 2012 + SBD (21 classes incl. background; 255 void)."""
+
+    check_rules = CheckRules(
+        layout="voc", nested="VOC2012", official={"train": 10582, "val": 1449},
+        missing_fix="download VOCtrainval_11-May-2012.tar and SegmentationClassAug.zip and put them so that {root} "
+                    "is the VOC2012 folder; see docs/datasets.md",
+        values_fix="use SegmentationClassAug from the SBD conversion (grayscale or palette PNGs of class ids), not "
+                   "colour renderings or converted JPEGs; see docs/datasets.md",
+        mode_fix="masks must be palette (P) or grayscale (L) PNGs of class ids, e.g. SegmentationClassAug; "
+                 "SegmentationClassAug_Visualization holds colour pictures, not labels")
 
     def __init__(self, root: PathLike, split: str):
         super().__init__("voc", VOC_META, root, split)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data.base import PathLike, register_dataset
+from ..data.base import CheckRules, PathLike, register_dataset
 from ..data.meta import EMBEDDED_META
 from ..data.voc import _VOCLayout
 
@@ -10,6 +10,12 @@ from ..data.voc import _VOCLayout
 @register_dataset("embedded")
 class EmbeddedSegmentation(_VOCLayout):
     """The embedded Fashion-MNIST benchmark written by :func:`ucdseg.embedded.prepare_embedded`."""
+
+    check_rules = CheckRules(
+        layout="voc",
+        missing_fix="delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`",
+        values_fix="delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`",
+        mode_fix="delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`")
 
     _hint = " (create it with ucdseg.embedded.prepare_embedded(root) or `ucdseg prepare-embedded --root DIR`)"
 

@@ -5,7 +5,7 @@
    then read from the cache, and the throughput of a training ``DataLoader``
    (``StepDataset`` + ``train_transforms(64)``, batch 16, step 0 of the ``6-1`` task, overlapped)
    with 0 and 2 worker processes, one epoch (worker start-up included).
-4. Evaluation: ``ucdseg.engine.evaluate.evaluate`` of a DeepLab-v3 ResNet-18 (random init) on
+4. Evaluation: ``ucdseg.engine.evaluation.confusion_matrix`` of a DeepLab-v3 ResNet-18 (random init) on
    the 400 validation images at 64 x 64 (native size, batch 32 as ``eval.batch_size``), and
    ``ConfusionMatrix.update`` per megapixel (4 x 512 x 512 random targets with 5 % void).
 """
@@ -92,7 +92,7 @@ def _evaluation(root: Path, repeats: int) -> dict:
     from torch.utils.data import DataLoader
 
     from ucdseg.data import StepDataset, build_dataset, eval_transforms
-    from ucdseg.engine.evaluate import evaluate
+    from ucdseg.engine.evaluation import confusion_matrix as evaluate
     from ucdseg.label_maps import eval_lut
     from ucdseg.models import build_model
     from ucdseg.tasks import get_task

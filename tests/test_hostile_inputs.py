@@ -402,11 +402,11 @@ def _folder_copy(world: Path, case_dir: Path) -> Path:
     return Path(shutil.copytree(world / "shapes", case_dir / "shapes"))
 
 
-def _folder_case(change: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+def _folder_case(change: Callable[[Path], None], *overrides: str) -> Callable[[Path, Path], list[str]]:
     def setup(world: Path, case_dir: Path) -> list[str]:
         root = _folder_copy(world, case_dir)
         change(root)
-        return run_args(world, case_dir, f"data.root={root}")
+        return run_args(world, case_dir, f"data.root={root}", *overrides)
 
     return setup
 
@@ -477,12 +477,16 @@ CASES = [
     Case("results-bad-json", _bad_results('{"steps": [}'), ("mib-1/results.json is truncated or corrupt",)),
     Case("results-not-utf8", _bad_results(b'{"method": "\xff"}'), ("mib-1/results.json is not UTF-8 text",)),
     Case("image-truncated-jpeg", _folder_case(_truncate_train_images), ("shapes/images/img", ".jpg cannot be read")),
+    Case("image-truncated-jpeg-in-a-worker", _folder_case(_truncate_train_images, "data.workers=1"),
+         ("shapes/images/img", ".jpg cannot be read")),
     Case("image-not-an-image", _folder_case(_text_as_train_images),
          ("shapes/images/img", ".jpg cannot be read (not an image file")),
     Case("image-empty-file", _folder_case(_empty_train_images), ("shapes/images/img", ".jpg cannot be read")),
     Case("mask-truncated-png", _folder_case(_truncated_mask), ("shapes/masks/img2.png cannot be read",)),
     Case("mask-not-an-image", _folder_case(_text_mask), ("shapes/masks/img2.png cannot be read (not an image file",)),
     Case("mask-size-mismatch", _folder_case(_small_train_masks),
+         ("shapes/masks/img", ".png is 24x20 but its image", "shapes/images/img", ".jpg is 32x32")),
+    Case("mask-size-mismatch-in-a-worker", _folder_case(_small_train_masks, "data.workers=1"),
          ("shapes/masks/img", ".png is 24x20 but its image", "shapes/images/img", ".jpg is 32x32")),
     Case("mask-ids-folder", _folder_case(_mask_ids),
          ("shapes/masks/img2.png holds class id(s) 7, 9, 200, 254", "ids 0..4, 255 void")),

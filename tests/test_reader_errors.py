@@ -152,3 +152,16 @@ def test_folder_dataset_mask_faults_are_data_file_errors(tmp_path):
     save_mask(root / "masks" / "y.png", np.full((8, 10), 2))
     with pytest.raises(DataFileError, match=r"y\.png holds class id\(s\) 2 but .*classes\.yaml names 2 classes"):
         ds.load_mask(1)
+
+
+def test_an_error_from_a_dataloader_worker_keeps_its_one_line(tmp_path):
+    import torch
+
+    root = voc(tmp_path / "voc", np.zeros((8, 10)))
+    _truncate(root / "JPEGImages" / "a.jpg", 100)
+    ds = StepDataset(build_dataset("voc", root, "train"), [0], np.arange(256, dtype=np.uint8))
+    with pytest.raises(DataFileError) as info:
+        next(iter(torch.utils.data.DataLoader(ds, num_workers=1)))
+    assert str(info.value).startswith(f"image {root / 'JPEGImages' / 'a.jpg'} cannot be read (")
+    assert "\n" not in str(info.value)
+    assert str(DataFileError("Caught nothing")) == "Caught nothing"  # other messages are kept as they are

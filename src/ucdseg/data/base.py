@@ -164,7 +164,20 @@ def require_file(path: Path, dataset: str, layout: str) -> Path:
 
 class DataFileError(ValueError):
     """A dataset file that cannot be used: not an image, truncated, unreadable, of the wrong size
-    for its pair, or holding ids outside the dataset's classes. The message names the file."""
+    for its pair, or holding ids outside the dataset's classes. The message names the file.
+
+    Raised in a DataLoader worker (``data.workers > 0``), torch re-raises it in the main process as
+    ``DataFileError("Caught DataFileError in DataLoader worker process N.\\nOriginal Traceback ...
+    ...DataFileError: <message>")``; the error keeps ``<message>``, the one line naming the file.
+    """
+
+    def __init__(self, message: str = ""):
+        text = str(message)
+        last = text.rstrip().splitlines()[-1] if text.strip() else ""
+        marker = f"{type(self).__name__}: "
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text and marker in last:
+            text = last.split(marker, 1)[1]
+        super().__init__(text)
 
 
 def _unreadable(kind: str, path: Path, exc: BaseException) -> DataFileError:

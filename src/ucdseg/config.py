@@ -250,9 +250,8 @@ def _check_range(cfg: RunConfig, dotted: str, expected: _Range) -> None:
     if value is _MISSING or value is None:
         return
     integer = isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"config key {dotted!r} is {value!r}; expected {expected.describe(integer)}")
-    if not expected.holds(float(value)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not expected.holds(float(value)):
         raise ConfigError(f"config key {dotted!r} is {value!r}; expected {expected.describe(integer)}")
 
 

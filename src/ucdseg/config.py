@@ -197,8 +197,8 @@ class _Range:
 
 # Numeric keys and their ranges, checked when the config is loaded so that a value that would train
 # nothing, divide by zero or diverge is named before anything runs. Keys whose value is None (unset,
-# e.g. train.iterations) or that a config does not have are skipped, so a key can move (e.g. into a
-# method's options) by editing its name here.
+# e.g. train.iterations) are skipped. A method's own options (method.options.*) are checked by the
+# method (Method.resolve_options), the loss weights (method.weights.*) below.
 _RANGES: Dict[str, _Range] = {
     "seed": _Range(0, 2**32),  # the engine derives per-step and per-sample seeds from it (< 2**63)
     "task.order_seed": _Range(0),
@@ -225,9 +225,6 @@ _RANGES: Dict[str, _Range] = {
     "data.embedded_size": _Range(1),
     "eval.batch_size": _Range(1),
     "eval.num_images": _Range(0),
-    "method.ucd_temperature": _Range(0, low_open=True),
-    "method.pod_factor": _Range(0),
-    "method.pod_last_factor": _Range(0),
 }
 _MISSING = object()
 

@@ -326,11 +326,25 @@ _LABEL_KEYS = ("seed", "method.name", "method.weights")
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty mapping (no option set) adds no key
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _with_method_options(config: dict) -> dict:
+    """``config`` with every option of its method, the defaults included: an option left unset and
+    one set to its default are the same run."""
+    method_config = config.get("method")
+    method = _registered(method_config.get("name")) if isinstance(method_config, dict) else None
+    if method is None:
+        return config
+    try:
+        options = method.resolve_options(method_config.get("options") or {})
+    except ValueError:  # options this version does not know: compare them as written
+        return config
+    return {**config, "method": {**method_config, "options": options}}
 
 
 def _pretrained_kind(value):
@@ -343,13 +357,14 @@ def _pretrained_kind(value):
 def pooled_config(results: dict) -> dict | None:
     """The flattened config of a run without the seed, the method and weights (its label) and the
     :data:`LOCATION_KEYS`: runs with equal ones are pooled. Keys a run's config lacks (saved before
-    they existed) take their default. None for a results file without a config (written by hand)."""
+    they existed) take their default, keys that moved are read where they are now (``migrate``).
+    None for a results file without a config (written by hand)."""
     config = results.get("config")
     if not isinstance(config, dict):
         return None
-    from .config import RunConfig, to_dict
+    from .config import RunConfig, migrate, to_dict
 
-    flat = _flatten(to_dict(RunConfig())) | _flatten(config)
+    flat = _flatten(to_dict(RunConfig())) | _flatten(_with_method_options(migrate(config)))  # older keys moved
     flat = {k: v for k, v in flat.items() if k not in LOCATION_KEYS
             and not any(k == skip or k.startswith(skip + ".") for skip in _LABEL_KEYS)}
     if "model.pretrained" in flat:
@@ -361,6 +376,16 @@ def _fingerprint(config: dict | None) -> str | None:
     import json
 
     return None if config is None else json.dumps(config, sort_keys=True, default=str)
+
+
+def _pairable(ucd: dict, base: dict) -> bool:
+    """Same :func:`pooled_config`, except the method options only one of the two methods has
+    (UCD's temperature on ``X+ucd``): what UCD adds is measured against the same experiment."""
+    mine, theirs = pooled_config(ucd), pooled_config(base)
+    if mine is None or theirs is None:
+        return mine is theirs
+    keys = {k for k in set(mine) | set(theirs) if not (k.startswith("method.options.") and (k in mine) != (k in theirs))}
+    return all(mine.get(k) == theirs.get(k) for k in keys)
 
 
 def _benchmark(results: dict) -> tuple[str, str, str]:
@@ -467,10 +492,8 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
         if base == _method_name(method):
             continue
         # the base method with its default weights and the same config (pooled_config) as these runs
-        fingerprint = _fingerprint(pooled_config(runs[0]))
         base_key = next((key for key, members in groups.items() if key[:3] == (dataset, task, setting)
-                         and run_label(members[0]) == base and _fingerprint(pooled_config(members[0])) == fingerprint),
-                        None)
+                         and run_label(members[0]) == base and _pairable(runs[0], members[0])), None)
         if base_key is None:
             continue
         base_by_seed = {r["seed"]: r for r in groups[base_key]}

@@ -65,6 +65,20 @@ def test_a_config_saved_before_a_key_existed_pools_with_its_default():
     assert set(rows) == {"mib (train.accumulate=1)", "mib (train.accumulate=2)"}
 
 
+def test_a_config_with_the_method_options_of_old_releases_pools_with_todays():
+    old = results_of("mib+ucd", 0, 0.2)
+    old["config"]["method"] = {"name": "mib+ucd", "weights": {}, "ucd_temperature": 0.07, "pod_factor": 0.01}
+    assert [row["seeds"] for row in aggregate([old, results_of("mib+ucd", 1, 0.4)])] == [[0, 1]]
+    old["config"]["method"]["ucd_temperature"] = 0.2  # not the default: method.options.temperature=0.2
+    rows = rows_by_method([old, results_of("mib+ucd", 1, 0.4), results_of("mib+ucd", 2, 0.4,
+                                                                         "method.options.temperature=0.2")])
+    assert {m: r["seeds"] for m, r in rows.items()} == {"mib+ucd (method.options.temperature=0.07)": [1],
+                                                        "mib+ucd (method.options.temperature=0.2)": [0, 2]}
+    # an option set to its default is the same run as one left unset
+    assert len(aggregate([results_of("mib+ucd", 0, 0.2, "method.options.temperature=0.07"),
+                          results_of("mib+ucd", 1, 0.4)])) == 1
+
+
 def test_pretrained_weights_count_but_not_where_their_file_is():
     assert pooled_config(results_of("mib", 0, 0.1, "model.pretrained=/a/r.pth")) == \
         pooled_config(results_of("mib", 3, 0.1, "model.pretrained=/b/r.pth"))
@@ -120,3 +134,12 @@ def test_corrupt_results_are_named(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as info:
         load_results(tmp_path)
     assert str(tmp_path / "results.json") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ucd_gains_compare_the_options_both_methods_have():
+    runs = [results_of("plop", 0, 0.20, "method.options.pod_factor=0.001"),
+            results_of("plop+ucd", 0, 0.26, "method.options.pod_factor=0.001"),  # UCD's own options at defaults
+            results_of("plop+ucd", 1, 0.50)]  # PLOP's default pod_factor: no plop run of that config
+    (gain,) = ucd_gains(runs)
+    assert gain["seeds"] == [0] and gain["base"].startswith("plop")
+    assert gain["without_background_old_mean"] == pytest.approx(0.06)

@@ -452,11 +452,16 @@ def test_demo_compares_two_methods(demo):
     assert {k: v for k, v in rows[0].items() if k != "method"} == {k: v for k, v in rows[2].items() if k != "method"}
 
 
-def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, tmp_path):
+def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, config_file, tmp_path):
     run_dir, _ = tiny_run  # mib, seed 0
-    demo_dir, _ = demo  # ft and mib, seed 1
+    demo_dir, _ = demo  # ft and mib, seed 1, with the demo's config (another learning rate, output stride...)
+    with one_thread():  # the tiny run's config with seed 1: pooled with seed 0 (issue 16: only seeds pool)
+        again = ucdseg("--quiet", "run", config_file, f"output_dir={tmp_path / 'runs'}", "name=tiny-seed1", "seed=1",
+                       *data_overrides(bench[0], base))
+    assert again.code == 0, again.err
+    seed1 = tmp_path / "runs" / "tiny-seed1"
     out = tmp_path / "report"
-    result = ucdseg("--quiet", "report", run_dir, demo_dir / "ft", demo_dir / "mib", "--output-dir", out)
+    result = ucdseg("--quiet", "report", run_dir, seed1, demo_dir / "ft", demo_dir / "mib", "--output-dir", out)
     assert result.code == 0, result.err
     assert result.out.strip().splitlines()[-1] == f"written to {out / 'report.md'}, report.csv and report.png"
     assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.png"}
@@ -464,17 +469,22 @@ def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, tmp_path):
 
     with open(out / "report.csv", newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"ft", "mib"}
-    assert rows["mib"]["seeds"].split() == ["0", "1"] and rows["ft"]["seeds"] == "1"
-    finals = [json.loads((d / "results.json").read_text())["steps"][-1]["miou"] for d in (run_dir, demo_dir / "mib")]
+    # the two configs of mib are two rows, labelled by the keys in which they differ
+    tiny = next(m for m in rows if m.startswith("mib (") and "model.output_stride=8" in m)
+    other = next(m for m in rows if m.startswith("mib (") and "model.output_stride=4" in m)
+    assert set(rows) == {"ft", tiny, other}
+    assert rows[tiny]["seeds"].split() == ["0", "1"] and rows[other]["seeds"] == "1" and rows["ft"]["seeds"] == "1"
+    finals = [json.loads((d / "results.json").read_text())["steps"][-1]["miou"] for d in (run_dir, seed1)]
     for conv in ("without_background", "with_background"):
         for group in ("old", "all"):
             values = [f[conv][group] for f in finals]
-            assert float(rows["mib"][f"{conv}_{group}_mean"]) == pytest.approx(statistics.mean(values))
-            assert float(rows["mib"][f"{conv}_{group}_std"]) == pytest.approx(statistics.stdev(values))
+            assert float(rows[tiny][f"{conv}_{group}_mean"]) == pytest.approx(statistics.mean(values))
+            assert float(rows[tiny][f"{conv}_{group}_std"]) == pytest.approx(statistics.stdev(values))
     cell = f"{pct(statistics.mean(f['without_background']['all'] for f in finals))} ± "
-    assert any(line.startswith(f"| embedded {TASK} overlapped | mib | 0,1 |") and cell in line
+    assert any(line.startswith(f"| embedded {TASK} overlapped | {tiny} | 0,1 |") and cell in line
                for line in result.out.splitlines())
+    # the same run twice is refused, naming both folders
+    assert_one_line_error(ucdseg("report", run_dir, run_dir, "--output-dir", tmp_path / "r"), "is given twice")
 
     assert_one_line_error(ucdseg("report", tmp_path / "nothing", "--output-dir", tmp_path / "r"),
                           str(tmp_path / "nothing" / "results.json"))

@@ -8,6 +8,7 @@ with a one-line :class:`ConfigError` naming the key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -167,22 +168,110 @@ def _merge(*configs: Any) -> DictConfig:
         raise ConfigError(f"invalid config{f' key {key!r}' if key else ''}: {_first_line(exc)}") from None
 
 
+@dataclass(frozen=True)
+class _Range:
+    """Allowed values of a numeric key: ``low`` (< or <=) value (< or <=) ``high``; None: unbounded.
+    Float keys must also be finite (NaN and infinities fail every check anyway but are named)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # value > low (else >= low)
+    high_open: bool = True  # value < high (else <= high)
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a finite number"
+        low, high = (f"{v:g}" if isinstance(v, float) else v for v in (self.low, self.high))
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        return f"{kind} {'<' if self.high_open else '<='} {high}"
+
+
+# Numeric keys and their ranges, checked when the config is loaded so that a value that would train
+# nothing, divide by zero or diverge is named before anything runs. Keys whose value is None (unset,
+# e.g. train.iterations) are skipped. A method's own options (method.options.*) are checked by the
+# method (Method.resolve_options), the loss weights (method.weights.*) below.
+_RANGES: Dict[str, _Range] = {
+    "seed": _Range(0, 2**32),  # the engine derives per-step and per-sample seeds from it (< 2**63)
+    "task.order_seed": _Range(0),
+    "train.batch_size": _Range(1),
+    "train.accumulate": _Range(1),
+    "train.iterations": _Range(1),
+    "train.iterations_next": _Range(1),
+    "train.epochs": _Range(0, low_open=True),
+    "train.epochs_next": _Range(0, low_open=True),
+    "train.log_every": _Range(1),
+    "train.checkpoint_every": _Range(0),
+    "train.lr": _Range(0, low_open=True),
+    "train.lr_next": _Range(0, low_open=True),
+    "train.momentum": _Range(0, 1),
+    "train.weight_decay": _Range(0),
+    "train.poly_power": _Range(0),
+    "data.crop_size": _Range(1),
+    "data.eval_crop_size": _Range(1),
+    "data.scale_min": _Range(0, low_open=True),
+    "data.scale_max": _Range(0, low_open=True),
+    "data.workers": _Range(0),
+    "data.embedded_train": _Range(1),
+    "data.embedded_val": _Range(1),
+    "data.embedded_size": _Range(1),
+    "eval.batch_size": _Range(1),
+    "eval.num_images": _Range(0),
+}
+_MISSING = object()
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    """The value at ``dotted`` in ``cfg`` (dataclass attributes and dict keys), or ``_MISSING``."""
+    value = cfg
+    for part in dotted.split("."):
+        if isinstance(value, dict):
+            value = value.get(part, _MISSING)
+        else:
+            value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
+def _check_range(cfg: RunConfig, dotted: str, expected: _Range) -> None:
+    value = _lookup(cfg, dotted)
+    if value is _MISSING or value is None:
+        return
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not expected.holds(float(value)):
+        raise ConfigError(f"config key {dotted!r} is {value!r}; expected {expected.describe(integer)}")
+
+
 def _validate(cfg: RunConfig) -> None:
     for dotted, choices in _CHOICES.items():
         section, _, attr = dotted.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, attr)
         if value not in choices:
             raise ConfigError(f"config key {dotted!r} is {value!r}; expected one of {list(choices)}")
+    # numeric ranges (before the backbone table, which imports torch: a typo fails in a blink)
+    for dotted, expected in _RANGES.items():
+        _check_range(cfg, dotted, expected)
+    for name in cfg.method.weights:
+        _check_range(cfg, f"method.weights.{name}", _Range(0))
+    if cfg.data.scale_min > cfg.data.scale_max:
+        raise ConfigError(f"config keys 'data.scale_min' and 'data.scale_max' are {cfg.data.scale_min} and "
+                          f"{cfg.data.scale_max}; expected scale_min <= scale_max")
     from .models.backbones import BACKBONE_OUTPUT_STRIDES
 
     strides = BACKBONE_OUTPUT_STRIDES.get(cfg.model.backbone)
     if strides is not None and cfg.model.output_stride not in strides:
         raise ConfigError(f"config key 'model.output_stride' is {cfg.model.output_stride}; backbone "
                           f"{cfg.model.backbone} takes {' or '.join(map(str, strides))}")
-    for dotted in ("train.batch_size", "train.accumulate", "eval.batch_size", "data.crop_size"):
-        section, attr = dotted.split(".")
-        if getattr(getattr(cfg, section), attr) < 1:
-            raise ConfigError(f"config key {dotted!r} must be >= 1")
     from .plugins import load_plugins  # user methods and datasets, before anything looks them up
 
     load_plugins(cfg.imports)
@@ -199,19 +288,67 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def _yaml_error(path: Path, exc: Exception) -> ConfigError:
+    """One line naming the file, and the line and column of a YAML syntax error (1-based)."""
+    import yaml
+
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = ""
+        if exc.context and exc.context_mark is not None:
+            context = f" ({exc.context} at line {exc.context_mark.line + 1} column {exc.context_mark.column + 1})"
+        return ConfigError(f"config file {path} line {mark.line + 1} column {mark.column + 1}: "
+                           f"{exc.problem}{context}")
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return ConfigError(f"config file {path} is not valid YAML: {first}")
+
+
+def _parse_yaml(path: Path) -> DictConfig:
+    """The mapping of a YAML config file; a syntax error, a file that is not UTF-8 text or a top level
+    that is not a mapping is a one-line :class:`ConfigError`."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's shape, with line and column
+        if node is None:  # an empty file (or only comments): no key changed
+            return OmegaConf.create({})
+        if not isinstance(node, yaml.MappingNode):
+            kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the single value {node.value!r}"
+            raise ConfigError(f"config file {path} holds {kind} at its top level; expected a mapping of keys "
+                              "such as 'train: {lr: 0.01}'")
+        data = OmegaConf.create(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file {path}: {_first_line(exc)}") from None
+    if not isinstance(data, DictConfig):  # OmegaConf read it otherwise than PyYAML's composer
+        raise ConfigError(f"config file {path}: expected a mapping of keys at its top level")
+    return data
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
     """The YAML layers of ``path``: its ``_base_`` files (relative to it) first, then itself."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in chain:
         raise ConfigError(f"config file {path} includes itself through _base_")
-    try:
-        data = OmegaConf.load(path)
-    except Exception as exc:  # YAML syntax errors come in many types
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    bases = data.pop("_base_", None) if isinstance(data, DictConfig) else None
+    data = _parse_yaml(path)
+    bases = data.pop("_base_", None)
+    if OmegaConf.is_config(bases):
+        bases = OmegaConf.to_container(bases)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"config file {path}: _base_ is {bases!r}; expected a file name or a list of file names")
     layers: list[DictConfig] = []
-    for base in [bases] if isinstance(bases, str) else list(bases or []):
+    for base in bases:
         layers += _read_yaml(path.parent / base, chain + (path.resolve(),))
     return layers + [data]
 

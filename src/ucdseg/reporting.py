@@ -199,19 +199,54 @@ def write_predictions(model, val_set, seen: Sequence[int], palette, device, path
 
 # ----------------------------------------------------------------------------- several runs
 def load_results(run_dir: str | Path) -> dict:
+    """The ``results.json`` of a finished run; a missing, truncated, corrupt or unfinished file is a
+    one-line error naming it."""
     import json
 
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: expected a run directory written by `ucdseg run`")
-    results = json.loads(path.read_text())
-    if not results.get("steps"):
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: expected the JSON file `ucdseg run` writes") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is truncated or corrupt (invalid JSON at line {exc.lineno} column {exc.colno}: "
+                         f"{exc.msg}); expected the JSON file `ucdseg run` writes") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if isinstance(results, dict) and results.get("steps") == []:
         raise ValueError(f"{path} has no finished step yet")
+    _check_results_shape(results, path)
     done, expected = len(results["steps"]), _expected_steps(results)
     if done < expected:
         raise ValueError(f"{path}: the run has finished {done} of its {expected} steps; finish it (run the same "
                          "command again) or leave it out of the report")
     return results
+
+
+def _check_results_shape(results, path: Path) -> None:
+    """The keys the report reads, each present with the right kind of value (a one-line error naming
+    the first that is not)."""
+    def fail(what: str) -> ValueError:
+        return ValueError(f"{path} is not a results file of `ucdseg run`: {what}")
+
+    if not isinstance(results, dict):
+        raise fail(f"its top level is a {type(results).__name__}, expected an object")
+    for key, kind, what in (("method", str, "a string"), ("seed", int, "an integer"), ("task", dict, "an object"),
+                            ("steps", list, "a list")):
+        if not isinstance(results.get(key), kind) or isinstance(results.get(key), bool):
+            raise fail(f"key {key!r} is missing or not {what}")
+    for key in ("dataset", "name", "setting", "steps"):
+        if key not in results["task"]:
+            raise fail(f"key 'task.{key}' is missing")
+    for i, record in enumerate(results["steps"]):
+        miou = record.get("miou") if isinstance(record, dict) else None
+        ok = isinstance(miou, dict) and "step" in record and all(
+            isinstance(miou.get(conv), dict) and all(group in miou[conv] for group in GROUPS) for conv in CONVENTIONS)
+        if not ok:
+            raise fail(f"record {i} of 'steps' lacks its step number or its mIoU "
+                       f"({', '.join(GROUPS)} for {' and '.join(CONVENTIONS)})")
 
 
 def _registered(method: str):
@@ -255,7 +290,8 @@ def run_label(results: dict) -> str:
 
 
 def _method_name(label: str) -> str:
-    return label.split(" [")[0]
+    """``mib+ucd`` for ``mib+ucd``, ``mib+ucd [ucd=1]`` and ``mib+ucd (train.iterations=40)``."""
+    return label.split(" [")[0].split(" (")[0]
 
 
 def _base_method(label: str) -> str:
@@ -276,18 +312,142 @@ def _method_rank(label: str) -> tuple[int, str]:
     return (order.index(method) if method in order else len(order), label)
 
 
+# Config keys that only say where a run was stored, where its inputs were read from, or how the same
+# computation was carried out (devices, loaders, logging, memory layout, a reused step 0): runs that
+# differ only in these and in the seed are seeds of one experiment, pooled into one row.
+LOCATION_KEYS = frozenset({
+    "name", "output_dir", "device", "data.root", "data.workers", "data.cache_dir", "eval.batch_size",
+    "eval.num_images", "train.log_every", "train.checkpoint_every", "train.channels_last", "train.compile",
+    "train.step0_from"})
+# Keys the row's label already shows (run_label: the method and its loss weights), and the seed.
+_LABEL_KEYS = ("seed", "method.name", "method.weights")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):  # an empty mapping (no option set) adds no key
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _with_method_options(config: dict) -> dict:
+    """``config`` with every option of its method, the defaults included: an option left unset and
+    one set to its default are the same run."""
+    method_config = config.get("method")
+    method = _registered(method_config.get("name")) if isinstance(method_config, dict) else None
+    if method is None:
+        return config
+    try:
+        options = method.resolve_options(method_config.get("options") or {})
+    except ValueError:  # options this version does not know: compare them as written
+        return config
+    return {**config, "method": {**method_config, "options": options}}
+
+
+def _pretrained_kind(value):
+    """``model.pretrained`` up to where its file lives: None, ``embedded``, a weight name, or any file."""
+    if isinstance(value, str) and ("/" in value or "\\" in value or value.endswith((".pth", ".pt", ".bin"))):
+        return "<a weights file>"
+    return value
+
+
+def pooled_config(results: dict) -> dict | None:
+    """The flattened config of a run without the seed, the method and weights (its label) and the
+    :data:`LOCATION_KEYS`: runs with equal ones are pooled. Keys a run's config lacks (saved before
+    they existed) take their default, keys that moved are read where they are now (``migrate``).
+    None for a results file without a config (written by hand)."""
+    config = results.get("config")
+    if not isinstance(config, dict):
+        return None
+    from .config import RunConfig, migrate, to_dict
+
+    flat = _flatten(to_dict(RunConfig())) | _flatten(_with_method_options(migrate(config)))  # older keys moved
+    flat = {k: v for k, v in flat.items() if k not in LOCATION_KEYS
+            and not any(k == skip or k.startswith(skip + ".") for skip in _LABEL_KEYS)}
+    if "model.pretrained" in flat:
+        flat["model.pretrained"] = _pretrained_kind(flat["model.pretrained"])
+    return flat
+
+
+def _fingerprint(config: dict | None) -> str | None:
+    import json
+
+    return None if config is None else json.dumps(config, sort_keys=True, default=str)
+
+
+def _pairable(ucd: dict, base: dict) -> bool:
+    """Same :func:`pooled_config`, except the method options only one of the two methods has
+    (UCD's temperature on ``X+ucd``): what UCD adds is measured against the same experiment."""
+    mine, theirs = pooled_config(ucd), pooled_config(base)
+    if mine is None or theirs is None:
+        return mine is theirs
+    keys = {k for k in set(mine) | set(theirs) if not (k.startswith("method.options.") and (k in mine) != (k in theirs))}
+    return all(mine.get(k) == theirs.get(k) for k in keys)
+
+
+def _benchmark(results: dict) -> tuple[str, str, str]:
+    task = results["task"]
+    return task["dataset"], task["name"], task["setting"]
+
+
+def check_distinct(results_list: Sequence[dict], names: Sequence[str] | None = None) -> None:
+    """Refuse the same run given twice: two runs with the same method, weights, benchmark, seed and
+    :func:`pooled_config` (the same experiment, wherever it is stored) are one run repeated, not two
+    seeds. ``names`` (e.g. the folders) name them in the error."""
+    names = list(names) if names is not None else [f"run {i + 1}" for i in range(len(results_list))]
+    seen: dict[str, str] = {}
+    for name, results in zip(names, results_list):
+        identity = _fingerprint({"benchmark": _benchmark(results), "method": results["method"],
+                                 "weights": results.get("weights"), "seed": results["seed"],
+                                 "config": pooled_config(results)})
+        if identity in seen:
+            raise ValueError(f"{seen[identity]} and {name} are the same run ({results['method']}, seed "
+                             f"{results['seed']}, same config apart from where it is stored); give each run once")
+        seen[identity] = name
+
+
+def _config_tags(results_list: Sequence[dict]) -> list[str]:
+    """Per run, ``key=value, ...`` of the config keys in which the runs of its benchmark and label
+    differ ('' when they all agree, or when its results have no config)."""
+    configs = [pooled_config(r) for r in results_list]
+    families: dict[tuple, list[int]] = {}
+    for i, results in enumerate(results_list):
+        if configs[i] is not None:
+            families.setdefault((*_benchmark(results), run_label(results)), []).append(i)
+    tags = [""] * len(results_list)
+    for members in families.values():
+        keys = sorted({k for i in members for k in configs[i]})
+        varying = [k for k in keys if len({_fingerprint({"v": configs[i].get(k)}) for i in members}) > 1]
+        for i in members:
+            tags[i] = ", ".join(f"{k}={configs[i].get(k)}" for k in varying)
+    return tags
+
+
 def _group_runs(results_list: Sequence[dict]) -> dict[tuple, list[dict]]:
-    """Runs keyed by (dataset, task, setting, run label), benchmarks sorted, methods in registry order."""
+    """Runs keyed by (dataset, task, setting, row label), benchmarks sorted, methods in registry order.
+
+    The row label is :func:`run_label`, followed, when runs of that method and weights differ in
+    their config beyond the seed and :data:`LOCATION_KEYS`, by the keys that differ:
+    ``mib (train.iterations=40)``; so only seeds of one experiment share a row.
+    """
+    check_distinct(results_list)
     groups: dict[tuple, list[dict]] = {}
-    for results in results_list:
-        task = results["task"]
-        key = (task["dataset"], task["name"], task["setting"], run_label(results))
-        groups.setdefault(key, []).append(results)
+    for results, tag in zip(results_list, _config_tags(results_list)):
+        label = run_label(results) + (f" ({tag})" if tag else "")
+        groups.setdefault((*_benchmark(results), label), []).append(results)
     return dict(sorted(groups.items(), key=lambda item: (item[0][:3], _method_rank(item[0][3]))))
 
 
 def aggregate(results_list: Sequence[dict]) -> list[dict]:
     """Group runs by benchmark and method; mean and standard deviation over seeds of the last step.
+
+    Only seeds of one experiment are pooled: runs whose configs differ in more than the seed and
+    where the run is stored (:data:`LOCATION_KEYS`) land in separate rows, labelled by the keys
+    that differ (``mib (train.iterations=3)``, ``mib (train.iterations=40)``); the same run given
+    twice is refused (:func:`check_distinct`).
 
     Each row: dataset, task, setting, method, seeds, and for every convention and group (and
     ``avg``, the mean over a run's steps of mIoU all) ``{conv}_{group}_mean`` / ``_std`` (fractions;
@@ -314,7 +474,8 @@ def aggregate(results_list: Sequence[dict]) -> list[dict]:
 
 def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
     """What UCD adds to its base method, paired by seed: for every ``X+ucd`` (with any weights) whose
-    ``X`` ran on the same benchmark with its default weights, the per-seed difference
+    ``X`` ran on the same benchmark with its default weights and the same config (apart from the
+    seed, the method and :data:`LOCATION_KEYS`), the per-seed difference
     ``(X+ucd) - X`` of the last step's mIoU.
 
     Pairing by seed removes what both runs share (step 0, the data order), so the spread left is
@@ -328,14 +489,19 @@ def ucd_gains(results_list: Sequence[dict]) -> list[dict]:
     rows = []
     for (dataset, task, setting, method), runs in groups.items():
         base = _base_method(method)
-        if base == _method_name(method) or (dataset, task, setting, base) not in groups:
+        if base == _method_name(method):
             continue
-        base_by_seed = {r["seed"]: r for r in groups[(dataset, task, setting, base)]}
+        # the base method with its default weights and the same config (pooled_config) as these runs
+        base_key = next((key for key, members in groups.items() if key[:3] == (dataset, task, setting)
+                         and run_label(members[0]) == base and _pairable(runs[0], members[0])), None)
+        if base_key is None:
+            continue
+        base_by_seed = {r["seed"]: r for r in groups[base_key]}
         pairs = sorted(((r["seed"], r, base_by_seed[r["seed"]]) for r in runs if r["seed"] in base_by_seed),
                        key=lambda pair: pair[0])
         if not pairs:
             continue
-        row: dict = {"dataset": dataset, "task": task, "setting": setting, "method": method, "base": base,
+        row: dict = {"dataset": dataset, "task": task, "setting": setting, "method": method, "base": base_key[3],
                      "seeds": [seed for seed, _, _ in pairs]}
         for conv in CONVENTIONS:
             for group in SUMMARIES:
@@ -467,18 +633,51 @@ def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
     _save_figure(fig, path)
 
 
+def _check_output_dir(out_dir: Path) -> None:
+    """The report folder, or the nearest of its parents that exists, must be a folder."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                where = "is" if folder == out_dir else f"cannot be made: {folder} is"
+                raise ValueError(f"report folder {out_dir} {where} a file, not a folder; give --output-dir a folder")
+            return
+
+
 def write_aggregate(run_dirs: Sequence[str | Path], out_dir: str | Path, paper: bool = False) -> str:
     """``report.md``, ``report.csv`` and ``report.png`` in *out_dir*; with a ``X+ucd`` run beside its
-    ``X``, the paired UCD gains too (a second table in ``report.md``, ``report_ucd.csv``)."""
+    ``X``, the paired UCD gains too (a second table in ``report.md``, ``report_ucd.csv``).
+
+    What is pooled: one row per benchmark, method (with its loss weights) and config, averaged over
+    the seeds. Runs whose configs differ in anything but the seed and :data:`LOCATION_KEYS` (where a
+    run or its inputs are stored and how the same computation is carried out) are not pooled: they
+    land in separate rows labelled by the keys that differ (``mib (train.iterations=40)``), so a
+    sweep can be reported in one table. The same run given twice (the same folder, or two folders
+    holding the same method, weights, config and seed) is refused with one line naming both.
+    Nothing is written unless every run is readable and distinct.
+    """
+    out_dir = Path(out_dir)
+    _check_output_dir(out_dir)
+    given: dict[Path, str] = {}
+    for run_dir in run_dirs:
+        resolved = Path(run_dir).resolve()
+        if resolved in given:
+            raise ValueError(f"run folder {run_dir} is given twice (as {given[resolved]} and {run_dir}); "
+                             "give each run once")
+        given[resolved] = str(run_dir)
     results_list = [load_results(d) for d in run_dirs]
+    check_distinct(results_list, [str(d) for d in run_dirs])
     rows = aggregate(results_list)
     gains = ucd_gains(results_list)
-    out_dir = Path(out_dir)
     table = aggregate_markdown(rows, paper=paper)
     if gains:
         table += "\n" + ucd_gains_markdown(gains)
-        write_text(out_dir / "report_ucd.csv", aggregate_csv(gains))
-    write_text(out_dir / "report.md", table)
-    write_text(out_dir / "report.csv", aggregate_csv(rows))
-    plot_aggregate(rows, out_dir / "report.png")
+    try:
+        if gains:
+            write_text(out_dir / "report_ucd.csv", aggregate_csv(gains))
+        write_text(out_dir / "report.md", table)
+        write_text(out_dir / "report.csv", aggregate_csv(rows))
+        plot_aggregate(rows, out_dir / "report.png")
+    except OSError as exc:
+        where = exc.filename or out_dir
+        raise ValueError(f"cannot write the report in {out_dir}: {where}: {exc.strerror or exc}") from None
     return table

@@ -301,5 +301,5 @@ def test_accumulate_must_split_the_batch_evenly(make_config, tiny_model):
     with pytest.raises(ValueError, match=r"train\.batch_size=4 does not split into 1 process\(es\) x "
                                          r"train\.accumulate=3 equal micro-batches"):
         run(make_config("bad", "train.accumulate=3"), progress=False)
-    with pytest.raises(ConfigError, match="'train.accumulate' must be >= 1"):
+    with pytest.raises(ConfigError, match="'train.accumulate' is 0; expected an integer >= 1"):
         make_config("bad", "train.accumulate=0")

@@ -8,7 +8,7 @@ Layout (``root`` is the ``ADEChallengeData2016`` folder)::
 Mask values are 0..150: 0 is "other", used as the background class in training; 1..150 are the
 challenge classes. By default background is not scored at evaluation
 (``meta.ignore_background_in_eval=True``, the MiB convention); ``score_background=True`` scores
-it, as PLOP does.
+it, as PLOP does. A mask value 151..254 (255 is void) is an error naming the mask.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ A :class:`SegmentationDataset` is a list of (image file, mask file) pairs plus a
 class ids of the dataset (0 background, 255 void), after any dataset-specific id mapping
 (:meth:`SegmentationDataset.convert_mask`, e.g. Cityscapes label ids -> train ids).
 Label look-up tables and transforms are applied later, by :class:`~ucdseg.data.StepDataset`.
+
+Every fault of a file is a :class:`DataFileError` (a ``ValueError``: the CLI prints it as one
+line) naming the file: an image or mask that is not an image, truncated or unreadable; a mask
+whose size is not its image's (naming both); a mask holding ids outside the dataset's classes
+(other than 255, void), with the ids and the expected range. A missing file stays a
+``FileNotFoundError`` naming it.
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .meta import DatasetMeta
 
 __all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "build_dataset", "dataset_names", "dataset_meta",
-           "register_dataset", "open_dataset_split", "CheckRules", "dataset_class",
-           "read_mask", "read_image", "require_dir", "require_file", "check_split"]
+           "register_dataset", "open_dataset_split", "CheckRules", "dataset_class", "DataFileError",
+           "read_mask", "read_image", "check_mask_ids", "check_sizes", "require_dir", "require_file", "check_split"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 SPLITS = ("train", "val")
@@ -156,16 +162,55 @@ def require_file(path: Path, dataset: str, layout: str) -> Path:
     return path
 
 
+class DataFileError(ValueError):
+    """A dataset file that cannot be used: not an image, truncated, unreadable, of the wrong size
+    for its pair, or holding ids outside the dataset's classes. The message names the file.
+
+    Raised in a DataLoader worker (``data.workers > 0``), torch re-raises it in the main process as
+    ``DataFileError("Caught DataFileError in DataLoader worker process N.\\nOriginal Traceback ...
+    ...DataFileError: <message>")``; the error keeps ``<message>``, the one line naming the file.
+    """
+
+    def __init__(self, message: str = ""):
+        text = str(message)
+        last = text.rstrip().splitlines()[-1] if text.strip() else ""
+        marker = f"{type(self).__name__}: "
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text and marker in last:
+            text = last.split(marker, 1)[1]
+        super().__init__(text)
+
+
+def _unreadable(kind: str, path: Path, exc: BaseException) -> DataFileError:
+    """One line: which file, and why PIL could not read it."""
+    if isinstance(exc, UnidentifiedImageError):
+        reason = "not an image file PIL can identify"
+    elif isinstance(exc, PermissionError):
+        reason = "permission denied"
+    elif isinstance(exc, IsADirectoryError):
+        reason = "a folder, not a file"
+    else:
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return DataFileError(f"{kind} {path} cannot be read ({reason}); expected a complete image file")
+
+
+# what PIL raises for a file that is not an image, truncated or corrupt (FileNotFoundError is kept)
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
 def read_mask(path: Path) -> np.ndarray:
     """A single-channel PNG (palette "P" or grayscale "L") as a uint8 (H, W) array of its pixel values."""
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
-                raise ValueError(f"mask {path} has mode {im.mode!r}: expected a palette (P) or grayscale (L) "
-                                 f"PNG whose pixel values are class ids")
+                raise DataFileError(f"mask {path} has mode {im.mode!r}: expected a palette (P) or grayscale (L) "
+                                    f"PNG whose pixel values are class ids")
             return np.array(im, dtype=np.uint8)
     except FileNotFoundError:
         raise FileNotFoundError(f"mask file not found: {path}") from None
+    except DataFileError:
+        raise
+    except _PIL_ERRORS as exc:
+        raise _unreadable("mask", path, exc) from None
 
 
 def read_image(path: Path) -> Image.Image:
@@ -175,6 +220,33 @@ def read_image(path: Path) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
+    except _PIL_ERRORS as exc:
+        raise _unreadable("image", path, exc) from None
+
+
+def _id_list(ids: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def check_mask_ids(mask: np.ndarray, path: Path, num_ids: int, what: str) -> np.ndarray:
+    """``mask`` if its values are all below ``num_ids`` or 255 (void); else a :class:`DataFileError`
+    naming the file, the offending ids and the expected range (``what``: whose ids, e.g. "voc")."""
+    present = np.flatnonzero(np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256))
+    bad = [int(v) for v in present if num_ids <= v < 255]
+    if bad:
+        raise DataFileError(f"mask {path} holds id(s) {_id_list(bad)} outside the {num_ids} ids of {what}; expected "
+                            f"0..{num_ids - 1} (255 void)")
+    return mask
+
+
+def check_sizes(image: Image.Image, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
+    """A :class:`DataFileError` naming both files when the mask's size is not the image's."""
+    height, width = np.shape(mask)[:2]
+    size = tuple(image.size) if isinstance(image, Image.Image) else tuple(np.shape(image)[1::-1])  # (w, h)
+    if (width, height) != size:
+        raise DataFileError(f"mask {mask_path} is {width}x{height} but its image {image_path} is "
+                            f"{size[0]}x{size[1]}; expected a mask of the image's size")
 
 
 # --------------------------------------------------------------------------------- the reader
@@ -222,16 +294,32 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Image ``i`` as an RGB PIL image."""
         return read_image(self.image_path(i))
 
+    @property
+    def stored_ids(self) -> int:
+        """How many ids a stored mask may hold (0..n-1, plus 255 void): the classes unless
+        :meth:`convert_mask` maps other stored ids (Cityscapes' 34 label ids)."""
+        return self.num_classes
+
     def load_mask(self, i: int) -> np.ndarray:
-        """Mask ``i`` as uint8 (H, W) dataset class ids (0 background, 255 void)."""
-        return self.convert_mask(read_mask(self.mask_path(i)))
+        """Mask ``i`` as uint8 (H, W) dataset class ids (0 background, 255 void); a stored id outside
+        :attr:`stored_ids` (other than 255) is a :class:`DataFileError` naming the file."""
+        path = self.mask_path(i)
+        return self.convert_mask(check_mask_ids(read_mask(path), path, self.stored_ids, self.name))
 
     def convert_mask(self, raw: np.ndarray) -> np.ndarray:
         """Stored pixel values -> dataset class ids (identity unless a dataset overrides it)."""
         return raw
 
     def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
-        return self.load_image(i), self.load_mask(i)
+        image, mask = self.load_image(i), self.load_mask(i)
+        check_sizes(image, mask, self.image_path(i), self.mask_path(i))
+        return image, mask
+
+    def check_pair(self, i: int) -> None:
+        """Read pair ``i`` as training would: a :class:`DataFileError` (or FileNotFoundError) naming the
+        file when the image or mask is unreadable, their sizes differ or the mask's ids are not the
+        dataset's. Cheap enough to run on a split's first and last pairs before training."""
+        self[i]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, root='{self.root}', "
@@ -274,6 +362,6 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.indices[i]
-        image = self.base.load_image(j)
-        mask = self.lut[self.base.load_mask(j)]
-        return self.transform(image, mask)
+        image, mask = self.base.load_image(j), self.base.load_mask(j)
+        check_sizes(image, mask, self.base.image_path(j), self.base.mask_path(j))
+        return self.transform(image, self.lut[mask])

@@ -9,7 +9,8 @@ The stored label ids are mapped to the 19 standard train ids (:data:`LABEL_TO_TR
 train id ``k`` becomes class ``k + 1`` and every void/ignored label id becomes 0: void is
 background in training, as UCD's release does. Since that "background" is really the void
 pixels, it is not scored at evaluation by default (``meta.ignore_background_in_eval=True``);
-``score_background=True`` scores it.
+``score_background=True`` scores it. A stored id above 33 other than 255 is not a Cityscapes
+label id: an error naming the mask.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class CityscapesSegmentation(SegmentationDataset):
                                     f"{missing[0]}; expected layout: {CITYSCAPES_LAYOUT}")
         meta = dataclasses.replace(CITYSCAPES_META, ignore_background_in_eval=not bool(score_background))
         super().__init__("cityscapes", root, split, meta, images, masks)
+
+    @property
+    def stored_ids(self) -> int:
+        """The masks hold the 34 label ids 0..33 of :data:`LABEL_TO_TRAIN_ID` (and 255)."""
+        return max(LABEL_TO_TRAIN_ID) + 1
 
     def convert_mask(self, raw: np.ndarray) -> np.ndarray:
         """Cityscapes label ids -> class ids (train id + 1, void -> 0)."""

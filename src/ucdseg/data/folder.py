@@ -34,7 +34,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from .base import PathLike, SegmentationDataset, check_split, register_dataset, require_dir
+from .base import (_PIL_ERRORS, DataFileError, PathLike, SegmentationDataset, _unreadable, check_split,
+                   register_dataset, require_dir)
 from .meta import VOID, VOID_COLOR, DatasetMeta, default_palette
 
 __all__ = ["FolderSegmentation", "FOLDER_LAYOUT", "CLASSES_FILE", "read_classes", "split_ids", "check_folder",
@@ -205,23 +206,25 @@ class FolderSegmentation(SegmentationDataset):
                 raw = np.array(im.convert("RGB") if mode in ("RGB", "RGBA") else im)
         except FileNotFoundError:
             raise FileNotFoundError(f"mask file not found: {path}") from None
+        except _PIL_ERRORS as exc:
+            raise _unreadable("mask", path, exc) from None
         if mode in ("RGB", "RGBA"):
             return self._from_colors(raw, path)
         if mode not in ("P", "L"):
-            raise ValueError(f"mask {path} has mode {mode!r}: expected a grayscale (L) or palette (P) PNG of class "
+            raise DataFileError(f"mask {path} has mode {mode!r}: expected a grayscale (L) or palette (P) PNG of class "
                              "ids, or an RGB PNG painted with the palette of classes.yaml")
         return self._checked(raw.astype(np.uint8), path)
 
     def _from_colors(self, rgb: np.ndarray, path: Path) -> np.ndarray:
         if not self._has_palette:
-            raise ValueError(f"mask {path} is an RGB picture but {self._classes_file} has no 'palette': give the "
+            raise DataFileError(f"mask {path} is an RGB picture but {self._classes_file} has no 'palette': give the "
                              "colour of every class there, or save the masks as PNGs of class ids")
         codes = rgb[..., 0].astype(np.int64) << 16 | rgb[..., 1].astype(np.int64) << 8 | rgb[..., 2]
         values, inverse = np.unique(codes, return_inverse=True)
         unknown = [int(v) for v in values if int(v) not in self._color_codes]
         if unknown:
             shown = ", ".join(f"({v >> 16}, {v >> 8 & 255}, {v & 255})" for v in unknown[:4])
-            raise ValueError(f"mask {path} holds colour(s) {shown} that are not in the palette of "
+            raise DataFileError(f"mask {path} holds colour(s) {shown} that are not in the palette of "
                              f"{self._classes_file}; expected the colours of its {self.num_classes} classes")
         ids = np.array([self._color_codes[int(v)] for v in values], dtype=np.uint8)
         return ids[inverse.reshape(codes.shape)]
@@ -230,7 +233,7 @@ class FolderSegmentation(SegmentationDataset):
         present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
         bad = [int(v) for v in present if self.num_classes <= v < VOID]
         if bad:
-            raise ValueError(f"mask {path} holds class id(s) {', '.join(map(str, bad[:8]))} but {self._classes_file} "
+            raise DataFileError(f"mask {path} holds class id(s) {', '.join(map(str, bad[:8]))} but {self._classes_file} "
                              f"names {self.num_classes} classes (ids 0..{self.num_classes - 1}, {VOID} void); add "
                              "their names to classes.yaml or fix the mask")
         return mask

@@ -12,7 +12,8 @@ Layout (``root`` is the ``VOC2012`` folder)::
 ``SegmentationClass``, or ``SegmentationClassAug`` when the former is absent. A list line is
 either a bare id (``2007_000032``) or a MiB-style pair of root-relative paths
 (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``), which is used as
-written. Masks are palette or grayscale PNGs whose pixel values are class ids (255 void).
+written. Masks are palette or grayscale PNGs whose pixel values are class ids (255 void); a mask
+holding any other value (21..254 on VOC) is an error naming it, never silently void.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ def _load(config: str | None, overrides: Sequence[str]):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides)  # a bad config fails before the engine (torch) is imported
     from .engine import run
 
-    cfg = _load(args.config, args.overrides)
     results = run(cfg, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         from .reporting import summary_markdown

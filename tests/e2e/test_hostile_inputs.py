@@ -457,12 +457,122 @@ def _layout_case(make: Callable[[Path, int], Path], dataset: str, task: str, bad
     return setup
 
 
+# ------------------------------------------------------------- run folders, checkpoints, paths
+def _file_at(path: Path, text: str = "a file, not a folder\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _output_dir_file(world: Path, case_dir: Path) -> list[str]:
+    return run_args(world, case_dir, f"output_dir={_file_at(case_dir / 'out')}")
+
+
+def _run_folder_file(world: Path, case_dir: Path) -> list[str]:
+    _file_at(case_dir / "runs" / "clash")
+    return run_args(world, case_dir, "name=clash")
+
+
+def _checkpoints_file(world: Path, case_dir: Path) -> list[str]:
+    _file_at(case_dir / "runs" / "ck" / "checkpoints")
+    return run_args(world, case_dir, "name=ck")
+
+
+def _cache_dir_file(world: Path, case_dir: Path) -> list[str]:
+    return run_args(world, case_dir, f"data.cache_dir={_file_at(case_dir / 'cache')}")
+
+
+def _locked_folder(world: Path, case_dir: Path) -> list[str]:
+    """A run folder another process holds (a job-array slip): that process keeps the lock ~60 s."""
+    lock = case_dir / "runs" / "busy" / ".ucdseg.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        f = open({str(lock)!r}, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("process %d on the-other-node since 2026-12-01 08:00:00\\n" % os.getpid()); f.flush()
+        print("locked", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return run_args(world, case_dir, "name=busy")
+
+
+def _corrupt_saved_config(world: Path, case_dir: Path) -> list[str]:
+    folder = case_dir / "runs" / "half"
+    _file_at(folder / "config.yaml", "train: {lr: [0.01\n")
+    _file_at(folder / "checkpoints" / "step0-last.pt", "x")  # something was trained here
+    return run_args(world, case_dir, "name=half")
+
+
+def _checkpoint_file(case_dir: Path, content: bytes) -> Path:
+    path = case_dir / "step0.pt"
+    path.write_bytes(content)
+    return path
+
+
+def _step0_from(target: Callable[[Path], Path]) -> Callable[[Path, Path], list[str]]:
+    return lambda world, case_dir: run_args(world, case_dir, f"train.step0_from={target(case_dir)}")
+
+
+def _pickle_without_model(case_dir: Path) -> Path:
+    import torch
+
+    torch.save({"state_dict": {}}, case_dir / "other.pt")
+    return case_dir / "other.pt"
+
+
+RUN_CASES = [
+    Case("run-output-dir-is-a-file", _output_dir_file, ("out", "a file")),
+    Case("run-folder-is-a-file", _run_folder_file, ("runs/clash", "a file")),
+    Case("run-checkpoints-is-a-file", _checkpoints_file, ("runs/ck/checkpoints", "a file")),
+    Case("run-cache-dir-is-a-file", _cache_dir_file, ("cache",)),
+    Case("run-folder-in-use", _locked_folder, ("runs/busy is in use by process", "on the-other-node", "name=")),
+    Case("run-saved-config-corrupt", _corrupt_saved_config, ("runs/half/config.yaml is corrupt",)),
+    Case("run-data-root-missing", lambda w, d: run_args(w, d, f"data.root={d / 'shapez'}"), ("shapez",)),
+    Case("run-embedded-root-typo", lambda w, d: run_args(w, d, "data.dataset=embedded", "task.name=4-3-3",
+                                                          f"data.root={d / 'embeded'}"),
+         ("data.root=", "embeded does not exist", "prepare-embedded --root")),
+    Case("run-step0-from-missing", _step0_from(lambda d: d / "nothing"), ("train.step0_from=", "nothing")),
+    Case("run-step0-from-garbage", _step0_from(lambda d: _checkpoint_file(d, b"PK\x03\x04 not a zip")),
+         ("step0.pt could not be read as a ucdseg checkpoint",)),
+    Case("run-step0-from-foreign-pickle", _step0_from(_pickle_without_model), ("other.pt has no 'model' entry",)),
+    Case("run-legacy-method-key", lambda w, d: run_args(w, d, "method.ucd_temperature=0.1"),
+         ("'method.ucd_temperature' is now 'method.options.temperature'",)),
+    Case("run-unknown-method", lambda w, d: run_args(w, d, "method.name=mib-ucd"), ("unknown method 'mib-ucd'",)),
+    Case("run-weight-of-no-term", lambda w, d: run_args(w, d, "method.name=mib", "method.weights.ucd=1"),
+         ("method 'mib' has no loss term 'ucd'",)),
+    Case("run-bad-output-stride", lambda w, d: run_args(w, d, "model.output_stride=4"),
+         ("'model.output_stride' is 4", "resnet18 takes 8 or 16")),
+    Case("run-batch-not-divisible", lambda w, d: run_args(w, d, "train.batch_size=3", "train.accumulate=2"),
+         ("train.batch_size=3", "train.accumulate=2")),
+    Case("run-unknown-dataset", lambda w, d: run_args(w, d, "data.dataset=coco"), ("unknown dataset 'coco'",)),
+    Case("run-bad-task", lambda w, d: run_args(w, d, "task.name=9-9"), ("9-9",)),
+    Case("run-missing-import", lambda w, d: run_args(w, d, "imports=[no_such_module_xyz]"), ("no_such_module_xyz",)),
+    Case("eval-a-folder", lambda w, d: ["eval", str(w / "runs" / "earlier")], ("runs/earlier is a folder",)),
+    Case("eval-missing-checkpoint", lambda w, d: ["eval", str(d / "step9.pt")], ("step9.pt does not exist",)),
+    Case("eval-truncated-checkpoint", lambda w, d: ["eval", str(_checkpoint_file(d, b"PK\x03\x04"))],
+         ("step0.pt could not be read as a ucdseg checkpoint",)),
+    Case("predict-truncated-checkpoint", lambda w, d: ["predict", str(_checkpoint_file(d, b"\x80\x02")),
+                                                       str(w / "shapes" / "images"), "--output", str(d / "p")],
+         ("step0.pt could not be read",)),
+    Case("prepare-embedded-root-is-a-file", lambda w, d: ["prepare-embedded", "--root", str(_file_at(d / "bench"))],
+         ("bench", "not a folder")),
+    Case("tasks-unknown-dataset", lambda w, d: ["tasks", "coco"], ("unknown dataset 'coco'",)),
+    Case("index-unknown-dataset", lambda w, d: ["index", "--dataset", "coco", "--task", "1-1"],
+         ("'data.dataset' is 'coco'", "expected one of", "voc")),
+    Case("demo-unknown-method", lambda w, d: ["demo", "--methods", "ft,mibb", "--output-dir", str(d / "demo")],
+         ("unknown method 'mibb'",)),
+]
+
+
 CASES = [
+    *RUN_CASES,
     *[_config_case(o, s) for o, s in CONFIG_CASES],
     # a method's own options are checked by the method (Method.resolve_options)
     *[Case(f"option-{o}", lambda w, d, o=o: run_args(w, d, "method.name=mib+ucd", o), (shown,)) for o, shown in [
         ("method.options.temperature=0", "config key 'method.options.temperature' is 0"),
-        ("method.options.temperature=nan", "config key 'method.options.temperature' is 'nan'"),
+        ("method.options.temperature=nan", "config key 'method.options.temperature' is nan; expected a finite number > 0"),
         ("method.options.temprature=0.1", "'method.options.temprature': method 'mib+ucd' has no such option")]],
     *[_yaml_case(*c) for c in YAML_CASES],
     Case("yaml-not-utf8", _not_utf8, ("config.yaml", "is not UTF-8 text")),

@@ -192,7 +192,7 @@ def test_two_step_run_writes_every_output(make_config):
     assert stray == [] and not list(out.rglob("*-last.pt"))
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.yaml", "results.json", "results.csv", "summary.md", "miou_per_step.png", "predictions",
-         "checkpoints", "tensorboard"])
+         "checkpoints", "tensorboard", ".ucdseg.lock"])  # the folder's lock file stays (RunFolder.acquire)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step0.pt", "step1.pt"]
 
 

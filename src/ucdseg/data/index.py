@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..label_maps import SETTINGS, select_images
 from ..io import write_bytes
+from .base import DataFileError
 from ..tasks import Task
 
 __all__ = ["StepIndex", "default_cache_dir", "scan_presence", "step_index", "index_report", "format_index_report"]
@@ -128,7 +129,7 @@ def _mask_ids(dataset: MaskDataset, i: int) -> np.ndarray:
     """Sorted class ids present in mask ``i`` (255 excluded), as int64."""
     try:
         mask = np.asarray(dataset.load_mask(i))
-    except FileNotFoundError:
+    except (FileNotFoundError, DataFileError):  # these name the file already
         raise
     except Exception as exc:  # name the file: a corrupt mask must be easy to find
         raise ValueError(f"cannot read mask {dataset.mask_path(i)}: {exc}") from exc

@@ -48,12 +48,17 @@ class Option:
         kind = type(self.default)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if kind is float and isinstance(value, str):  # "nan", "inf" stay strings on the command line
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ValueError(f"config key {key!r} is {value!r}; method {method!r} expects a {kind.__name__}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"config key {key!r} is {value!r}; expected one of {list(self.choices)}")
-        if self.positive and not (value > 0 and value != float("inf")):
-            raise ValueError(f"config key {key!r} is {value!r}; expected a finite number > 0")
+        if self.positive and not (value > 0 and value != float("inf")):  # nan fails "> 0" too
+            raise ValueError(f"config key {key!r} is {value}; expected a finite number > 0")
         return value
 
 

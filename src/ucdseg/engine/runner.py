@@ -397,41 +397,74 @@ class Run:
         return model, old_model
 
     def train_step(self, step: int) -> dict:
+        """Train step ``step`` (continuing a mid-step checkpoint), evaluate it and save it."""
         cfg, dist, opts = self.cfg, self.dist, build.loop_options(self.cfg, step)
         torch.manual_seed(cfg.seed * 1000 + step)
+        model, old_model = self._step_models(step, opts)
+        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress)
+        total = build.step_iterations(cfg, step, len(train_data))
+        trainee, start = self._trainee(step, model, old_model, opts, total)
+        criterion = self._criterion(step, old_model, train_data)
+        loader = build.train_loader(cfg, train_data, build.batch_sampler(cfg, step, len(train_data), total, dist, start),
+                                    self.device)
+
+        t0 = time.perf_counter()
+        self._train(step, trainee, criterion, loader, opts, start, total)
+        train_seconds = time.perf_counter() - t0
+
+        model = trainee.model
+        if opts.channels_last:  # evaluate and save in the default layout, as without the option
+            model.to(memory_format=torch.contiguous_format)
+        record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
+                               self.progress, predictions=self.folder.path / "predictions" / f"step{step}.png")
+        record.update(num_train_images=len(index.indices), index_checksum=index.checksum, iterations=total,
+                      train_seconds=round(train_seconds, 2), world_size=dist.world_size,
+                      batch_per_process=cfg.train.batch_size // dist.world_size, accumulate=cfg.train.accumulate)
+        self._save_step(step, model, record)
+        return record
+
+    def _step_models(self, step: int, opts) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """:meth:`_models`, with SyncBatchNorm under CUDA DDP and the memory layout applied."""
         model, old_model = self._models(step)
-        if opts.bn == "sync" and dist.enabled and self.device.type == "cuda":
+        if opts.bn == "sync" and self.dist.enabled and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if opts.channels_last:  # parameters keep their identity: the optimizer below sees them
+        if opts.channels_last:  # parameters keep their identity: the optimizer sees them
             for m in (model, old_model):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
+        return model, old_model
 
-        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress)
-        total = build.step_iterations(cfg, step, len(train_data))
-        optimizer, scheduler = build.optimizer_and_schedule(cfg, model, step, total)
+    def _trainee(self, step: int, model, old_model, opts, total: int) -> tuple[Trainee, int]:
+        """SGD and the schedule around the step's models, continued from a mid-step checkpoint if a
+        killed run left one; and the iteration to start at."""
+        optimizer, scheduler = build.optimizer_and_schedule(self.cfg, model, step, total)
         scaler = torch.amp.GradScaler(self.device.type, enabled=opts.amp_dtype == torch.float16)
         trainee = Trainee(model, model, old_model, optimizer, scheduler, scaler)
         partial = self.folder.partial(step)
         start = trainee.load_state_dict(io.load_checkpoint(partial, self.device)) if partial.exists() else 0
-        forward = DistributedDataParallel(model) if dist.enabled else model
-        trainee.forward = forward
+        trainee.forward = DistributedDataParallel(model) if self.dist.enabled else model
         if opts.compile:  # the training forward only; ``model`` stays plain for state dicts and evaluation
             import torch._dynamo as dynamo
 
             dynamo.reset()  # the previous step's graphs are of no use; keep clear of the recompile limit
-            trainee.forward = torch.compile(forward)
+            trainee.forward = torch.compile(trainee.forward)
+        return trainee, start
 
+    def _criterion(self, step: int, old_model, train_data) -> Criterion:
+        """The method's loss for the step, after its ``before_step`` pass (PLOP's thresholds)."""
         num_old, num_new = sum(self.train_task.classes_per_step[:step]), self.train_task.classes_per_step[step]
         state = None
         if old_model is not None and self.method.before_step is not None:
-            loader = build.train_loader(cfg, train_data, build.one_epoch_sampler(cfg, step, len(train_data), dist),
-                                        self.device)
-            state = self.method.before_step(old_model=old_model, loader=loader, device=self.device, num_old=num_old,
-                                            num_new=num_new, progress=self.progress and dist.is_main)
-        criterion = Criterion(self.method, self.weights, self.options, step, num_old, num_new, state)
-        loader = build.train_loader(cfg, train_data, build.batch_sampler(cfg, step, len(train_data), total, dist, start),
-                                    self.device)
+            sampler = build.one_epoch_sampler(self.cfg, step, len(train_data), self.dist)
+            state = self.method.before_step(old_model=old_model,
+                                            loader=build.train_loader(self.cfg, train_data, sampler, self.device),
+                                            device=self.device, num_old=num_old, num_new=num_new,
+                                            progress=self.progress and self.dist.is_main)
+        return Criterion(self.method, self.weights, self.options, step, num_old, num_new, state)
+
+    def _train(self, step: int, trainee: Trainee, criterion: Criterion, loader, opts, start: int, total: int) -> None:
+        """The step's iterations, logging to TensorBoard and checkpointing mid-step."""
+        partial = self.folder.partial(step)
 
         def log(iteration: int, values: dict) -> None:
             if self.writer is not None:
@@ -439,45 +472,39 @@ class Run:
                     self.writer.add_scalar(f"step{step}/{k}", v, iteration)
 
         def checkpoint(iteration: int) -> None:
-            if dist.is_main:
+            if self.dist.is_main:
                 io.save_checkpoint(partial, trainee.state_dict(iteration, step))
             barrier()
 
-        t0 = time.perf_counter()
-        forward.train()
+        getattr(trainee.forward, "_orig_mod", trainee.forward).train()  # the DDP wrapper (or the model)
         if opts.bn == "frozen":
-            freeze_batchnorm(model)
+            freeze_batchnorm(trainee.model)
         try:
-            train_iterations(trainee, criterion, loader, opts, dist, step, start, total, log, checkpoint, self.progress)
+            train_iterations(trainee, criterion, loader, opts, self.dist, step, start, total, log, checkpoint,
+                             self.progress)
         except NonFiniteLossError as exc:
             kept = next((p for p in (partial, self.folder.final(step - 1)) if p.exists()), None)
             raise NonFiniteLossError(f"{exc}; " + (f"the last good checkpoint is {kept}" if kept else
                                                    "no checkpoint of this run was written yet")) from None
-        train_seconds = time.perf_counter() - t0
-        if opts.channels_last:  # evaluate and save in the default layout, as without the option
-            model.to(memory_format=torch.contiguous_format)
 
-        record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
-                               self.progress, predictions=self.folder.path / "predictions" / f"step{step}.png")
-        record.update(num_train_images=len(index.indices), index_checksum=index.checksum, iterations=total,
-                      train_seconds=round(train_seconds, 2), world_size=dist.world_size,
-                      batch_per_process=cfg.train.batch_size // dist.world_size, accumulate=cfg.train.accumulate)
-        if dist.is_main:
+    def _save_step(self, step: int, model: torch.nn.Module, record: dict) -> None:
+        """``checkpoints/stepN.pt``, then the step's record (with the checkpoint's checksum) in
+        ``results.json``; the mid-step checkpoint is no longer needed."""
+        if self.dist.is_main:
             io.save_checkpoint(self.folder.final(step), {
-                "model": model.state_dict(), "step": step, "config": to_dict(cfg),
+                "model": model.state_dict(), "step": step, "config": to_dict(self.cfg),
                 "classes_per_step": self.train_task.classes_per_step[: step + 1],
                 # dataset space (index = class id), so ``ucdseg predict`` needs nothing else
                 "class_names": list(self.meta.class_names), "palette": [list(c) for c in self.meta.palette]})
             record["checkpoint_sha256"] = io.sha256(self.folder.final(step))
             self._add_step(record)
-            partial.unlink(missing_ok=True)
+            self.folder.partial(step).unlink(missing_ok=True)
             if self.writer is not None:
                 for conv, groups in record["miou"].items():
                     for group, value in groups.items():
                         if value is not None:
                             self.writer.add_scalar(f"miou_{conv}/{group}", value, step)
         barrier()
-        return record
 
     # ----------------------------------------------------------------- a shared step 0
     def reuse_step0(self, source: Path) -> None:

@@ -494,7 +494,7 @@ def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, confi
 def test_methods_lists_every_method_with_its_weights():
     result = ucdseg("methods")
     assert result.code == 0
-    listed, options = {}, {}
+    listed, options, name = {}, {}, None
     for line in result.out.strip().splitlines():
         if line.startswith(" "):  # an option of the method above: "option NAME=DEFAULT: help"
             option = re.fullmatch(r"\s+option (\w+)=(\S+): .+", line)

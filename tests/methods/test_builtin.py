@@ -11,7 +11,6 @@ from collections import namedtuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ucdseg import cli, losses
 from ucdseg.methods.builtin import PlopStepState

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .base import CheckRules, PathLike, SegmentationDataset, check_split, register_dataset, require_dir
 from .meta import ADE_META
+from .check import ERROR, Pair, Problem, Rules, match_pairs, missing_dir, nested_hint
 
 __all__ = ["ADE20KSegmentation", "ADE_LAYOUT"]
 
@@ -26,12 +27,37 @@ ADE_LAYOUT = ("root = ADEChallengeData2016 holding images/{training,validation}/
 _FOLDERS = {"train": "training", "val": "validation"}
 
 
+# ------------------------------------------------------------------ `ucdseg data check`
+def check_layout(root: Path, rules: Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
+    """``ucdseg data check``'s walk of the ADE20K layout: image/annotation pairs, and what is missing."""
+    problems: list[Problem] = []
+    pairs: dict[str, list[Pair]] = {}
+    entries: dict[str, int] = {}
+    hint = nested_hint(root, "ADEChallengeData2016")
+    for split, folder in _FOLDERS.items():
+        image_dir, mask_dir = root / "images" / folder, root / "annotations" / folder
+        bad = False
+        for d, what in ((image_dir, f"{split} images"), (mask_dir, f"{split} annotations")):
+            if not d.is_dir():
+                problems.append(missing_dir(d, what, rules.missing_fix + hint))
+                bad = True
+        if bad:
+            continue
+        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg"}
+        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+        entries[split] = len(images)
+        if not images:
+            problems.append(Problem(ERROR, image_dir, "no .jpg image in the folder", rules.missing_fix, "no-images"))
+        pairs[split] = match_pairs(images, masks, image_dir, mask_dir, ".jpg", ".png", problems, rules)
+    return problems, pairs, entries
+
+
 @register_dataset("ade")
 class ADE20KSegmentation(SegmentationDataset):
     """ADE20K, 151 classes (0 = "other"/background, 1..150)."""
 
     check_rules = CheckRules(
-        layout="ade", official={"train": 20210, "val": 2000},
+        layout=check_layout, official={"train": 20210, "val": 2000},
         missing_fix="download ADEChallengeData2016.zip (MIT Scene Parsing) and unzip it so that {root} is the "
                     "ADEChallengeData2016 folder; see docs/datasets.md",
         values_fix="use ADEChallengeData2016 (annotations 0..150); the full ADE20K release (thousands of classes) "

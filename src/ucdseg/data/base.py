@@ -43,14 +43,13 @@ class CheckRules:
     (``check_rules`` class attribute): which folder layout it has, the mask values it allows
     (default: its class ids and 255), how to fix the usual mistakes, the official split sizes."""
 
-    layout: str  # voc | ade | cityscapes: the walker of ucdseg.data.check that lists its pairs
+    layout: Callable  # (root, rules) -> (problems, pairs per split, entries per split): walks its folder layout
     missing_fix: str  # how to get the data (``{root}`` is replaced by the folder checked)
     values_fix: str  # what to do about mask values that are not class ids
     mode_fix: str  # what to do about masks that are not palette/grayscale PNGs
     allowed: frozenset[int] | None = None  # None: 0..num_classes-1 and 255
     values_text: str | None = None  # the allowed values, for messages (None: derived)
     official: Optional[dict[str, int]] = None  # images per split in the official release
-    nested: Optional[str] = None  # the inner folder users often point one level above (VOC2012)
 
 
 def register_dataset(name: str) -> Callable:

@@ -40,18 +40,14 @@ from .base import CheckRules, dataset_class, dataset_meta
 from .meta import VOID
 
 __all__ = ["Problem", "CheckResult", "SplitSummary", "check_dataset", "check", "format_report", "run_check",
-           "ERROR", "WARNING"]
+           "ERROR", "WARNING", "Rules", "Pair", "missing_dir", "nested_hint", "existing_pairs",
+           "match_pairs"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 ERROR = "error"
 WARNING = "warning"
 
-_VOC_LISTS = {"train": "train_aug.txt", "val": "val.txt"}
-_VOC_MASK_DIRS = {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")}
-_ADE_FOLDERS = {"train": "training", "val": "validation"}
-_CS_IMAGE_SUFFIX = "_leftImg8bit.png"
-_CS_MASK_SUFFIX = "_gtFine_labelIds.png"
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ class CheckResult:
 
 # ----------------------------------------------------------------------------- dataset rules
 @dataclass(frozen=True)
-class _Rules:
+class Rules:
     """What a dataset's masks may hold and how to fix the usual mistakes."""
 
     allowed: frozenset[int]
@@ -105,29 +101,29 @@ class _Rules:
     missing_fix: str  # how to get the data
 
 
-def _rules(name: str, root: Path) -> _Rules:
+def _rules(name: str, root: Path) -> Rules:
     """The check rules the dataset's reader declares (``check_rules``), for the folder ``root``."""
     spec = _spec(name)
     classes = dataset_meta(name).num_classes
     allowed = spec.allowed if spec.allowed is not None else frozenset(range(classes)) | {VOID}
     values_text = spec.values_text or f"class ids 0..{classes - 1} and {VOID} (void)"
-    return _Rules(allowed, values_text, spec.values_fix.format(root=root), spec.mode_fix.format(root=root),
+    return Rules(allowed, values_text, spec.values_fix.format(root=root), spec.mode_fix.format(root=root),
                   spec.missing_fix.format(root=root))
 
 
 def _spec(name: str) -> CheckRules:
     spec = getattr(dataset_class(name), "check_rules", None)
-    if not isinstance(spec, CheckRules) or spec.layout not in _LAYOUTS:
+    if not isinstance(spec, CheckRules) or not callable(spec.layout):
         raise ValueError(f"dataset {name!r} declares no check rules for `ucdseg data check`")
     return spec
 
 
 # ------------------------------------------------------------------------------- small helpers
-def _missing_dir(path: Path, what: str, fix: str) -> Problem:
+def missing_dir(path: Path, what: str, fix: str) -> Problem:
     return Problem(ERROR, path, f"folder not found ({what})", fix, "missing-folder")
 
 
-def _root_problem(name: str, root: Path, rules: _Rules) -> Optional[Problem]:
+def _root_problem(name: str, root: Path, rules: Rules) -> Optional[Problem]:
     if not root.exists():
         return Problem(ERROR, root, f"{name} root folder does not exist", rules.missing_fix, "missing-root")
     if not root.is_dir():
@@ -135,7 +131,7 @@ def _root_problem(name: str, root: Path, rules: _Rules) -> Optional[Problem]:
     return None
 
 
-def _nested_hint(root: Path, inner: str) -> str:
+def nested_hint(root: Path, inner: str) -> str:
     """' (did you mean ROOT/inner?)' when ``root`` holds ``inner``, else ''."""
     candidates = [root / inner, *(root.glob(f"*/{inner}"))] if root.is_dir() else []
     for cand in candidates:
@@ -148,71 +144,7 @@ def _nested_hint(root: Path, inner: str) -> str:
 Pair = tuple[Path, Path]
 
 
-def _voc_layout(name: str, root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
-    problems: list[Problem] = []
-    pairs: dict[str, list[Pair]] = {}
-    entries: dict[str, int] = {}
-    nested = _spec(name).nested
-    hint = _nested_hint(root, nested) if nested else ""
-    for folder, what in (("JPEGImages", "the images"), ("SegmentationClassAug", "the SBD augmented masks")):
-        if not (root / folder).is_dir():
-            problems.append(_missing_dir(root / folder, what, rules.missing_fix + hint))
-    missing_dirs = {p.path for p in problems}
-    for split, list_name in _VOC_LISTS.items():
-        list_file = root / "ImageSets" / "Segmentation" / list_name
-        if not list_file.is_file():
-            what = ("the list of the 10582 training ids (SBD + VOC train, minus VOC val)" if split == "train"
-                    else "the list of the 1449 validation ids, part of VOC2012")
-            problems.append(Problem(ERROR, list_file, f"list file not found: {what}",
-                                    rules.missing_fix + hint, "missing-list"))
-            continue
-        mask_dir = next((root / d for d in _VOC_MASK_DIRS[split] if (root / d).is_dir()),
-                        root / _VOC_MASK_DIRS[split][0])
-        found, list_problems = _read_voc_list(list_file, root, mask_dir)
-        problems += list_problems
-        entries[split] = len(found)
-        pairs[split] = _existing_pairs(found, list_file, rules, problems, missing_dirs)
-    return problems, pairs, entries
-
-
-def _read_voc_list(list_file: Path, root: Path, mask_dir: Path) -> tuple[list[Pair], list[Problem]]:
-    """The (image, mask) paths of a VOC list (bare ids or MiB-style path pairs) and its line problems."""
-    problems: list[Problem] = []
-    found: list[Pair] = []
-    seen: dict[str, int] = {}
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], [Problem(ERROR, list_file, f"list file is unreadable ({exc.__class__.__name__})",
-                            "re-create it: one image id per line", "missing-list")]
-    for number, line in enumerate(lines, start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) == 1:
-            pair = (root / "JPEGImages" / f"{parts[0]}.jpg", mask_dir / f"{parts[0]}.png")
-        elif len(parts) == 2:
-            pair = (root / parts[0].lstrip("/"), root / parts[1].lstrip("/"))
-        else:
-            problems.append(Problem(ERROR, list_file, f"line {number} {line.strip()!r} is not an image id",
-                                    "one id per line (2007_000032) or '/JPEGImages/<id>.jpg "
-                                    "/SegmentationClassAug/<id>.png'", "bad-list-line"))
-            continue
-        key = " ".join(parts)
-        if key in seen:
-            problems.append(Problem(WARNING, list_file, f"line {number} repeats line {seen[key]} ({key!r})",
-                                    "remove the duplicate line (the image would be counted twice)",
-                                    "duplicate-entry"))
-            continue
-        seen[key] = number
-        found.append(pair)
-    if not found and not problems:
-        problems.append(Problem(ERROR, list_file, "list file names no image", "one image id per line",
-                                "empty-list"))
-    return found, problems
-
-
-def _existing_pairs(found: Sequence[Pair], source: Path, rules: _Rules, problems: list[Problem],
+def existing_pairs(found: Sequence[Pair], source: Path, rules: Rules, problems: list[Problem],
                     missing_dirs: set[Path]) -> list[Pair]:
     """Pairs whose two files exist; reports the others (once per missing folder, else per file)."""
     pairs: list[Pair] = []
@@ -226,7 +158,7 @@ def _existing_pairs(found: Sequence[Pair], source: Path, rules: _Rules, problems
                 continue
             if not path.parent.is_dir():
                 missing_dirs.add(path.parent)
-                problems.append(_missing_dir(path.parent, f"named by {source.name}", rules.missing_fix))
+                problems.append(missing_dir(path.parent, f"named by {source.name}", rules.missing_fix))
                 continue
             problems.append(Problem(ERROR, path, f"{role} file not found for the entry {image.stem!r} of "
                                     f"{source.name}", f"restore the file, or remove the entry from {source}"
@@ -236,31 +168,8 @@ def _existing_pairs(found: Sequence[Pair], source: Path, rules: _Rules, problems
     return pairs
 
 
-def _ade_layout(name: str, root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
-    problems: list[Problem] = []
-    pairs: dict[str, list[Pair]] = {}
-    entries: dict[str, int] = {}
-    hint = _nested_hint(root, "ADEChallengeData2016")
-    for split, folder in _ADE_FOLDERS.items():
-        image_dir, mask_dir = root / "images" / folder, root / "annotations" / folder
-        bad = False
-        for d, what in ((image_dir, f"{split} images"), (mask_dir, f"{split} annotations")):
-            if not d.is_dir():
-                problems.append(_missing_dir(d, what, rules.missing_fix + hint))
-                bad = True
-        if bad:
-            continue
-        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg"}
-        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-        entries[split] = len(images)
-        if not images:
-            problems.append(Problem(ERROR, image_dir, "no .jpg image in the folder", rules.missing_fix, "no-images"))
-        pairs[split] = _match(images, masks, image_dir, mask_dir, ".jpg", ".png", problems, rules)
-    return problems, pairs, entries
-
-
-def _match(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path, image_ext: str,
-           mask_ext: str, problems: list[Problem], rules: _Rules) -> list[Pair]:
+def match_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path, image_ext: str,
+           mask_ext: str, problems: list[Problem], rules: Rules) -> list[Pair]:
     """Pairs of same-key images and masks; images without a mask and masks without an image are errors."""
     for key in sorted(set(images) - set(masks)):
         problems.append(Problem(ERROR, mask_dir / f"{key}{mask_ext}", f"image {images[key].name} has no mask",
@@ -272,43 +181,7 @@ def _match(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mas
     return [(images[k], masks[k]) for k in sorted(set(images) & set(masks))]
 
 
-def _cityscapes_layout(name: str, root: Path, rules: _Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
-    problems: list[Problem] = []
-    pairs: dict[str, list[Pair]] = {}
-    entries: dict[str, int] = {}
-    for split in ("train", "val"):
-        image_dir, mask_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-        bad = False
-        for d, what in ((image_dir, f"{split} images, leftImg8bit_trainvaltest.zip"),
-                        (mask_dir, f"{split} masks, gtFine_trainvaltest.zip")):
-            if not d.is_dir():
-                problems.append(_missing_dir(d, what, rules.missing_fix))
-                bad = True
-        if bad:
-            continue
-        images = {str(p.relative_to(image_dir))[: -len(_CS_IMAGE_SUFFIX)]: p
-                  for p in image_dir.glob(f"*/*{_CS_IMAGE_SUFFIX}")}
-        masks = {str(p.relative_to(mask_dir))[: -len(_CS_MASK_SUFFIX)]: p
-                 for p in mask_dir.glob(f"*/*{_CS_MASK_SUFFIX}")}
-        entries[split] = len(images)
-        if not images:
-            problems.append(Problem(ERROR, image_dir, f"no <city>/*{_CS_IMAGE_SUFFIX} image in the folder",
-                                    rules.missing_fix, "no-images"))
-        elif not masks:
-            problems.append(Problem(ERROR, mask_dir, f"no <city>/*{_CS_MASK_SUFFIX} mask in the folder",
-                                    rules.missing_fix, "no-masks"))
-            continue
-        pairs[split] = _match(images, masks, image_dir, mask_dir, _CS_IMAGE_SUFFIX, _CS_MASK_SUFFIX, problems, rules)
-    return problems, pairs, entries
-
-
 # --------------------------------------------------------------------------------- contents
-#: The folder layouts a dataset's ``check_rules.layout`` may name: name -> walker listing its pairs.
-_LAYOUTS = {"voc": lambda name, root, rules: _voc_layout(name, root, rules),
-            "ade": lambda name, root, rules: _ade_layout(name, root, rules),
-            "cityscapes": lambda name, root, rules: _cityscapes_layout(name, root, rules)}
-
-
 def _check_image(path: Path) -> tuple[Optional[tuple[int, int]], Optional[str]]:
     """(size, None) for a readable image, (None, reason) otherwise."""
     try:
@@ -324,7 +197,7 @@ def _check_image(path: Path) -> tuple[Optional[tuple[int, int]], Optional[str]]:
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
 
 
-def _check_pair(pair: Pair, rules: _Rules) -> list[Problem]:
+def _check_pair(pair: Pair, rules: Rules) -> list[Problem]:
     image, mask = pair
     problems: list[Problem] = []
     size, reason = _check_image(image)
@@ -364,7 +237,7 @@ def _sample(pairs: list[Pair], limit: Optional[int]) -> list[Pair]:
     return [pairs[i] for i in idx]
 
 
-def _scan(name: str, split: str, pairs: list[Pair], rules: _Rules, progress: bool, workers: int) -> list[Problem]:
+def _scan(name: str, split: str, pairs: list[Pair], rules: Rules, progress: bool, workers: int) -> list[Problem]:
     problems: list[Problem] = []
     with tqdm(total=len(pairs), desc=f"checking {name}/{split}", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
@@ -399,7 +272,7 @@ def check(name: str, root: PathLike, limit: Optional[int] = None, progress: bool
     if root_problem is not None:
         result.problems.append(root_problem)
         return result
-    problems, pairs, entries = _LAYOUTS[spec.layout](name, root, rules)
+    problems, pairs, entries = spec.layout(root, rules)
     result.problems += problems
     for split in ("train", "val"):
         if split not in pairs:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .base import CheckRules, PathLike, SegmentationDataset, check_split, register_dataset, require_dir
 from .meta import CITYSCAPES_META
+from .check import ERROR, Pair, Problem, Rules, match_pairs, missing_dir
 
 __all__ = ["CityscapesSegmentation", "CITYSCAPES_LAYOUT", "LABEL_TO_TRAIN_ID", "label_id_lut"]
 
@@ -81,12 +82,48 @@ def label_id_lut() -> np.ndarray:
 _LUT = label_id_lut()
 
 
+# ------------------------------------------------------------------ `ucdseg data check`
+IMAGE_SUFFIX = "_leftImg8bit.png"
+MASK_SUFFIX = "_gtFine_labelIds.png"
+
+
+def check_layout(root: Path, rules: Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
+    """``ucdseg data check``'s walk of the Cityscapes layout: image/label-id pairs, and what is missing."""
+    problems: list[Problem] = []
+    pairs: dict[str, list[Pair]] = {}
+    entries: dict[str, int] = {}
+    for split in ("train", "val"):
+        image_dir, mask_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        bad = False
+        for d, what in ((image_dir, f"{split} images, leftImg8bit_trainvaltest.zip"),
+                        (mask_dir, f"{split} masks, gtFine_trainvaltest.zip")):
+            if not d.is_dir():
+                problems.append(missing_dir(d, what, rules.missing_fix))
+                bad = True
+        if bad:
+            continue
+        images = {str(p.relative_to(image_dir))[: -len(IMAGE_SUFFIX)]: p
+                  for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}")}
+        masks = {str(p.relative_to(mask_dir))[: -len(MASK_SUFFIX)]: p
+                 for p in mask_dir.glob(f"*/*{MASK_SUFFIX}")}
+        entries[split] = len(images)
+        if not images:
+            problems.append(Problem(ERROR, image_dir, f"no <city>/*{IMAGE_SUFFIX} image in the folder",
+                                    rules.missing_fix, "no-images"))
+        elif not masks:
+            problems.append(Problem(ERROR, mask_dir, f"no <city>/*{MASK_SUFFIX} mask in the folder",
+                                    rules.missing_fix, "no-masks"))
+            continue
+        pairs[split] = match_pairs(images, masks, image_dir, mask_dir, IMAGE_SUFFIX, MASK_SUFFIX, problems, rules)
+    return problems, pairs, entries
+
+
 @register_dataset("cityscapes")
 class CityscapesSegmentation(SegmentationDataset):
     """Cityscapes, 20 classes (0 = void as background, 1..19 = the train-id classes)."""
 
     check_rules = CheckRules(
-        layout="cityscapes", official={"train": 2975, "val": 500},
+        layout=check_layout, official={"train": 2975, "val": 500},
         allowed=frozenset(LABEL_TO_TRAIN_ID), values_text="the official Cityscapes label ids 0..33",
         missing_fix="download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from cityscapes-dataset.com "
                     "and unzip both into {root}; see docs/datasets.md",
@@ -105,8 +142,8 @@ class CityscapesSegmentation(SegmentationDataset):
         require_dir(root, "cityscapes", CITYSCAPES_LAYOUT)
         image_dir = require_dir(root / "leftImg8bit" / split, "cityscapes", CITYSCAPES_LAYOUT)
         mask_dir = require_dir(root / "gtFine" / split, "cityscapes", CITYSCAPES_LAYOUT)
-        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
-        masks = [mask_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        masks = [mask_dir / p.parent.name / p.name.replace(IMAGE_SUFFIX, MASK_SUFFIX)
                  for p in images]
         missing = [m for m in masks if not m.is_file()]
         if missing:

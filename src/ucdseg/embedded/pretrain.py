@@ -18,7 +18,6 @@ given machine and torch version (seeded numpy and torch generators).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path

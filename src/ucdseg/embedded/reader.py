@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 from ..data.base import CheckRules, PathLike, register_dataset
 from ..data.meta import EMBEDDED_META
-from ..data.voc import _VOCLayout
+from ..data.voc import _VOCLayout, check_layout
 
 
 @register_dataset("embedded")
@@ -12,7 +14,7 @@ class EmbeddedSegmentation(_VOCLayout):
     """The embedded Fashion-MNIST benchmark written by :func:`ucdseg.embedded.prepare_embedded`."""
 
     check_rules = CheckRules(
-        layout="voc",
+        layout=functools.partial(check_layout, nested=None),
         missing_fix="delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`",
         values_fix="delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`",
         mode_fix="delete {root} and regenerate it with `ucdseg prepare-embedded --root {root}`")

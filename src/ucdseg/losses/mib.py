@@ -10,7 +10,6 @@ float32. ``reduction``: ``"mean"``, ``"sum"`` or ``"none"`` (per-pixel map ``(B,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .distillation import (
     check_labels,

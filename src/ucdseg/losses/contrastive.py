@@ -155,8 +155,8 @@ def prepare_contrastive_inputs(
 
     1. ``labels`` are resized to the feature map by reading each cell's centre
        (:func:`resize_labels_nearest`); ``p = softmax(old_logits)``.
-       "GT pixels" are those whose label is neither 0 nor 255 (current-step ground truth, or
-       pseudo-labels under PLOP); they keep their label. Pixels labelled 0 take ``argmax p``.
+       "GT pixels" are those whose label is neither 0 nor 255 (the current step's ground truth:
+       under PLOP too, UCD reads the step's labels, not the pseudo-labels); they keep their label. Pixels labelled 0 take ``argmax p``.
        Pixels still labelled 0 and pixels labelled 255 are dropped.
     2. Anchors: L2-normalised ``features`` at every kept pixel of the batch (computed in float32,
        float64 for float64 inputs). Contrast set: the detached anchors followed by the

@@ -109,3 +109,14 @@ def test_saved_configs_of_older_versions_move_method_options_into_method_options
                          pod_last_factor=0.0005)
     cfg = from_dict(old)
     assert cfg.method.options == {"temperature": 0.2, "pod_factor": 0.001}  # defaults are dropped
+
+
+def test_a_bad_value_from_a_file_names_the_file_and_one_from_an_override_does_not(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: -1.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"config file {path}: config key 'train.lr' is -1.0")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.lr=-2.0"])
+    assert str(info.value).startswith("config key 'train.lr' is -2.0")

@@ -9,6 +9,7 @@ with a one-line :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -374,7 +375,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid override: {_first_line(exc)}") from None
     cfg: RunConfig = OmegaConf.to_object(_merge(*layers))  # type: ignore[assignment]
-    _validate(cfg)
+    try:
+        _validate(cfg)
+    except ConfigError as exc:  # a bad value that came from the file: name the file too
+        key = re.match(r"config key '([^']+)'", str(exc))
+        given = {item.split("=", 1)[0] for item in overrides}
+        if path is not None and key and key.group(1) not in given:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        raise
     return cfg
 
 

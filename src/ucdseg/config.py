@@ -92,12 +92,11 @@ class MethodConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
-#: Keys of configs written before the methods owned their options (issue 13), and where they went.
-LEGACY_METHOD_KEYS = {"ucd_temperature": "temperature", "ucd_formulation": "formulation", "ucd_gather": "gather",
-                      "pod_factor": "pod_factor", "pod_last_factor": "pod_last_factor"}
-#: Their defaults: a saved config holding a default value means "not set".
-_LEGACY_DEFAULTS = {"ucd_temperature": 0.07, "ucd_formulation": "reference", "ucd_gather": False,
-                    "pod_factor": 0.01, "pod_last_factor": 0.0005}
+#: Keys of configs written before the methods owned their options (issue 13): where each went, and
+#: its old default (a saved config holding the default value means "not set").
+LEGACY_METHOD_KEYS = {"ucd_temperature": ("temperature", 0.07), "ucd_formulation": ("formulation", "reference"),
+                      "ucd_gather": ("gather", False), "pod_factor": ("pod_factor", 0.01),
+                      "pod_last_factor": ("pod_last_factor", 0.0005)}
 
 
 def migrate(data: dict) -> dict:
@@ -108,10 +107,10 @@ def migrate(data: dict) -> dict:
         return data
     method = dict(method)
     options = dict(method.get("options") or {})
-    for old, new in LEGACY_METHOD_KEYS.items():
+    for old, (new, default) in LEGACY_METHOD_KEYS.items():
         if old in method:
             value = method.pop(old)
-            if value != _LEGACY_DEFAULTS[old]:
+            if value != default:
                 options[new] = value
     method["options"] = options
     return {**data, "method": method}
@@ -369,7 +368,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for item in overrides:
         key = item.split("=", 1)[0]
         if key.startswith("method.") and key[len("method."):] in LEGACY_METHOD_KEYS:
-            raise ConfigError(f"config key {key!r} is now 'method.options.{LEGACY_METHOD_KEYS[key[7:]]}'")
+            raise ConfigError(f"config key {key!r} is now 'method.options.{LEGACY_METHOD_KEYS[key[7:]][0]}'")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:

@@ -328,8 +328,8 @@ class Run:
                     continue
                 if step == 0 and self.cfg.train.step0_from:
                     self.reuse_step0(Path(self.cfg.train.step0_from))
-                elif self._recoverable(step):
-                    self.recover_step(step)
+                elif (state := self._recoverable(step)) is not None:
+                    self.recover_step(step, state)
                 else:
                     self.train_step(step)
             if self.dist.is_main:
@@ -342,29 +342,30 @@ class Run:
                 self.writer.close()
             self.folder.release()
 
-    def _recoverable(self, step: int) -> bool:
+    def _recoverable(self, step: int) -> dict | None:
         """A finished step's checkpoint without its record (``results.json`` deleted or damaged):
-        kept when it was written by this run's config, not trained again."""
+        its state when it was written by this run's config (kept, not trained again), else None."""
         path = self.folder.final(step)
         if not path.is_file() or self.folder.partial(step).exists():
-            return False
+            return None
         try:
-            state = io.load_checkpoint(path)
+            state = io.load_checkpoint(path, map_location=self.device)
         except io.FileError as exc:
-            print(f"ucdseg: warning: {exc}; step {step} is trained again", file=sys.stderr, flush=True)
-            return False
-        same = state.get("step") == step and not config_differences(state.get("config", {}), to_dict(self.cfg))
-        if not same:
-            print(f"ucdseg: warning: {path} was not written by this run's config; step {step} is trained again",
-                  file=sys.stderr, flush=True)
-        return same
+            problem = f"{exc}; step {step} is trained again"
+        else:
+            if state.get("step") == step and not config_differences(state.get("config", {}), to_dict(self.cfg)):
+                return state
+            problem = f"{path} was not written by this run's config; step {step} is trained again"
+        if self.dist.is_main:
+            print(f"ucdseg: warning: {problem}", file=sys.stderr, flush=True)
+        return None
 
-    def recover_step(self, step: int) -> dict:
-        """The record of a finished step rebuilt from its checkpoint (evaluated again; the training
-        time is unknown: ``train_seconds`` is null and ``recovered`` true)."""
+    def recover_step(self, step: int, state: dict) -> dict:
+        """The record of a finished step rebuilt from its checkpoint's ``state`` (evaluated again;
+        the training time is unknown: ``train_seconds`` is null and ``recovered`` true)."""
         cfg, dist = self.cfg, self.dist
         model = build.step_model(cfg, self.train_task.classes_per_step[: step + 1], self.device)
-        model.load_state_dict(io.load_checkpoint(self.folder.final(step), self.device)["model"])
+        model.load_state_dict(state["model"])
         train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress)
         record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
                                self.progress)

@@ -3,7 +3,7 @@
 # benchmark (v2), overlapped, then the reports.
 #
 #   scripts/study.sh                      # the study; reports into docs/results/ (timing: docs/results/README.md)
-#   WEIGHTS="0.1 1" scripts/study.sh      # and the UCD-weight sweep (about 17 min more)
+#   WEIGHTS="0.1 1" scripts/study.sh      # and the UCD-weight sweep (about 20 min more)
 #
 # Tasks: 4-3-3 (the demo's task, steps of 3 classes) and 6-1 (single-class steps). Both use the
 # demo's settings (src/ucdseg/configs/demo.yaml: the embedded ResNet-10 DeepLab-v3 with the embedded

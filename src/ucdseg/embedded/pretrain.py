@@ -2,7 +2,7 @@
 
 Every method of the papers starts from an ImageNet-pretrained backbone, and
 segmentation networks trained from scratch learn slowly: on the embedded benchmark pre-training
-lifts step 0 of ``4-3-3`` from 36 % to 48 % mIoU at the same cost (docs/embedded.md). ImageNet weights
+lifts step 0 of ``4-3-3`` from 36 % to 48 % mIoU at the same cost (docs/embedded.md, "Why version 2"). ImageNet weights
 cannot be used there (nothing is downloaded, and 64 px scenes are far from ImageNet's photos),
 so :func:`pretrain_embedded_backbone` makes the analogue the same way ImageNet weights are made:
 the backbone's *classification* network (:func:`classification_network`) learns to name
@@ -39,7 +39,7 @@ EMBEDDED_PRETRAINED = "embedded"  # the value of model.pretrained that asks for 
 PRETRAIN_VERSION = 2  # bump when the recipe below changes (it names the cached file)
 IMAGE_SIZE = 32
 OBJECT_SCALE = (0.8, 1.1)  # object side / 28 px
-# 1200 batches: step 0 of 6-1 reaches 62.0 % (600: 58.2 %, 1800: 63.7 %) for about a minute more
+# 1200 batches: step 0 of 6-1 reaches 61.9 % (600: 58.1 %, 1800: 63.7 %) for about a minute more
 # of the demo's cold start, made once (docs/embedded.md, Pre-training)
 ITERATIONS = 1200
 

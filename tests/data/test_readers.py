@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ucdseg.data import StepDataset, build_dataset, colorize, dataset_names
+from ucdseg.config import DataConfig
+from ucdseg.data import StepDataset, build_dataset, colorize, dataset_names, open_dataset_split
 from ucdseg.data.meta import ADE_META, CITYSCAPES_META, EMBEDDED_META, METAS, VOC_META, VOID_COLOR
 
 
@@ -247,17 +248,6 @@ def test_ade_reader_and_background_option(tmp_path):
     assert ADE_META.ignore_background_in_eval is True  # the shared default is not modified
 
 
-@pytest.mark.parametrize("missing", ["", "images/training", "annotations/training"])
-def test_ade_missing_folders(tmp_path, missing):
-    import shutil
-    root = ade_tree(tmp_path / "ADEChallengeData2016")
-    target = root / missing if missing else root
-    shutil.rmtree(target)
-    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016") as err:
-        build_dataset("ade", root, "train")
-    assert str(target) in str(err.value)
-
-
 def test_ade_image_without_annotation(tmp_path):
     root = ade_tree(tmp_path / "ADEChallengeData2016")
     (root / "annotations" / "training" / "ADE_train_00000002.png").unlink()
@@ -305,15 +295,31 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
     assert ds.meta.class_names[19] == "bicycle" and ds.meta.palette[19] == (119, 11, 32)
 
 
-@pytest.mark.parametrize("missing", ["", "leftImg8bit/train", "gtFine/train"])
-def test_cityscapes_missing_folders(tmp_path, missing):
+@pytest.mark.parametrize("dataset, make_tree, layout, missing", [
+    *[("ade", ade_tree, "ADEChallengeData2016", m) for m in ("", "images/training", "annotations/training")],
+    *[("cityscapes", cityscapes_tree, "leftImg8bit.*gtFine", m) for m in ("", "leftImg8bit/train", "gtFine/train")],
+])
+def test_missing_folders_name_the_folder_and_the_layout(tmp_path, dataset, make_tree, layout, missing):
     import shutil
-    root = cityscapes_tree(tmp_path / "cityscapes")
+    root = make_tree(tmp_path / dataset)
     target = root / missing if missing else root
     shutil.rmtree(target)
-    with pytest.raises(FileNotFoundError, match="leftImg8bit.*gtFine") as err:
-        build_dataset("cityscapes", root, "train")
+    with pytest.raises(FileNotFoundError, match=layout) as err:
+        build_dataset(dataset, root, "train")
     assert str(target) in str(err.value)
+
+
+@pytest.mark.parametrize("dataset, make_tree, split", [("ade", ade_tree, "train"), ("cityscapes", cityscapes_tree, "val")])
+def test_score_background_reaches_the_reader_from_the_config(tmp_path, dataset, make_tree, split):
+    root = make_tree(tmp_path / dataset)
+    for score in (False, True):
+        data = DataConfig(dataset=dataset, root=str(root), score_background=score)
+        assert open_dataset_split(data, split, prepare=False).meta.ignore_background_in_eval is (not score)
+
+
+def test_a_reader_without_config_keys_gets_no_option(tmp_path):
+    data = DataConfig(dataset="voc", root=str(voc_tree(tmp_path / "VOC2012")), score_background=True)
+    assert open_dataset_split(data, "train", prepare=False).meta.ignore_background_in_eval is False  # VOC scores it
 
 
 def test_cityscapes_image_without_mask(tmp_path):

@@ -64,10 +64,7 @@ class ADE20KSegmentation(SegmentationDataset):
                    "is a different dataset; see docs/datasets.md",
         mode_fix="annotations must be the grayscale PNGs of ADEChallengeData2016/annotations")
 
-    @staticmethod
-    def config_options(data) -> dict:
-        """Reader options from the config: ``data.score_background``."""
-        return {"score_background": data.score_background}
+    config_keys = ("score_background",)  # data.score_background -> the keyword option of that name
 
     def __init__(self, root: PathLike, split: str, score_background: bool = False):
         check_split("ade", split)

@@ -120,11 +120,11 @@ def build_dataset(name: str, root: PathLike, split: str, **options) -> "Segmenta
 def open_dataset_split(data, split: str, prepare: bool = True, progress: bool = True) -> "SegmentationDataset":
     """The reader of ``data.dataset`` (a :class:`~ucdseg.config.DataConfig`) for ``split``.
 
-    A reader may declare three class-level hooks, so no caller needs to know which dataset it is:
+    A reader may declare, at class level, so no caller needs to know which dataset it is:
     ``default_root()`` (the folder used when ``data.root`` is unset), ``prepare(root, data,
     progress)`` (make the data on first use, e.g. generate the embedded benchmark) and
-    ``config_options(data)`` (its keyword options taken from the config, e.g. ADE20K's
-    ``score_background``).
+    ``config_keys`` (the ``data.*`` keys passed to it as keyword options of the same name, e.g.
+    ADE20K's ``score_background``).
     """
     if data.dataset not in _REGISTRY:
         raise ValueError(f"config key 'data.dataset' is {data.dataset!r}: expected one of {', '.join(sorted(_REGISTRY))}")
@@ -136,7 +136,7 @@ def open_dataset_split(data, split: str, prepare: bool = True, progress: bool = 
         root = str(cls.default_root())
     if prepare and hasattr(cls, "prepare"):
         cls.prepare(root, data, progress)
-    options = cls.config_options(data) if hasattr(cls, "config_options") else {}
+    options = {key: getattr(data, key) for key in getattr(cls, "config_keys", ())}
     return build_dataset(data.dataset, root, split, **options)
 
 

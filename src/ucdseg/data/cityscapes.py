@@ -131,10 +131,7 @@ class CityscapesSegmentation(SegmentationDataset):
                    "255) and *_color.png are not read by ucdseg",
         mode_fix="use *_gtFine_labelIds.png (grayscale label ids), not *_gtFine_color.png")
 
-    @staticmethod
-    def config_options(data) -> dict:
-        """Reader options from the config: ``data.score_background``."""
-        return {"score_background": data.score_background}
+    config_keys = ("score_background",)  # data.score_background -> the keyword option of that name
 
     def __init__(self, root: PathLike, split: str, score_background: bool = False):
         check_split("cityscapes", split)

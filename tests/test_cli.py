@@ -102,16 +102,6 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def pct(value) -> str:
     """A fraction as the CLI prints it: a percentage with one decimal, ``-`` when undefined."""
     return "-" if value is None else f"{100 * value:.1f}"
@@ -193,19 +183,19 @@ def config_file(base) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(base, bench, config_file) -> tuple[Path, Result]:
+def tiny_run(base, bench, config_file, tiny_engine) -> tuple[Path, Result]:
     """``ucdseg run tiny.yaml ...``: the run directory and what the command printed."""
-    with one_thread():
+    with tiny_engine():
         result = ucdseg("--quiet", "run", config_file, f"output_dir={base / 'runs'}", *data_overrides(bench[0], base))
     assert result.code == 0, result.err
     return base / "runs" / "tiny", result
 
 
 @pytest.fixture(scope="module")
-def demo(base, bench) -> tuple[Path, Result]:
+def demo(base, bench, tiny_engine) -> tuple[Path, Result]:
     """``ucdseg demo --methods ft,mib --seed 1`` with the tiny overrides."""
     out = base / "demo"
-    with one_thread():
+    with tiny_engine():
         result = ucdseg("--quiet", "demo", "--methods", "ft,mib", "--output-dir", out, "--seed", "1",
                         *data_overrides(bench[0], base))
     assert result.code == 0, result.err
@@ -348,18 +338,18 @@ def test_run_prints_the_summary_and_writes_its_files(tiny_run, bench, config_fil
     assert state["step"] == 1 and state["classes_per_step"] == [len(s) for s in TASK_STEPS]
 
 
-def test_run_again_continues_without_retraining(tiny_run, bench, base, config_file):
+def test_run_again_continues_without_retraining(tiny_run, bench, base, config_file, tiny_engine):
     run_dir, first = tiny_run
     stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
-    with one_thread():
+    with tiny_engine():
         again = ucdseg("--quiet", "run", config_file, f"output_dir={base / 'runs'}", *data_overrides(bench[0], base))
     assert again.code == 0 and again.out == first.out
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == stamps
 
 
-def test_eval_reproduces_the_runs_last_step(tiny_run):
+def test_eval_reproduces_the_runs_last_step(tiny_run, tiny_engine):
     run_dir, _ = tiny_run
-    with one_thread():
+    with tiny_engine():
         result = ucdseg("--quiet", "eval", run_dir / "checkpoints" / "step1.pt")
     assert result.code == 0, result.err
     last = json.loads((run_dir / "results.json").read_text())["steps"][-1]
@@ -376,7 +366,7 @@ def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------ predict
-def test_predict_segments_files_and_folders(tiny_run, bench, tmp_path):
+def test_predict_segments_files_and_folders(tiny_run, bench, tmp_path, tiny_engine):
     run_dir, _ = tiny_run
     root, _ = bench
     folder = tmp_path / "photos"
@@ -389,7 +379,7 @@ def test_predict_segments_files_and_folders(tiny_run, bench, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(odd)
     out = tmp_path / "out"
-    with one_thread():
+    with tiny_engine():
         result = ucdseg("--quiet", "predict", run_dir / "checkpoints" / "step1.pt", folder, odd, "--output", out,
                         "--batch-size", "2", "--device", "cpu")
     assert result.code == 0, result.err
@@ -416,7 +406,7 @@ def test_predict_segments_files_and_folders(tiny_run, bench, tmp_path):
         assert sum(int(r["pixels"]) for r in mine) == width * height
 
     bare = tmp_path / "bare"
-    with one_thread():
+    with tiny_engine():
         result = ucdseg("--quiet", "predict", run_dir / "checkpoints" / "step1.pt", odd, "--output", bare,
                         "--no-overlays", "--device", "cpu")
     assert result.code == 0 and "overlays" not in result.out
@@ -452,10 +442,10 @@ def test_demo_compares_two_methods(demo):
     assert {k: v for k, v in rows[0].items() if k != "method"} == {k: v for k, v in rows[2].items() if k != "method"}
 
 
-def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, config_file, tmp_path):
+def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, config_file, tmp_path, tiny_engine):
     run_dir, _ = tiny_run  # mib, seed 0
     demo_dir, _ = demo  # ft and mib, seed 1, with the demo's config (another learning rate, output stride...)
-    with one_thread():  # the tiny run's config with seed 1: pooled with seed 0 (issue 16: only seeds pool)
+    with tiny_engine():  # the tiny run's config with seed 1: pooled with seed 0 (issue 16: only seeds pool)
         again = ucdseg("--quiet", "run", config_file, f"output_dir={tmp_path / 'runs'}", "name=tiny-seed1", "seed=1",
                        *data_overrides(bench[0], base))
     assert again.code == 0, again.err

@@ -19,13 +19,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ucdseg
 from ucdseg import plugins
 from ucdseg.cli import main
 from ucdseg.data import base as data_base
 from ucdseg.data import dataset_meta, dataset_names
-from ucdseg.methods import LossContext, get_method
+from ucdseg.methods import LossContext, Method, get_method
 from ucdseg.methods import registry as methods_base
 from ucdseg.tasks import get_task
 
@@ -91,9 +92,24 @@ def test_cosine_term_of_the_example(tmp_path, monkeypatch, clean_registries):
             for x in range(5):
                 u, v = new[b, :, y, x].numpy(), old[b, :, y, x].numpy()
                 expected.append(1 - u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
-    assert method.terms["cos"][0](ctx).item() == pytest.approx(np.mean(expected), rel=1e-5)
+    assert method.terms["cos"].fn(ctx).item() == pytest.approx(np.mean(expected), rel=1e-5)
     same = LossContext(step=1, out=out, old=out, labels=None, num_old=3, num_new=1)
-    assert method.terms["cos"][0](same).item() == pytest.approx(0.0, abs=1e-6)
+    assert method.terms["cos"].fn(same).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_example_is_mib_plus_its_term(tmp_path, monkeypatch, clean_registries):
+    """It derives from MiB: MiB's terms (same functions, so the same normalisation over void),
+    MiB's step 0 (shared with MiB's runs) and base, so reports pair it with MiB."""
+    monkeypatch.syspath_prepend(str(package_dir(tmp_path)))
+    plugins.import_modules(["ucdseg_cosine"])
+    method, mib = get_method("mib+cos"), get_method("mib")
+    assert method.base == "mib" and method.classifier_init == "mib"
+    assert {k: t.fn for k, t in method.terms.items() if k != "cos"} == {k: t.fn for k, t in mib.terms.items()}
+    assert method.first_step == mib.first_step == "ce"
+    # a step 0 that averages over labelled pixels only (ignore_index, mean) is not MiB's: not shared
+    other = Method("mib+cos-other", "CE over labelled pixels at step 0", method.terms,
+                   {"ce": (lambda c: F.cross_entropy(c.out.logits, c.labels, ignore_index=255), 1.0)})
+    assert other.first_step != mib.first_step
 
 
 def test_entry_points_register_methods_and_datasets(tmp_path, monkeypatch, capsys, clean_registries):

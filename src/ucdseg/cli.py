@@ -118,7 +118,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for method in list_methods():
         weights = ", ".join(f"{k}={v:g}" for k, v in method.default_weights.items())
         print(f"{method.name:10s} {method.description}  [{weights}]")
-        for name, option in method.options.items():  # method.options.<name>
+        for name, option in method.all_options.items():  # method.options.<name>
             print(f"{'':10s}   option {name}={option.default}: {option.help}")
     return 0
 

@@ -23,6 +23,15 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MemoryConfig:
+    """Exemplar memory (docs/methods.md "Exemplar memory"): ``size`` images of the previous steps
+    replayed at every step ``t >= 1`` (0: none; unset: the method's default, 100 for ssul-m and dkd-m,
+    0 for every other method; the releases use 100 on VOC and 300 on ADE20K)."""
+
+    size: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     dataset: str = "embedded"  # voc | ade | cityscapes | embedded
     root: Optional[str] = None  # None: the embedded benchmark's default location
@@ -34,6 +43,7 @@ class DataConfig:
     score_background: bool = False  # ADE20K/Cityscapes: score class 0 at evaluation
     workers: int = 0  # DataLoader worker processes
     cache_dir: Optional[str] = None  # image-index cache; None: $UCDSEG_CACHE or ~/.cache/ucdseg
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     # embedded benchmark generation (used only when dataset == "embedded")
     embedded_train: int = 2000
     embedded_val: int = 400
@@ -220,6 +230,7 @@ _RANGES: Dict[str, _Range] = {
     "data.scale_min": _Range(0, low_open=True),
     "data.scale_max": _Range(0, low_open=True),
     "data.workers": _Range(0),
+    "data.memory.size": _Range(0),
     "data.embedded_train": _Range(1),
     "data.embedded_val": _Range(1),
     "data.embedded_size": _Range(1),

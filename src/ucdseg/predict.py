@@ -109,9 +109,11 @@ def checkpoint_classes(state: dict, path: str | Path) -> CheckpointClasses:
     return CheckpointClasses(ids=flat[: sum(per_step)], class_names=names, palette=palette)
 
 
-def load_predictor(path: str | Path, device: str | torch.device = "cpu"):
-    """``(model in eval mode on device, CheckpointClasses)`` of a step checkpoint."""
+def load_predictor(path: str | Path, device: str | torch.device = "cpu", with_rule: bool = False):
+    """``(model in eval mode on device, CheckpointClasses)`` of a step checkpoint; ``with_rule``:
+    and the inference rule of its method (logits -> model-space ids)."""
     from .io import load_checkpoint
+    from .methods import get_method
     from .models import build_model
 
     path = Path(path)
@@ -122,8 +124,9 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu"):
                          "`ucdseg run`") from None
     classes = checkpoint_classes(state, path)
     cfg = _state_config(state, path)
+    method = get_method(cfg.method.name)
     model = build_model(cfg.model.backbone, [int(n) for n in state["classes_per_step"]],
-                        output_stride=cfg.model.output_stride)
+                        output_stride=cfg.model.output_stride, spec=method.model)
     weights = dict(state["model"])
     if weights and all(k.startswith("module.") for k in weights):
         weights = {k[len("module."):]: v for k, v in weights.items()}
@@ -133,6 +136,8 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu"):
         first = " ".join(str(exc).split())[:300]
         raise ValueError(f"checkpoint {path}: its weights do not fit a {cfg.model.backbone} model with "
                          f"classes_per_step {state['classes_per_step']}: {first}") from None
+    if with_rule:
+        return model.to(device).eval(), classes, method.predict
     return model.to(device).eval(), classes
 
 
@@ -289,7 +294,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], output: str | 
     paths = find_images(inputs)
     sizes = [_check_image(p) for p in paths]  # every input is checked before the model runs
     dev = _device(device)
-    model, classes = load_predictor(checkpoint, dev)
+    model, classes, rule = load_predictor(checkpoint, dev, with_rule=True)
     lut = torch.tensor(classes.ids, dtype=torch.uint8)
     out = Path(output)
     input_sizes = [_model_size(s, size) for s in sizes]
@@ -305,7 +310,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], output: str | 
                 scores = logits[j: j + 1]
                 if scores.shape[-2:] != (height, width):
                     scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
-                mask = lut[scores.argmax(1)[0].cpu()].numpy()
+                mask = lut[rule(scores)[0].cpu()].numpy()
                 name = paths[i].stem
                 _save_png(palette_png(mask, classes.palette), out / "masks" / f"{name}.png")
                 if overlays:

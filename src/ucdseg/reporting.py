@@ -154,9 +154,10 @@ def comparison_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
 
 @torch.no_grad()
 def write_predictions(model, val_set, seen: Sequence[int], palette, device, path: Path, num_images: int = 4,
-                      class_names: Sequence[str] | None = None) -> None:
+                      class_names: Sequence[str] | None = None, predict=None) -> None:
     """A picture of the first ``num_images`` validation images: image | ground truth | prediction,
-    with a legend naming every class that appears in it (``class_names``: dataset space)."""
+    with a legend naming every class that appears in it (``class_names``: dataset space).
+    ``predict``: the method's inference rule, logits -> model-space ids (default: argmax)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +178,8 @@ def write_predictions(model, val_set, seen: Sequence[int], palette, device, path
     for row in range(n):
         image, target = val_set[row]
         with torch.no_grad():
-            pred = model(image[None].to(device)).logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            logits = model(image[None].to(device)).logits
+            pred = (logits.argmax(1) if predict is None else predict(logits))[0].cpu().numpy().astype(np.uint8)
         masks = to_dataset[target.numpy().astype(np.uint8)], to_dataset[pred]
         shown_ids.update(int(c) for m in masks for c in np.unique(m))
         shown = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()

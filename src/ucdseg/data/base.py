@@ -309,6 +309,36 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Stored pixel values -> dataset class ids (identity unless a dataset overrides it)."""
         return raw
 
+    #: Where a dataset keeps its per-image saliency maps, for messages (None: it has none).
+    saliency_layout: Optional[str] = None
+
+    def saliency_path(self, i: int) -> Optional[Path]:
+        """The saliency map of image ``i`` (a grayscale PNG of the image's size, > 0 = salient), or
+        None when the dataset has no saliency maps (the default)."""
+        return None
+
+    def load_saliency(self, i: int) -> np.ndarray:
+        """Saliency map ``i`` as a uint8 (H, W) array; a missing or unreadable map, or one of
+        another size than its image, is a one-line error naming the file."""
+        path = self.saliency_path(i)
+        if path is None:
+            raise ValueError(f"{self.name}: no saliency maps (a method with the unknown class from saliency "
+                             f"needs them); expected {self.saliency_layout or 'none: this dataset has no saliency'}")
+        if not path.is_file():
+            raise FileNotFoundError(f"saliency map not found: {path}; expected {self.saliency_layout}")
+        try:
+            with Image.open(path) as im:
+                saliency = np.array(im.convert("L") if im.mode not in ("L", "P", "1") else im, dtype=np.uint8)
+        except _PIL_ERRORS as exc:
+            raise _unreadable("saliency map", path, exc) from None
+        mask_path = self.mask_path(i)
+        with Image.open(mask_path) as m:
+            size = m.size
+        if saliency.shape[::-1] != tuple(size):
+            raise DataFileError(f"saliency map {path} is {saliency.shape[1]}x{saliency.shape[0]} but its mask "
+                                f"{mask_path} is {size[0]}x{size[1]}; expected a map of the image's size")
+        return saliency
+
     def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
         image, mask = self.load_image(i), self.load_mask(i)
         check_sizes(image, mask, self.image_path(i), self.mask_path(i))
@@ -335,7 +365,8 @@ class StepDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, base: SegmentationDataset, indices: Sequence[int], lut: np.ndarray,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, label_transform: Optional[Callable] = None,
+                 needs: Sequence[str] = ()):
         lut = np.asarray(lut)
         if lut.shape != (256,):
             raise ValueError(f"lut must have shape (256,) (one entry per uint8 id), got {lut.shape}")
@@ -350,6 +381,13 @@ class StepDataset(torch.utils.data.Dataset):
         if bad:
             raise IndexError(f"indices {bad[:5]} out of range for {base.name}/{base.split} with {n} images")
         self.lut = lut
+        # a method's label rule on the mapped labels (before the geometry: it is per pixel, and masks are
+        # resampled with nearest neighbour), with the per-image inputs it needs ("saliency")
+        self.label_transform = label_transform
+        self.needs = tuple(needs)
+        unknown = sorted(set(self.needs) - {"saliency"})
+        if unknown:
+            raise ValueError(f"unknown per-image input(s) {', '.join(unknown)}; expected saliency")
         if transform is None:
             from .transforms import eval_transforms
 
@@ -363,4 +401,8 @@ class StepDataset(torch.utils.data.Dataset):
         j = self.indices[i]
         image, mask = self.base.load_image(j), self.base.load_mask(j)
         check_sizes(image, mask, self.base.image_path(j), self.base.mask_path(j))
-        return self.transform(image, self.lut[mask])
+        labels = self.lut[mask]
+        if self.label_transform is not None:
+            inputs = {"saliency": self.base.load_saliency(j)} if "saliency" in self.needs else {}
+            labels = np.asarray(self.label_transform(labels, **inputs), dtype=np.uint8)
+        return self.transform(image, labels)

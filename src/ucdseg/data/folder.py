@@ -182,6 +182,10 @@ class FolderSegmentation(SegmentationDataset):
     """A dataset of your own: ``root/images``, ``root/masks`` and ``root/classes.yaml`` (module docstring)."""
 
     read_meta = staticmethod(read_classes)
+    saliency_layout = "root/saliency/<image stem>.png (optional; grayscale, > 0 = salient)"
+
+    def saliency_path(self, i: int) -> Path:
+        return self.root / "saliency" / f"{self.image_path(i).stem}.png"
 
     def __init__(self, root: PathLike, split: str):
         check_split("folder", split)

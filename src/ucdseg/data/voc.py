@@ -122,9 +122,14 @@ def _read_voc_list(list_file: Path, root: Path, mask_dir: Path) -> tuple[list[Pa
 
 
 class _VOCLayout(SegmentationDataset):
-    """Reader of the VOC folder layout with a given name and meta."""
+    """Reader of the VOC folder layout with a given name and meta. Saliency maps (SSUL's) are
+    ``root/saliency_map/<id>.png`` (SSUL datasets/voc.py:66,96)."""
 
     _hint = ""
+    saliency_layout = "root/saliency_map/<id>.png (grayscale, > 0 = salient; SSUL's saliency_map.zip)"
+
+    def saliency_path(self, i: int) -> Path:
+        return self.root / "saliency_map" / f"{self.image_path(i).stem}.png"
 
     def __init__(self, name: str, meta: DatasetMeta, root: PathLike, split: str):
         check_split(name, split)

@@ -368,6 +368,7 @@ def _own_files(params: dict) -> set[str]:
     for i in ids["train"] + ids["val"]:
         own |= {f"JPEGImages/{i}.jpg", f"SegmentationClassAug/{i}.png"}
     own |= {f"SegmentationClass/{i}.png" for i in ids["val"]}
+    own |= {"saliency_map", "saliency_map/VERSION"} | {f"saliency_map/{i}.png" for i in ids["train"]}  # .saliency
     return own
 
 

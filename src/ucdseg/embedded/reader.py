@@ -43,5 +43,8 @@ class EmbeddedSegmentation(_VOCLayout):
                                     f"`ucdseg prepare-embedded --root {root}`, or leave data.root unset to use "
                                     f"its default location")
 
+        from .saliency import ensure_saliency
+
         prepare_embedded(root, num_train=data.embedded_train, num_val=data.embedded_val,
                          image_size=data.embedded_size, progress=progress)
+        ensure_saliency(root)  # derived from the masks (SSUL's unknown class): no scene changes

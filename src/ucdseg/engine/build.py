@@ -7,12 +7,13 @@ evaluation (:mod:`.evaluation`) and the run (:mod:`.runner`) receive the objects
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import label_maps
 from ..config import RunConfig
@@ -96,15 +97,39 @@ def data_identity(cfg: RunConfig, train_set, val_set) -> dict:
     return {"dataset": cfg.data.dataset, "train_files": files(train_set), "val_files": files(val_set)}
 
 
-def train_data(cfg: RunConfig, task: Task, train_set, step: int, progress: bool = True
-               ) -> tuple[SeededSamples, StepIndex]:
-    """Step ``step``'s training images (by ``data.setting``), their labels mapped for the step,
-    with the training transforms (seeded per sample)."""
-    index = step_index(train_set, task, cfg.data.setting, step, cache_dir=cfg.data.cache_dir, seed=cfg.seed,
-                       progress=progress)
+def train_index(cfg: RunConfig, task: Task, train_set, step: int, progress: bool = True) -> StepIndex:
+    """Step ``step``'s training images, by ``data.setting``."""
+    return step_index(train_set, task, cfg.data.setting, step, cache_dir=cfg.data.cache_dir, seed=cfg.seed,
+                      progress=progress)
+
+
+def train_data(cfg: RunConfig, task: Task, train_set, step: int, progress: bool = True,
+               memory: list[dict] | None = None) -> tuple[SeededSamples, StepIndex]:
+    """Step ``step``'s training images (by ``data.setting``), their labels mapped for the step and
+    by the method's label rule, with the training transforms (seeded per sample); then the memory's
+    images (``memory``: entries of :func:`ucdseg.engine.memory.choose_memory`), labelled as the
+    method's :class:`~ucdseg.methods.MemorySpec` says (every seen class, or the step's only)."""
+    method, options = build_method(cfg), method_options(cfg)
+    index = train_index(cfg, task, train_set, step, progress)
     transform = train_transforms(cfg.data.crop_size, scale=(cfg.data.scale_min, cfg.data.scale_max))
-    lut = label_maps.train_lut(task, step)
-    return SeededSamples(StepDataset(train_set, index.indices, lut, transform)), index
+    rule = {"label_transform": None, "needs": method.inputs(options)}
+    if method.label_transform is not None:
+        rule["label_transform"] = functools.partial(method.label_transform, options=options)
+    samples = StepDataset(train_set, index.indices, label_maps.train_lut(task, step), transform, **rule)
+    if memory:
+        lut = (label_maps.eval_lut(task, step, unseen="background") if method.memory.labels == "seen"
+               else label_maps.train_lut(task, step))
+        exemplars = StepDataset(train_set, [e["index"] for e in memory], lut, transform, **rule)
+        samples = ConcatDataset([samples, exemplars])
+    return SeededSamples(samples), index
+
+
+def memory_size(cfg: RunConfig, step: int) -> int:
+    """Exemplars replayed at ``step``: ``data.memory.size``, or the method's default when it is unset
+    (none at step 0 or in a joint run)."""
+    method = build_method(cfg)
+    size = cfg.data.memory.size if cfg.data.memory.size is not None else method.memory_size
+    return size if step > 0 and not method.joint else 0
 
 
 def val_data(cfg: RunConfig, task: Task, val_set, step: int) -> StepDataset:
@@ -144,9 +169,10 @@ def pretrained_weights(cfg: RunConfig, dist: Dist, progress: bool = True) -> str
 
 def step_model(cfg: RunConfig, classes_per_step: list[int], device: torch.device,
                pretrained: str | None = None) -> torch.nn.Module:
-    """The DeepLab of ``model.*`` for the classes of the steps in ``classes_per_step``."""
+    """The DeepLab of ``model.*`` for the classes of the steps in ``classes_per_step``, with the
+    classifiers the method asks for (its ``model`` spec)."""
     return build_model(cfg.model.backbone, classes_per_step, output_stride=cfg.model.output_stride,
-                       pretrained=pretrained).to(device)
+                       pretrained=pretrained, spec=build_method(cfg).model).to(device)
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -180,20 +206,34 @@ def step_iterations(cfg: RunConfig, step: int, num_images: int) -> int:
 
 
 def optimizer_and_schedule(cfg: RunConfig, model: torch.nn.Module, step: int, total: int):
-    """SGD at ``train.lr`` (step 0) or ``train.lr_next``, with a per-iteration poly schedule."""
+    """SGD at ``train.lr`` (step 0) or ``train.lr_next``, with a per-iteration poly schedule.
+
+    The method's ``param_groups`` split the parameters into groups of their own learning rate and
+    weight decay (one group by default); a parameter in no group is frozen (``requires_grad``
+    off), so autograd does not run through it."""
     lr = cfg.train.lr if step == 0 else cfg.train.lr_next
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.train.momentum,
+    groups = build_method(cfg).param_groups(model, step, lr, cfg.train.weight_decay)
+    trained = {id(p) for group in groups for p in group["params"]}
+    for p in model.parameters():
+        if id(p) not in trained:
+            p.requires_grad_(False)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum,
                                 nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
     power = cfg.train.poly_power
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, total) / total) ** power)
     return optimizer, scheduler
 
 
-def batch_sampler(cfg: RunConfig, step: int, num_images: int, total: int, dist: Dist, start: int = 0
-                  ) -> StepBatchSampler:
-    """The step's seeded batches (this process's share), resumable at iteration ``start``."""
+def batch_sampler(cfg: RunConfig, step: int, num_images: int, total: int, dist: Dist, start: int = 0,
+                  memory: int = 0) -> StepBatchSampler:
+    """The step's seeded batches (this process's share), resumable at iteration ``start``.
+    ``memory``: exemplars after the ``num_images`` step images, mixed in as the method says
+    (``concat``: sampled with them; ``replace_half``: half of every batch)."""
+    mixing = build_method(cfg).memory.mixing
+    if memory and mixing == "concat":
+        num_images, memory = num_images + memory, 0
     return StepBatchSampler(num_images, cfg.train.batch_size, total, seed=cfg.seed * 1000 + step, start=start,
-                            rank=dist.rank, world_size=dist.world_size)
+                            rank=dist.rank, world_size=dist.world_size, memory=memory, mixing=mixing)
 
 
 def one_epoch_sampler(cfg: RunConfig, step: int, num_images: int, dist: Dist) -> StepBatchSampler:

@@ -8,7 +8,7 @@ pixel accuracy (docs/protocol.md, metrics).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .. import io
 from ..config import ConfigError, RunConfig, from_dict, migrate
+from ..methods.method import argmax_prediction
 from ..tasks import Task
 from . import build
 from .metrics import ConfusionMatrix, miou_summary
@@ -26,16 +27,17 @@ from .process_group import Dist, setup
 
 @torch.no_grad()
 def confusion_matrix(model: torch.nn.Module, loader: Iterable, num_classes: int, device: torch.device,
-                     progress: bool = True, amp_dtype: torch.dtype | None = None) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over ``loader`` (targets in model space, 255 ignored),
-    summed over the processes."""
+                     progress: bool = True, amp_dtype: torch.dtype | None = None,
+                     predict: Callable[[torch.Tensor], torch.Tensor] = argmax_prediction) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over ``loader`` (targets in model space, 255 ignored), its
+    logits turned into classes by the method's inference rule ``predict``, summed over the processes."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(images).logits
-        cm.update(targets, logits.argmax(1))
+        cm.update(targets, predict(logits))
     cm.reduce_from_all_processes()
     return cm
 
@@ -52,8 +54,9 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
     val = build.val_data(cfg, task, val_set, step)
     loader = build.eval_loader(cfg, Subset(val, list(range(dist.rank, len(val), dist.world_size))))
     seen = task.seen(step)
+    rule = build.build_method(cfg).predict
     cm = confusion_matrix(model, loader, len(seen), dist.device, progress=progress and dist.is_main,
-                          amp_dtype=build.AMP_DTYPES[cfg.train.amp])
+                          amp_dtype=build.AMP_DTYPES[cfg.train.amp], predict=rule)
     iou = cm.iou()
     meta = val_set.meta
     record = {
@@ -69,7 +72,7 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
         from .. import reporting
 
         reporting.write_predictions(model, val, seen, meta.palette, dist.device, predictions,
-                                    num_images=cfg.eval.num_images, class_names=meta.class_names)
+                                    num_images=cfg.eval.num_images, class_names=meta.class_names, predict=rule)
     return record
 
 

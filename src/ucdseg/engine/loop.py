@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from tqdm import tqdm
 
-from ..methods import LossContext, Method
+from ..methods import LossContext, Method, StepState
 from .build import LoopOptions
 from .process_group import Dist
 
@@ -48,12 +48,14 @@ def compile_errors(active: bool):
 
 def _float(out):
     """Losses are computed in float32 even when the forward ran under autocast."""
-    return type(out)(*([t.float() for t in v] if isinstance(v, list) else v.float() for v in out))
+    return type(out)(*(None if v is None else [t.float() for t in v] if isinstance(v, list) else v.float()
+                       for v in out))
 
 
 @dataclass
 class Criterion:
-    """The method's loss for the batches of one step: its weighted terms on a :class:`LossContext`."""
+    """The method's loss for the batches of one step: its weighted terms on a :class:`LossContext`,
+    bound once (weights and options) when the criterion is built."""
 
     method: Method
     weights: Mapping[str, float]
@@ -61,15 +63,22 @@ class Criterion:
     step: int
     num_old: int  # classes known before the step, background included
     num_new: int
-    state: Any = None  # what the method's before_step returned
+    state: Any = None  # the method's step state (step_state, or what begin_step returned)
     diagnostics: dict = field(default_factory=dict)  # the last batch's, for the logs
+
+    def __post_init__(self) -> None:
+        self.bound = self.method.bind(self.step, self.weights, self.options)
 
     def __call__(self, out, old, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         ctx = LossContext(self.step, _float(out), None if old is None else _float(old), labels, self.num_old,
                           self.num_new, options=self.options, state=self.state)
-        terms = self.method.losses(ctx, self.weights)
+        terms = self.method.losses(ctx, self.bound)
         self.diagnostics = ctx.diagnostics
         return terms
+
+    @property
+    def step_state(self) -> StepState | None:
+        return self.state if isinstance(self.state, StepState) else None
 
 
 @dataclass
@@ -83,12 +92,18 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
+    # the old model's trunk (backbone and head) is the model's, frozen: computed once per batch, for both
+    shared_trunk: bool = False
+    step_state: StepState | None = None  # the method's state over the step (saved with the checkpoint)
 
     def state_dict(self, iteration: int, step: int) -> dict:
         """A mid-step checkpoint: everything :meth:`load_state_dict` needs to continue bit for bit."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": torch.get_rng_state(), "iteration": iteration, "step": step}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": torch.get_rng_state(), "iteration": iteration, "step": step}
+        if self.step_state is not None:
+            state["method_state"] = self.step_state.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> int:
         """Continue from a mid-step checkpoint; returns its iteration."""
@@ -97,7 +112,61 @@ class Trainee:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if self.step_state is not None:
+            self.step_state.load_state_dict(state.get("method_state", {}))
         return state["iteration"]
+
+
+def shares_trunk(model: torch.nn.Module, old_model: torch.nn.Module | None) -> bool:
+    """Whether the old model's trunk (backbone and head) can stand for the model's: every trunk
+    parameter frozen, every trunk BatchNorm in eval mode, and the same weights and statistics.
+    Then one forward of the trunk serves both models (SSUL at steps ``t >= 1``)."""
+    if old_model is None or not hasattr(model, "trunk"):
+        return False
+    trunk = [model.backbone, model.head]
+    if any(p.requires_grad for m in trunk for p in m.parameters()):
+        return False
+    if any(m.training for part in trunk for m in part.modules()
+           if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout))):
+        return False
+    mine = {**model.backbone.state_dict(prefix="backbone."), **model.head.state_dict(prefix="head.")}
+    theirs = old_model.state_dict()
+    return all(k in theirs and torch.equal(v, theirs[k]) for k, v in mine.items())
+
+
+def _forward(trainee: Trainee, x: torch.Tensor):
+    """The model's and the old model's outputs of ``x`` (the old one without gradient)."""
+    if trainee.shared_trunk:
+        with torch.no_grad():
+            trunk = trainee.old_model.trunk(x)
+            old = trainee.old_model(x, trunk=trunk)
+        return trainee.forward(x, trunk=trunk), old
+    out = trainee.forward(x)
+    old = None
+    if trainee.old_model is not None:
+        with torch.no_grad():
+            old = trainee.old_model(x)
+    return out, old
+
+
+def _add_penalty(trainee: Trainee) -> torch.Tensor | None:
+    """The step state's update from the loss's gradients, then its weighted penalty's gradient added
+    to them (a function of the parameters alone: no forward, so DDP's hooks do not run again)."""
+    state = trainee.step_state
+    if state is None:
+        return None
+    if trainee.scaler.is_enabled():
+        trainee.scaler.unscale_(trainee.optimizer)  # the state reads true gradients
+    state.after_backward()
+    penalty = state.penalty()
+    if penalty is None or not state.penalty_weight or not penalty.requires_grad:
+        return None if penalty is None else penalty.detach()
+    params = [p for p in trainee.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(state.penalty_weight * penalty, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
+    return penalty.detach()
 
 
 def train_one_iteration(trainee: Trainee, criterion: Criterion, images: torch.Tensor, labels: torch.Tensor,
@@ -115,11 +184,7 @@ def train_one_iteration(trainee: Trainee, criterion: Criterion, images: torch.Te
         with trainee.forward.no_sync() if dist.enabled and not last else contextlib.nullcontext():
             with torch.autocast(device.type, dtype=opts.amp_dtype or torch.bfloat16, enabled=opts.amp_dtype is not None), \
                     compile_errors(opts.compile):
-                out = trainee.forward(x)
-                old = None
-                if trainee.old_model is not None:
-                    with torch.no_grad():
-                        old = trainee.old_model(x)
+                out, old = _forward(trainee, x)
             terms = criterion(out, old, y)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
@@ -129,6 +194,9 @@ def train_one_iteration(trainee: Trainee, criterion: Criterion, images: torch.Te
                 trainee.scaler.scale(loss / opts.accumulate).backward()
         for k, v in {"loss": loss, **terms}.items():
             logged[k] = logged.get(k, 0) + v.detach() / opts.accumulate
+    penalty = _add_penalty(trainee)
+    if penalty is not None:
+        logged["penalty"] = penalty
     trainee.scaler.step(trainee.optimizer)
     trainee.scaler.update()
     trainee.scheduler.step()

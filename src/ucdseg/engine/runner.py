@@ -26,11 +26,12 @@ import ucdseg
 
 from .. import io
 from ..config import RunConfig, from_dict, migrate, to_dict, to_yaml
-from ..methods import get_method
+from ..methods import RunShape, StepSetup, get_method
 from ..models import load_previous_step
 from . import build
 from .evaluation import evaluate_step
-from .loop import Criterion, NonFiniteLossError, Trainee, train_iterations
+from .loop import Criterion, NonFiniteLossError, Trainee, shares_trunk, train_iterations
+from .memory import choose_memory, load_memory, memory_checksum, memory_path
 from .metrics import average_over_steps
 from .process_group import Dist, barrier, setup
 
@@ -87,22 +88,15 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
 
 
 def distributed_notes(cfg: RunConfig, weights: dict, dist: Dist) -> list[str]:
-    """Warning lines for a run of several processes or micro-batches (printed by rank 0 only)."""
+    """Warning lines for a run of several processes or micro-batches (printed by rank 0 only): the
+    method's own (UCD's, :meth:`Method.notes`) and BatchNorm's."""
     if not dist.is_main:
         return []
-    notes = []
     micro = cfg.train.batch_size // dist.world_size // cfg.train.accumulate
-    if weights.get("ucd") and cfg.train.accumulate > 1:
-        notes.append(f"ucdseg: warning: train.accumulate={cfg.train.accumulate}: UCD contrasts each pixel with the "
-                     f"pixels of its micro-batch ({micro} images{' per process' if dist.enabled else ''}) only, "
-                     "not with the whole batch")
-    if not dist.enabled:
-        return notes
-    if weights.get("ucd") and not build.method_options(cfg).get("gather"):
-        notes.append(f"ucdseg: warning: {dist.world_size} processes and method.options.gather=false: UCD contrasts "
-                     f"each pixel with its own process's {micro} images only, so the result depends on the "
-                     "number of processes (method.options.gather=true contrasts with the global batch)")
-    if cfg.train.bn == "sync" and dist.device.type != "cuda":
+    shape = RunShape(world_size=dist.world_size, accumulate=cfg.train.accumulate, micro_batch=micro,
+                     device=dist.device.type)
+    notes = build.build_method(cfg).notes(shape, build.method_options(cfg), weights)
+    if dist.enabled and cfg.train.bn == "sync" and dist.device.type != "cuda":
         notes.append(f"ucdseg: warning: train.bn=sync: SyncBatchNorm needs CUDA; on {dist.device.type} each of the "
                      f"{dist.world_size} processes normalises with its own batch statistics (as train.bn=local)")
     return notes
@@ -366,11 +360,12 @@ class Run:
         cfg, dist = self.cfg, self.dist
         model = build.step_model(cfg, self.train_task.classes_per_step[: step + 1], self.device)
         model.load_state_dict(state["model"])
-        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress)
+        memory = self._memory(step, None, choose=False)
+        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress, memory)
         record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
                                self.progress)
-        record.update(num_train_images=len(index.indices), index_checksum=index.checksum,
-                      iterations=build.step_iterations(cfg, step, len(train_data)), train_seconds=None,
+        record.update(self._data_record(index, memory))
+        record.update(iterations=self._iterations(step, index, memory), train_seconds=None,
                       world_size=dist.world_size, batch_per_process=cfg.train.batch_size // dist.world_size,
                       accumulate=cfg.train.accumulate, recovered=True)
         if dist.is_main:
@@ -381,33 +376,35 @@ class Run:
         barrier()
         return record
 
-    def _models(self, step: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        """Step ``step``'s model (step ``t-1``'s weights, new classifier initialised) and the
-        frozen old model (None at step 0)."""
+    def _models(self, step: int) -> tuple[torch.nn.Module, torch.nn.Module | None, dict | None]:
+        """Step ``step``'s model (step ``t-1``'s weights, new classifier initialised), the frozen
+        old model (None at step 0) and the method state step ``t-1`` carried (None without one)."""
         classes = self.train_task.classes_per_step
         pretrained = build.pretrained_weights(self.cfg, self.dist, self.progress) if step == 0 else None
         model = build.step_model(self.cfg, classes[: step + 1], self.device, pretrained)
         if step == 0:
-            return model, None
-        previous = io.load_checkpoint(self.folder.final(step - 1), map_location=self.device)["model"]
+            return model, None, None
+        checkpoint = io.load_checkpoint(self.folder.final(step - 1), map_location=self.device)
+        previous = checkpoint["model"]
         old_model = build.step_model(self.cfg, classes[:step], self.device)
         old_model.load_state_dict(previous)
         old_model.eval().requires_grad_(False)
         load_previous_step(model, previous)
         model.init_new_classifier(self.method.classifier_init)
-        return model, old_model
+        return model, old_model, checkpoint.get("method_state")
 
     def train_step(self, step: int) -> dict:
         """Train step ``step`` (continuing a mid-step checkpoint), evaluate it and save it."""
         cfg, dist, opts = self.cfg, self.dist, build.loop_options(self.cfg, step)
         torch.manual_seed(cfg.seed * 1000 + step)
-        model, old_model = self._step_models(step, opts)
-        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress)
-        total = build.step_iterations(cfg, step, len(train_data))
-        trainee, start = self._trainee(step, model, old_model, opts, total)
-        criterion = self._criterion(step, old_model, train_data)
-        loader = build.train_loader(cfg, train_data, build.batch_sampler(cfg, step, len(train_data), total, dist, start),
-                                    self.device)
+        model, old_model, carried = self._step_models(step, opts)
+        memory = self._memory(step, old_model)
+        train_data, index = build.train_data(cfg, self.train_task, self.train_set, step, self.progress, memory)
+        total = self._iterations(step, index, memory)
+        criterion = self._criterion(step, model, old_model, len(index.indices), train_data, carried)
+        trainee, start = self._trainee(step, model, old_model, opts, total, criterion.step_state)
+        sampler = build.batch_sampler(cfg, step, len(index.indices), total, dist, start, memory=len(memory or []))
+        loader = build.train_loader(cfg, train_data, sampler, self.device)
 
         t0 = time.perf_counter()
         self._train(step, trainee, criterion, loader, opts, start, total)
@@ -418,29 +415,64 @@ class Run:
             model.to(memory_format=torch.contiguous_format)
         record = evaluate_step(model, cfg, self.train_task, len(self.task.steps[0]), self.val_set, step, dist,
                                self.progress, predictions=self.folder.path / "predictions" / f"step{step}.png")
-        record.update(num_train_images=len(index.indices), index_checksum=index.checksum, iterations=total,
-                      train_seconds=round(train_seconds, 2), world_size=dist.world_size,
+        record.update(self._data_record(index, memory))
+        record.update(iterations=total, train_seconds=round(train_seconds, 2), world_size=dist.world_size,
                       batch_per_process=cfg.train.batch_size // dist.world_size, accumulate=cfg.train.accumulate)
-        self._save_step(step, model, record)
+        self._save_step(step, model, record, criterion.step_state)
         return record
 
-    def _step_models(self, step: int, opts) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    def _iterations(self, step: int, index, memory: list[dict] | None) -> int:
+        """The step's iterations: over its images, and its memory when the memory joins them (concat)."""
+        joined = len(memory or []) if self.method.memory.mixing == "concat" else 0
+        return build.step_iterations(self.cfg, step, len(index.indices) + joined)
+
+    @staticmethod
+    def _data_record(index, memory: list[dict] | None) -> dict:
+        """What a step was trained on: its images (count, checksum) and its memory's."""
+        record = {"num_train_images": len(index.indices), "index_checksum": index.checksum}
+        if memory:
+            record.update(num_memory_images=len(memory), memory_checksum=memory_checksum(memory))
+        return record
+
+    def _memory(self, step: int, old_model, choose: bool = True) -> list[dict] | None:
+        """The exemplars of ``step`` (``data.memory.size``): read from ``memory/stepT.json`` when this
+        run chose them already, else chosen by rank 0 (:mod:`.memory`) and written there."""
+        size = build.memory_size(self.cfg, step)
+        if not size:
+            return None
+        path = memory_path(self.folder.path, step)
+        if self.dist.is_main and not path.is_file() and choose:
+            previous = None
+            if step > 1:
+                previous = load_memory(memory_path(self.folder.path, step - 1), self.data_identity, self.train_set)
+            entries = choose_memory(self.method, self.train_task, self.train_set, step, size,
+                                    seed=self.cfg.seed * 1000 + step,
+                                    setting_index=build.train_index(self.cfg, self.train_task, self.train_set,
+                                                                    step - 1, progress=False),
+                                    previous=previous, old_model=old_model, device=self.device,
+                                    crop_size=self.cfg.data.crop_size, cache_dir=self.cfg.data.cache_dir,
+                                    batch_size=self.cfg.eval.batch_size)
+            io.write_json(path, {"step": step, "size": size, "data": self.data_identity, "entries": entries})
+        barrier()
+        return load_memory(path, self.data_identity, self.train_set)
+
+    def _step_models(self, step: int, opts) -> tuple[torch.nn.Module, torch.nn.Module | None, dict | None]:
         """:meth:`_models`, with SyncBatchNorm under CUDA DDP and the memory layout applied."""
-        model, old_model = self._models(step)
+        model, old_model, carried = self._models(step)
         if opts.bn == "sync" and self.dist.enabled and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if opts.channels_last:  # parameters keep their identity: the optimizer sees them
             for m in (model, old_model):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
-        return model, old_model
+        return model, old_model, carried
 
-    def _trainee(self, step: int, model, old_model, opts, total: int) -> tuple[Trainee, int]:
-        """SGD and the schedule around the step's models, continued from a mid-step checkpoint if a
-        killed run left one; and the iteration to start at."""
+    def _trainee(self, step: int, model, old_model, opts, total: int, step_state=None) -> tuple[Trainee, int]:
+        """SGD and the schedule around the step's models (and the method's step state), continued
+        from a mid-step checkpoint if a killed run left one; and the iteration to start at."""
         optimizer, scheduler = build.optimizer_and_schedule(self.cfg, model, step, total)
         scaler = torch.amp.GradScaler(self.device.type, enabled=opts.amp_dtype == torch.float16)
-        trainee = Trainee(model, model, old_model, optimizer, scheduler, scaler)
+        trainee = Trainee(model, model, old_model, optimizer, scheduler, scaler, step_state=step_state)
         partial = self.folder.partial(step)
         start = trainee.load_state_dict(io.load_checkpoint(partial, self.device)) if partial.exists() else 0
         trainee.forward = DistributedDataParallel(model) if self.dist.enabled else model
@@ -451,16 +483,25 @@ class Run:
             trainee.forward = torch.compile(trainee.forward)
         return trainee, start
 
-    def _criterion(self, step: int, old_model, train_data) -> Criterion:
-        """The method's loss for the step, after its ``before_step`` pass (PLOP's thresholds)."""
+    def _criterion(self, step: int, model, old_model, num_images: int, train_data, carried: dict | None) -> Criterion:
+        """The method's loss for the step, with its state: the state it carries across steps
+        (``step_state``, from ``carried``) or its ``before_step`` pass over the step's ``num_images``
+        images (PLOP's thresholds)."""
         num_old, num_new = sum(self.train_task.classes_per_step[:step]), self.train_task.classes_per_step[step]
+
+        def one_pass():
+            sampler = build.one_epoch_sampler(self.cfg, step, num_images, self.dist)
+            return build.train_loader(self.cfg, train_data, sampler, self.device)
+
+        setup = StepSetup(step=step, model=model, old_model=old_model, num_old=num_old, num_new=num_new,
+                          options=self.options, previous=carried, device=self.device, loader=one_pass,
+                          progress=self.progress and self.dist.is_main,
+                          source=str(self.folder.final(step - 1)) if step else "")
         state = None
-        if old_model is not None and self.method.before_step is not None:
-            sampler = build.one_epoch_sampler(self.cfg, step, len(train_data), self.dist)
-            state = self.method.before_step(old_model=old_model,
-                                            loader=build.train_loader(self.cfg, train_data, sampler, self.device),
-                                            device=self.device, num_old=num_old, num_new=num_new,
-                                            progress=self.progress and self.dist.is_main)
+        if self.method.step_state is not None:
+            state = self.method.step_state(setup)
+        elif old_model is not None and self.method.before_step is not None:
+            state = self.method.before_step(setup)
         return Criterion(self.method, self.weights, self.options, step, num_old, num_new, state)
 
     def _train(self, step: int, trainee: Trainee, criterion: Criterion, loader, opts, start: int, total: int) -> None:
@@ -480,6 +521,9 @@ class Run:
         getattr(trainee.forward, "_orig_mod", trainee.forward).train()  # the DDP wrapper (or the model)
         if opts.bn == "frozen":
             freeze_batchnorm(trainee.model)
+        if step > 0 and self.method.train_mode is not None:  # the method's frozen layers (SSUL, DKD)
+            self.method.train_mode(trainee.model, step)
+        trainee.shared_trunk = shares_trunk(trainee.model, trainee.old_model)
         try:
             train_iterations(trainee, criterion, loader, opts, self.dist, step, start, total, log, checkpoint,
                              self.progress)
@@ -488,15 +532,19 @@ class Run:
             raise NonFiniteLossError(f"{exc}; " + (f"the last good checkpoint is {kept}" if kept else
                                                    "no checkpoint of this run was written yet")) from None
 
-    def _save_step(self, step: int, model: torch.nn.Module, record: dict) -> None:
-        """``checkpoints/stepN.pt``, then the step's record (with the checkpoint's checksum) in
-        ``results.json``; the mid-step checkpoint is no longer needed."""
+    def _save_step(self, step: int, model: torch.nn.Module, record: dict, step_state=None) -> None:
+        """``checkpoints/stepN.pt`` (with the method state it carries to the next step), then the
+        step's record (with the checkpoint's checksum) in ``results.json``; the mid-step checkpoint
+        is no longer needed."""
         if self.dist.is_main:
-            io.save_checkpoint(self.folder.final(step), {
+            state = {
                 "model": model.state_dict(), "step": step, "config": to_dict(self.cfg),
                 "classes_per_step": self.train_task.classes_per_step[: step + 1],
                 # dataset space (index = class id), so ``ucdseg predict`` needs nothing else
-                "class_names": list(self.meta.class_names), "palette": [list(c) for c in self.meta.palette]})
+                "class_names": list(self.meta.class_names), "palette": [list(c) for c in self.meta.palette]}
+            if step_state is not None:
+                state["method_state"] = step_state.carry()
+            io.save_checkpoint(self.folder.final(step), state)
             record["checkpoint_sha256"] = io.sha256(self.folder.final(step))
             self._add_step(record)
             self.folder.partial(step).unlink(missing_ok=True)

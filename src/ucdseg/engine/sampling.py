@@ -31,17 +31,25 @@ class StepBatchSampler(Sampler[list]):
     Each element is ``(index, sample_seed)``: :class:`SeededSamples` uses the seed for the
     sample's augmentation. Each epoch is a fresh permutation drawn from ``(seed, epoch)``; a step
     with fewer images than a batch repeats its permutation to fill the batch.
+
+    ``memory``: exemplars at indices ``num_items .. num_items + memory - 1``, replacing a random
+    half of every global batch (``mixing="replace_half"``, SSUL main.py:429-443: the positions drawn
+    from ``(seed, iteration)``, the exemplars taken in turn from a permutation of the memory per
+    memory epoch). With ``mixing="concat"`` the caller counts them in ``num_items`` instead.
     """
 
     def __init__(self, num_items: int, batch_size: int, total: int, seed: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, memory: int = 0, mixing: str = "concat"):
         if num_items < 1:
             raise ValueError("the step has no training image: check the task, the setting and the dataset")
         if batch_size % world_size:
             raise ValueError(f"global batch size {batch_size} is not divisible by {world_size} processes")
+        if mixing not in ("concat", "replace_half"):
+            raise ValueError(f"unknown memory mixing {mixing!r}; expected concat or replace_half")
         self.num_items, self.batch_size, self.total = num_items, batch_size, total
         self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
         self.per_epoch = batches_per_epoch(num_items, batch_size)
+        self.memory = memory if mixing == "replace_half" else 0
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
@@ -57,9 +65,20 @@ class StepBatchSampler(Sampler[list]):
             e, b = divmod(it, self.per_epoch)
             if e != epoch:
                 epoch, perm = e, self._permutation(e)
-            batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
-            mine = batch[self.rank * local:(self.rank + 1) * local]
-            yield [(int(i), self.seed * 1_000_003 + epoch * 10_007 + int(i)) for i in mine]
+            batch = [(int(i), self.seed * 1_000_003 + epoch * 10_007 + int(i))
+                     for i in perm[b * self.batch_size:(b + 1) * self.batch_size]]
+            if self.memory:
+                self._with_memory(it, batch)
+            yield batch[self.rank * local:(self.rank + 1) * local]
+
+    def _with_memory(self, it: int, batch: list) -> None:
+        """Half of the batch's positions (drawn from ``(seed, it)``) take the memory's next exemplars."""
+        positions = np.random.default_rng([self.seed, it, 1]).permutation(len(batch))[: len(batch) // 2]
+        for k, position in enumerate(sorted(int(p) for p in positions)):
+            turn = it * len(positions) + k
+            memory_epoch, offset = divmod(turn, self.memory)
+            order = np.random.default_rng([self.seed, memory_epoch, 2]).permutation(self.memory)
+            batch[position] = (self.num_items + int(order[offset]), self.seed * 1_000_003 + 7_919 * turn + 1)
 
 
 class SeededSamples(Dataset):

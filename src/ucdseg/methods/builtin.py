@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .. import losses
 from ..losses import plop
-from .method import LossContext, Method, Option
+from .method import LossContext, Method, Option, RunShape, StepSetup, Term
 from .registry import register
 
 
@@ -53,27 +53,13 @@ def encoder_mse(ctx: LossContext):
     return losses.feature_distillation(ctx.out.stages[-1], ctx.old.stages[-1])
 
 
-UCD_OPTIONS = {
-    "temperature": Option(0.07, "UCD's softmax temperature tau", positive=True),
-    "formulation": Option("reference", "reference: the release's loss; supcon: the paper's Eq. 5-6 "
-                          "(docs/methods.md)", choices=("reference", "supcon")),
-    "gather": Option(False, "under DDP, contrast against the global batch (docs/distributed.md)"),
-}
-
-
-def ucd(ctx: LossContext):
-    """UCD on the step's training labels, read *before* any target hook (docs/protocol.md §3 "Totals")."""
-    # ``gather``: contrast against the global batch under DDP
-    loss = losses.gathered_contrastive_distillation if ctx.options["gather"] else losses.contrastive_distillation
+def ucd(ctx: LossContext, temperature: float, formulation: str, gather: bool):
+    """UCD on the step's training labels, read *before* any target hook (docs/protocol.md §3 "Totals").
+    ``gather``: contrast against the global batch under DDP."""
+    loss = losses.gathered_contrastive_distillation if gather else losses.contrastive_distillation
     log_ucd_inputs(ctx)
-    return loss(
-        ctx.out.features,
-        ctx.old.features,
-        ctx.old.low_logits,
-        ctx.step_labels,
-        temperature=ctx.options["temperature"],
-        formulation=ctx.options["formulation"],
-    )
+    return loss(ctx.out.features, ctx.old.features, ctx.old.low_logits, ctx.step_labels,
+                temperature=temperature, formulation=formulation)
 
 
 @torch.no_grad()
@@ -84,6 +70,30 @@ def log_ucd_inputs(ctx: LossContext) -> None:
     )
     stats = losses.contrastive_input_stats(inputs)
     ctx.diagnostics.update({f"ucd_{key}": value for key, value in stats.items()})
+
+
+def ucd_notes(shape: RunShape, options) -> list[str]:
+    """UCD contrasts the pixels of one forward: say so when that is less than the batch."""
+    notes = []
+    where = " per process" if shape.world_size > 1 else ""
+    if shape.accumulate > 1:
+        notes.append(f"ucdseg: warning: train.accumulate={shape.accumulate}: UCD contrasts each pixel with the "
+                     f"pixels of its micro-batch ({shape.micro_batch} images{where}) only, not with the whole batch")
+    if shape.world_size > 1 and not options["gather"]:
+        notes.append(f"ucdseg: warning: {shape.world_size} processes and method.options.gather=false: UCD contrasts "
+                     f"each pixel with its own process's {shape.micro_batch} images only, so the result depends on the "
+                     "number of processes (method.options.gather=true contrasts with the global batch)")
+    return notes
+
+
+UCD_OPTIONS = {
+    "temperature": Option(0.07, "UCD's softmax temperature tau", positive=True),
+    "formulation": Option("reference", "reference: the release's loss; supcon: the paper's Eq. 5-6 "
+                          "(docs/methods.md)", choices=("reference", "supcon")),
+    "gather": Option(False, "under DDP, contrast against the global batch (docs/distributed.md)"),
+}
+#: UCD's term at the paper's weight (MiB+UCD = UNCE + 10 UNKD + 0.01 L_UCD).
+UCD = Term(ucd, 0.01, options=UCD_OPTIONS, notes=ucd_notes)
 
 
 POD_OPTIONS = {
@@ -100,9 +110,9 @@ def plop_ce(ctx: LossContext):
     return plop.adaptive_cross_entropy(ctx.out.logits, ctx.labels, stats.confident_fraction)
 
 
-def local_pod(ctx: LossContext):
+def local_pod(ctx: LossContext, pod_factor: float, pod_last_factor: float):
     return plop.local_pod(plop.pod_levels(ctx.out), plop.pod_levels(ctx.old), ctx.num_old, ctx.num_new,
-                          factor=ctx.options["pod_factor"], last_factor=ctx.options["pod_last_factor"])
+                          factor=pod_factor, last_factor=pod_last_factor)
 
 
 @dataclass(frozen=True)
@@ -113,11 +123,11 @@ class PlopStepState:
 
 
 @torch.no_grad()
-def plop_thresholds(old_model, loader, device, num_old: int, num_new: int, progress: bool = True) -> PlopStepState:
+def plop_thresholds(setup: StepSetup) -> PlopStepState:
     """PLOP's per-class entropy thresholds: one pass of the old model over the step's images."""
-    acc = plop.EntropyThresholds(num_old, num_old + num_new)
-    for images, labels in tqdm(loader, desc="PLOP thresholds", leave=False, disable=not progress):
-        acc.update(old_model(images.to(device)).logits.float(), labels.to(device))
+    acc = plop.EntropyThresholds(setup.num_old, setup.num_old + setup.num_new)
+    for images, labels in tqdm(setup.loader(), desc="PLOP thresholds", leave=False, disable=not setup.progress):
+        acc.update(setup.old_model(images.to(setup.device)).logits.float(), labels.to(setup.device))
     acc.all_reduce()
     return PlopStepState(acc.thresholds())
 
@@ -133,79 +143,35 @@ def plop_pseudo_labels(ctx: LossContext) -> plop.PseudoLabelStats:
     return stats
 
 
-CE = {"ce": (cross_entropy, 1.0)}
+# ------------------------------------------------------------------------------ the terms
+CE = Term(cross_entropy, 1.0)
+UNCE = Term(unbiased_ce, 1.0)
+UNKD = Term(unbiased_kd, 10.0)
+KD = Term(kd, 100.0)
+LABEL_BCE = Term(label_bce, 1.0)
+ICARL = Term(old_sigmoid_bce, 10.0)
+ENCODER_MSE = Term(encoder_mse, 100.0)
+PLOP_CE = Term(plop_ce, 1.0)
+POD = Term(local_pod, 1.0, options=POD_OPTIONS)
 
-register(Method("ft", "fine-tuning: cross-entropy on the current step's labels only", CE, CE))
-register(
-    Method(
-        "lwf",
-        "LwF: cross-entropy + knowledge distillation of the old logits",
-        {"ce": (cross_entropy, 1.0), "kd": (kd, 100.0)},
-        CE,
-    )
-)
-register(
-    Method(
-        "lwf-mc",
-        "LwF-MC (MiB's --method LWF-MC): BCE on the labels + 10 BCE of the old channels against the old sigmoids",
-        {"bce": (label_bce, 1.0), "icarl": (old_sigmoid_bce, 10.0)},
-        {"bce": (label_bce, 1.0)},
-        first_step="bce",
-    )
-)
-register(
-    Method(
-        "ilt",
-        "ILT: cross-entropy + KD of the old logits + MSE of the encoder features",
-        {"ce": (cross_entropy, 1.0), "kd": (kd, 100.0), "de": (encoder_mse, 100.0)},
-        CE,
-    )
-)
-register(
-    Method(
-        "mib",
-        "MiB: unbiased cross-entropy + unbiased knowledge distillation, MiB classifier init",
-        {"unce": (unbiased_ce, 1.0), "unkd": (unbiased_kd, 10.0)},
-        CE,
-        classifier_init="mib",
-    )
-)
-register(
-    Method(
-        "mib+ucd",
-        "MiB + UCD uncertainty-aware contrastive distillation of the pre-logits features",
-        {"unce": (unbiased_ce, 1.0), "unkd": (unbiased_kd, 10.0), "ucd": (ucd, 0.01)},
-        CE,
-        classifier_init="mib",
-        options=UCD_OPTIONS,
-        base="mib",
-    )
-)
-register(
-    Method(
-        "joint",
-        "joint training: every class in one step on all images (upper bound)",
-        CE,
-        CE,
-        joint=True,
-    )
-)
-
-for name, extra, options, base, description in (
-    ("plop", {}, {}, None, "PLOP: entropy pseudo-labels, adaptive cross-entropy and local POD distillation"),
-    ("plop+ucd", {"ucd": (ucd, 0.01)}, UCD_OPTIONS, "plop",
-     "PLOP + UCD contrastive distillation on the step's labels (PLOP's pseudo-labels feed its CE only)"),
-):
-    register(
-        Method(
-            name,
-            description,
-            {"ce": (plop_ce, 1.0), "pod": (local_pod, 1.0), **extra},
-            CE,
-            classifier_init="mib",
-            before_step=plop_thresholds,
-            targets=plop_pseudo_labels,
-            options={**POD_OPTIONS, **options},
-            base=base,
-        )
-    )
+# ------------------------------------------------------------------------------ the methods
+FT = register(Method("ft", "fine-tuning: cross-entropy on the current step's labels only", {"ce": CE}, {"ce": CE}))
+Method.name_first_step(FT, "ce")
+LWF = register(FT.extend("lwf", "LwF: cross-entropy + knowledge distillation of the old logits", {"kd": KD},
+                         base=None))
+LWF_MC = register(Method(
+    "lwf-mc", "LwF-MC (MiB's --method LWF-MC): BCE on the labels + 10 BCE of the old channels against the old sigmoids",
+    {"bce": LABEL_BCE, "icarl": ICARL}, {"bce": LABEL_BCE}))
+Method.name_first_step(LWF_MC, "bce")
+ILT = register(LWF.extend("ilt", "ILT: cross-entropy + KD of the old logits + MSE of the encoder features",
+                          {"de": ENCODER_MSE}, base=None))
+MIB = register(Method("mib", "MiB: unbiased cross-entropy + unbiased knowledge distillation, MiB classifier init",
+                      {"unce": UNCE, "unkd": UNKD}, {"ce": CE}, classifier_init="mib"))
+MIB_UCD = register(MIB.extend("mib+ucd", "MiB + UCD uncertainty-aware contrastive distillation of the pre-logits "
+                              "features", {"ucd": UCD}))
+JOINT = register(FT.as_joint("joint", "joint training: every class in one step on all images (upper bound)"))
+PLOP = register(Method("plop", "PLOP: entropy pseudo-labels, adaptive cross-entropy and local POD distillation",
+                       {"ce": PLOP_CE, "pod": POD}, {"ce": CE}, classifier_init="mib", before_step=plop_thresholds,
+                       targets=plop_pseudo_labels))
+PLOP_UCD = register(PLOP.extend("plop+ucd", "PLOP + UCD contrastive distillation on the step's labels (PLOP's "
+                                "pseudo-labels feed its CE only)", {"ucd": UCD}))

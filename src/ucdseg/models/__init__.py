@@ -13,7 +13,9 @@ from .backbones import (
     read_state_dict,
 )
 from .deeplab import (
+    HEADS,
     INIT_MODES,
+    ModelSpec,
     DeepLabV3Head,
     IncrementalDeepLab,
     SegOutput,
@@ -24,7 +26,9 @@ from .deeplab import (
 __all__ = [
     "BACKBONES",
     "OUTPUT_STRIDES",
+    "HEADS",
     "INIT_MODES",
+    "ModelSpec",
     "Backbone",
     "DeepLabV3Head",
     "IncrementalDeepLab",

@@ -9,6 +9,10 @@ place of In-Place ABN + leaky ReLU):
     sum -> BN -> ReLU = pre-logits ``features`` (B, 256, h, w)
     classifier: one 1x1 conv (with bias) per step, outputs concatenated in class order.
 
+A method may ask for other classifiers (:data:`HEADS`, its ``ModelSpec``): SSUL's per-step
+conv3x3-BN-ReLU-conv1x1 heads with an *unknown* channel before background, DKD's foreground-only
+1x1 classifiers with an auxiliary channel (fed the detached features) where background would be.
+
 Rates and branch width come from the backbone (``Backbone.aspp_rates``, ``aspp_channels``): 6/12/18 at
 output stride 16 and 12/24/36 at output stride 8 (DeepLab-v3's values, 256 wide) for torchvision's
 backbones; 2/4/6, 128 wide, for ``embedded_resnet``'s 16 x 16 maps of 64 px scenes.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -28,7 +33,9 @@ from torch import Tensor, nn
 from .backbones import Backbone, build_backbone, load_backbone_weights
 
 __all__ = [
+    "HEADS",
     "INIT_MODES",
+    "ModelSpec",
     "SegOutput",
     "DeepLabV3Head",
     "IncrementalDeepLab",
@@ -37,7 +44,29 @@ __all__ = [
 ]
 
 #: Classifier init modes for a new step, see :meth:`IncrementalDeepLab.init_new_classifier`.
-INIT_MODES = ("mib", "none")
+INIT_MODES = ("mib", "none", "ssul", "dkd")
+
+#: Classifier layouts (``IncrementalDeepLab(heads=...)``); channel ``k`` of the logits is
+#:
+#: * ``linear``: model-space class ``k`` (one 1x1 conv per step; background is channel 0);
+#: * ``ssul``: channel 0 is *unknown*, channel ``k + 1`` model-space class ``k`` (SSUL,
+#:   network/_deeplab.py:84-111: heads ``[1, 1, c0 - 1, c1, ...]``, each conv3x3 (no bias) + BN +
+#:   ReLU + conv1x1, kaiming-normal convs);
+#: * ``dkd``: channel 0 is DKD's auxiliary classifier, computed on the detached features, channel
+#:   ``k >= 1`` foreground class ``k``; there is no background channel (DKD models/model.py:41,67-75).
+HEADS = ("linear", "ssul", "dkd")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a method asks of the model: its classifier layout and the backbone's BN momentum."""
+
+    heads: str = "linear"  # one of HEADS
+    backbone_bn_momentum: float | None = None  # None: PyTorch's 0.1 (SSUL and DKD set 0.01)
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEADS:
+            raise ValueError(f"unknown classifier layout {self.heads!r}; expected one of {', '.join(HEADS)}")
 
 
 class SegOutput(NamedTuple):
@@ -50,6 +79,10 @@ class SegOutput(NamedTuple):
     # the four stages' pre-activations (``out + identity`` of each stage's last residual block,
     # before its final ReLU; what PLOP's POD distils), see ucdseg.models.backbones
     pod_stages: list[Tensor]
+    # DKD's decomposed logits at feature resolution, foreground classifiers only and without bias:
+    # ``features . max(W, 0)`` and ``features . min(W, 0)`` (``heads="dkd"``; None otherwise)
+    pos_logits: Tensor | None = None
+    neg_logits: Tensor | None = None
 
 
 class DeepLabV3Head(nn.Module):
@@ -91,22 +124,57 @@ class DeepLabV3Head(nn.Module):
         return F.relu(self.red_bn(out + pool))
 
 
+def _ssul_head(channels: int, classes: int) -> nn.Sequential:
+    """SSUL's classifier of one group of classes: conv3x3 (no bias) + BN + ReLU + conv1x1, its convs
+    kaiming-normal and its BN 1 / 0 (network/_deeplab.py:84-111)."""
+    head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                         nn.ReLU(inplace=True), nn.Conv2d(channels, classes, 1))
+    for module in head:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight)
+    return head
+
+
+def _classifier_groups(heads: str, steps: list[int]) -> list[int]:
+    """Output channels of each classifier module: one per step (``linear``); SSUL's unknown,
+    background and step-0 foreground groups, then one per step; DKD's auxiliary channel and step-0
+    foreground, then one per step."""
+    if heads == "linear":
+        return steps
+    if steps[0] < 2:
+        raise ValueError(f"the {heads} classifiers need background and at least one class at step 0, "
+                         f"got classes_per_step={steps}")
+    return ([1, 1] if heads == "ssul" else [1]) + [steps[0] - 1] + steps[1:]
+
+
 class IncrementalDeepLab(nn.Module):
-    """DeepLab-v3 whose classifier is an ``nn.ModuleList`` of one 1x1 conv per step.
+    """DeepLab-v3 whose classifier is an ``nn.ModuleList`` of one module per step.
 
     State-dict layout: ``backbone.body.*`` (torchvision names), ``head.*``,
-    ``classifier.<step>.weight|bias``. Channel ``k`` of the logits is model-space class ``k``.
+    ``classifier.<i>.*`` (the last module is the last step's). With the default ``heads="linear"``
+    module ``i`` is step ``i``'s 1x1 conv and channel ``k`` of the logits is model-space class
+    ``k``; :data:`HEADS` gives the other layouts.
     """
 
-    def __init__(self, backbone: Backbone, classes_per_step: Sequence[int], head_channels: int = 256) -> None:
+    def __init__(self, backbone: Backbone, classes_per_step: Sequence[int], head_channels: int = 256,
+                 heads: str = "linear") -> None:
         super().__init__()
         steps = list(classes_per_step)
         if not steps or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps):
             raise ValueError(f"classes_per_step must be a non-empty list of positive ints, got {classes_per_step!r}")
+        ModelSpec(heads)  # checks the name
         self.backbone = backbone
         self.head = DeepLabV3Head(backbone.out_channels, head_channels, backbone.aspp_channels,
                                   rates=backbone.aspp_rates)
-        self.classifier = nn.ModuleList([nn.Conv2d(head_channels, n, 1, bias=True) for n in steps])
+        groups = _classifier_groups(heads, steps)
+        if heads == "ssul":
+            self.classifier = nn.ModuleList([_ssul_head(head_channels, n) for n in groups])
+        else:
+            self.classifier = nn.ModuleList([nn.Conv2d(head_channels, n, 1, bias=True) for n in groups])
+        if heads == "dkd":  # DKD's random init: kaiming-normal weights (models/model.py:_init_classifier)
+            for conv in self.classifier:
+                nn.init.kaiming_normal_(conv.weight)
+        self.heads = heads
         self._classes_per_step = steps
 
     @property
@@ -123,12 +191,26 @@ class IncrementalDeepLab(nn.Module):
     def output_stride(self) -> int:
         return self.backbone.output_stride
 
-    def forward(self, x: Tensor) -> SegOutput:
+    def trunk(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The backbone's stages (outputs and pre-activations) and the head's features of ``x``."""
         stages, pod_stages = self.backbone.forward_with_preactivation(x)
-        features = self.head(stages[-1])
-        low_logits = torch.cat([conv(features) for conv in self.classifier], dim=1)
+        return stages, pod_stages, self.head(stages[-1])
+
+    def forward(self, x: Tensor, trunk: tuple[list[Tensor], list[Tensor], Tensor] | None = None) -> SegOutput:
+        """``trunk``: :meth:`trunk` of ``x`` computed already (by an equal frozen model), reused."""
+        stages, pod_stages, features = self.trunk(x) if trunk is None else trunk
+        if self.heads == "dkd":  # the auxiliary classifier sees the features, not their gradient
+            parts = [self.classifier[0](features.detach())] + [conv(features) for conv in self.classifier[1:]]
+        else:
+            parts = [module(features) for module in self.classifier]
+        low_logits = torch.cat(parts, dim=1)
         logits = F.interpolate(low_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return SegOutput(logits, low_logits, features, stages, pod_stages)
+        pos = neg = None
+        if self.heads == "dkd":  # DKD models/model.py:77-99: over the foreground classifiers, no bias
+            weight = torch.cat([conv.weight for conv in self.classifier[1:]]).flatten(1)
+            pos = torch.einsum("bdhw,cd->bchw", features, weight.clamp(min=0))
+            neg = torch.einsum("bdhw,cd->bchw", features, weight.clamp(max=0))
+        return SegOutput(logits, low_logits, features, stages, pod_stages, pos, neg)
 
     @torch.no_grad()
     def init_new_classifier(self, mode: str = "mib") -> None:
@@ -143,15 +225,37 @@ class IncrementalDeepLab(nn.Module):
           probability.
           PLOP's ``--init_balanced`` is the same computation (PLOP's methods use ``"mib"``; its
           multimodal-background inits need several background channels, which this model has not).
+        * ``"ssul"`` (``heads="ssul"``, SSUL's ``--w_transfer``, main.py:304-325): the new head is a
+          copy of the unknown head: its conv3x3, its BN (affine and running statistics) and, for
+          every new class, its 1x1 weight and bias.
+        * ``"dkd"`` (``heads="dkd"``, DKD models/model.py:110-115): every new class's 1x1 weight and
+          bias are the auxiliary classifier's.
         * ``"none"``: keep the random initialisation of the new convolution.
         """
         if mode not in INIT_MODES:
             raise ValueError(f"unknown classifier init mode {mode!r}; expected one of {', '.join(INIT_MODES)}")
         if mode == "none":
             return
-        if len(self.classifier) < 2:
+        if len(self._classes_per_step) < 2:
             raise ValueError(f"init_new_classifier(mode={mode!r}) needs a model with at least 2 steps, "
                              f"got classes_per_step={self._classes_per_step}")
+        expected = {"mib": "linear"}.get(mode, mode)
+        if self.heads != expected:
+            raise ValueError(f"init_new_classifier(mode={mode!r}) needs the {expected} classifiers; this model "
+                             f"has {self.heads}")
+        if mode == "ssul":
+            unknown, new = self.classifier[0], self.classifier[-1]
+            new[0].weight.copy_(unknown[0].weight)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new[1], name).copy_(getattr(unknown[1], name))
+            new[3].weight.copy_(unknown[3].weight.expand_as(new[3].weight))
+            new[3].bias.copy_(unknown[3].bias.expand_as(new[3].bias))
+            return
+        if mode == "dkd":
+            aux, new = self.classifier[0], self.classifier[-1]
+            new.weight.copy_(aux.weight.expand_as(new.weight))
+            new.bias.copy_(aux.bias.expand_as(new.bias))
+            return
         background, new = self.classifier[0], self.classifier[-1]
         n_new = new.out_channels
         bias = background.bias[0] - math.log(n_new + 1)
@@ -161,7 +265,8 @@ class IncrementalDeepLab(nn.Module):
 
 
 def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
-                pretrained: str | os.PathLike | None = None, head_channels: int | None = None) -> IncrementalDeepLab:
+                pretrained: str | os.PathLike | None = None, head_channels: int | None = None,
+                spec: ModelSpec = ModelSpec()) -> IncrementalDeepLab:
     """Build an :class:`IncrementalDeepLab`.
 
     Args:
@@ -173,11 +278,17 @@ def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: i
             needs internet). See :func:`ucdseg.models.backbones.load_backbone_weights`.
         head_channels: width of the ASPP head and of the pre-logits features (default: the
             backbone's ``head_channels``, 256 for every built-in backbone).
+        spec: the method's classifier layout and backbone BN momentum (:class:`ModelSpec`).
     """
     net = build_backbone(backbone, output_stride)
     if pretrained is not None and pretrained != "":
         load_backbone_weights(net, pretrained)
-    return IncrementalDeepLab(net, classes_per_step, head_channels=head_channels or net.head_channels)
+    if spec.backbone_bn_momentum is not None:
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = spec.backbone_bn_momentum
+    return IncrementalDeepLab(net, classes_per_step, head_channels=head_channels or net.head_channels,
+                              heads=spec.heads)
 
 
 def load_previous_step(model: IncrementalDeepLab, state_dict: Mapping[str, Tensor]) -> IncrementalDeepLab:
@@ -188,7 +299,7 @@ def load_previous_step(model: IncrementalDeepLab, state_dict: Mapping[str, Tenso
     Raises ``ValueError`` (one line) when the state dict is not that of a model with one step
     fewer and the same architecture.
     """
-    if len(model.classifier) < 2:
+    if len(model.classes_per_step) < 2:
         raise ValueError("load_previous_step needs a model with at least 2 steps, "
                          f"got classes_per_step={model.classes_per_step}")
     state = dict(state_dict)

@@ -66,35 +66,34 @@ def train_two_steps(name: str, kill_at: int | None = None, kill_step: int = 1):
     data, cls = release_data(), REGULARIZERS[name]
     kwargs = dict(alpha=gen.ALPHA, iterations=gen.ITERATIONS)
     model_old, previous, out = None, None, []
-    with torch.random.fork_rng():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for step in (0, 1):
-                model = gen.build_model(data, step, model_old)
-                args = (
-                    dict(model.named_parameters()),
-                    None if model_old is None else dict(model_old.named_parameters()),
-                    previous,
-                )
-                holder = [cls(*args, **kwargs)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in (0, 1):
+            model = gen.build_model(data, step, model_old)
+            args = (
+                dict(model.named_parameters()),
+                None if model_old is None else dict(model_old.named_parameters()),
+                previous,
+            )
+            holder = [cls(*args, **kwargs)]
 
-                def get_reg(it: int):
-                    if step == kill_step and it == kill_at:
-                        state = roundtrip(holder[0].state_dict())
-                        holder[0] = cls(*args, **kwargs)  # a new process, same step inputs
-                        holder[0].load_state_dict(state)
-                    return holder[0]
+            def get_reg(it: int):
+                if step == kill_step and it == kill_at:
+                    state = roundtrip(holder[0].state_dict())
+                    holder[0] = cls(*args, **kwargs)  # a new process, same step inputs
+                    holder[0].load_state_dict(state)
+                return holder[0]
 
-                run = gen.run_step(
-                    model, get_reg, data[f"images{step}"], data[f"labels{step}"],
-                    lambda l_reg: l_reg.requires_grad,
-                )
-                out.append((model, holder[0], run))
-                previous = roundtrip(holder[0].carry())
-                model_old = gen.frozen_copy(model)
-        finally:
-            torch.set_num_threads(threads)
+            run = gen.run_step(
+                model, get_reg, data[f"images{step}"], data[f"labels{step}"],
+                lambda l_reg: l_reg.requires_grad,
+            )
+            out.append((model, holder[0], run))
+            previous = roundtrip(holder[0].carry())
+            model_old = gen.frozen_copy(model)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -140,10 +139,13 @@ def test_matches_mibs_release_over_two_steps(name):
         assert got.shape == want.shape, (step, kind, table, key)
         scale = max(1.0, float(np.abs(want).max()))
         np.testing.assert_allclose(
-            got, want, rtol=1e-10, atol=1e-10 * scale, err_msg=f"{name} step {step} {kind} {table} {key}"
+            got, want, rtol=1e-10, atol=1e-10 * scale,
+            err_msg=f"{name} step {step} {kind} {table} {key}",
         )
         kinds.add((kind, table))
-    expected_tables = {"ewc": {"fisher"}, "pi": {"omega", "delta"}, "rw": {"fisher", "score", "score_sum"}}
+    expected_tables = {
+        "ewc": {"fisher"}, "pi": {"omega", "delta"}, "rw": {"fisher", "score", "score_sum"}
+    }
     assert kinds == {("penalty", ""), ("grad", ""), ("params", "")} | {
         ("state", table) for table in expected_tables[name]
     }
@@ -208,7 +210,8 @@ def test_normalize_importance_min_max_per_tensor():
 
 
 def test_normalize_importance_of_a_constant_tensor_is_zero():
-    assert torch.equal(normalize_importance(torch.full((2, 3), 5.0, dtype=f64)), torch.zeros(2, 3, dtype=f64))
+    constant = torch.full((2, 3), 5.0, dtype=f64)
+    assert torch.equal(normalize_importance(constant), torch.zeros(2, 3, dtype=f64))
     assert torch.equal(normalize_importance(t(7.0)), t(0.0))  # one element: never penalised
 
 
@@ -285,7 +288,7 @@ def descend(reg, w: torch.Tensor, c: float, lr: float, n: int, ascend: bool = Fa
 
 
 def quadratic_delta(theta0: float, c: float, lr: float, n: int) -> float:
-    """δ of the release after n calls: θ_k = θ0 r^k, δ = sum_{k=1}^{n-1} (c θ_k)(θ_{k-1} - θ_k)."""
+    """The release's δ after n calls: θ_k = θ0 r^k, δ = sum_{k=1}^{n-1} c θ_k (θ_{k-1} - θ_k)."""
     r = 1.0 - lr * c
     return lr * c * c * theta0 * theta0 * r * (1.0 - r ** (2 * (n - 1))) / (1.0 - r * r)
 
@@ -412,16 +415,26 @@ def test_rw_penalty_by_hand():
 
 
 def test_registry_names():
-    assert {name: cls.name for name, cls in REGULARIZERS.items()} == {"ewc": "ewc", "pi": "pi", "rw": "rw"}
+    assert {name: cls.name for name, cls in REGULARIZERS.items()} == {
+        "ewc": "ewc", "pi": "pi", "rw": "rw"
+    }
 
 
 @pytest.mark.parametrize(
     "cls,previous,match",
     [
         (EWC, {"fisher": {}}, r"ewc regulariser state of the previous step has no fisher\['w'\]"),
-        (PathIntegral, {"omega": {"w": t(1.0, 2.0)}}, r"pi .*omega\['w'\] has shape \(2,\), the parameter has \(3,\)"),
-        (RiemannianWalk, {"fisher": {"w": t(1.0, 2.0, 3.0)}}, r"rw regulariser state .* no 'score' table"),
-        (RiemannianWalk, {"fisher": {"w": t(1.0, 2.0, 3.0)}, "score": {}}, r"rw .* no score\['w'\]"),
+        (
+            PathIntegral,
+            {"omega": {"w": t(1.0, 2.0)}},
+            r"pi .*omega\['w'\] has shape \(2,\), the parameter has \(3,\)",
+        ),
+        (RiemannianWalk, {"fisher": {"w": t(1.0, 2.0, 3.0)}}, r"rw .* no 'score' table"),
+        (
+            RiemannianWalk,
+            {"fisher": {"w": t(1.0, 2.0, 3.0)}, "score": {}},
+            r"rw .* no score\['w'\]",
+        ),
     ],
 )
 def test_bad_previous_state_is_a_one_line_error(cls, previous, match):

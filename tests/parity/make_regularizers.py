@@ -7,10 +7,13 @@ Release: ``fcdl94/MiB`` at commit 1c589833ce5c1a7446469d4602ceab2cdeac1b0e, file
 
 Regenerate (from the repository root)::
 
-    mkdir -p /tmp/mib && git -C <MiB mirror> archive 1c58983 utils/regularizer.py | tar -x -C /tmp/mib
+    mkdir -p /tmp/mib
+    git -C <MiB mirror> archive 1c58983 utils/regularizer.py | tar -x -C /tmp/mib  # (*)
     OMP_NUM_THREADS=1 python tests/parity/make_regularizers.py --release /tmp/mib
 
-which writes ``tests/parity/data/regularizers.npz``. For each regulariser it trains a tiny seeded
+(*) ``git archive`` of the MiB mirror may warn about a large file it lacks
+(``ContinualAISlides.pdf``); ``utils/regularizer.py`` is extracted all the same. The command
+writes ``tests/parity/data/regularizers.npz``. For each regulariser it trains a tiny seeded
 float64 network (two convs, a BatchNorm, one 1x1 classifier per step) for ``N_ITER`` SGD
 iterations of step 0 (3 classes), then ``N_ITER`` of step 1 (2 new classes, θ* and the previous
 state from step 0), and records the unweighted penalty of every iteration, the penalty's gradient
@@ -53,7 +56,7 @@ NAMES = ("ewc", "pi", "rw")
 
 
 class TinyNet(nn.Module):
-    """conv-BN-ReLU, conv-ReLU (float64 once ``.double()``), one 1x1 classifier per step (MiB's ``cls`` ModuleList)."""
+    """conv-BN-ReLU, conv-ReLU, one 1x1 classifier per step (MiB's ``cls`` ModuleList)."""
 
     def __init__(self, classes: tuple[int, ...]) -> None:
         super().__init__()
@@ -76,7 +79,8 @@ def make_inputs(seed: int = 0) -> dict[str, np.ndarray]:
     for key, p in net.named_parameters():
         arrays[f"init.{key}"] = p.detach().numpy().copy()
     for step, classes in enumerate(CLASSES):
-        arrays[f"images{step}"] = torch.randn(N_ITER, BATCH, 3, SIZE, SIZE, dtype=torch.float64).numpy()
+        images = torch.randn(N_ITER, BATCH, 3, SIZE, SIZE, dtype=torch.float64)
+        arrays[f"images{step}"] = images.numpy()
         ids = torch.tensor([0, 1, 2] if step == 0 else [0, 3, 4])
         labels = ids[torch.randint(0, len(ids), (N_ITER, BATCH, SIZE, SIZE))]
         labels[torch.rand(labels.shape) < 0.1] = 255
@@ -84,7 +88,7 @@ def make_inputs(seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def build_model(arrays: dict[str, np.ndarray], step: int, trained: nn.Module | None = None) -> TinyNet:
+def build_model(arrays: Any, step: int, trained: nn.Module | None = None) -> TinyNet:
     """Step 0: the initial weights. Step 1: ``trained``'s weights plus the new classifier's init
     (MiB's ``load_state_dict(strict=False)``, run.py:203)."""
     model = TinyNet(CLASSES[step]).double()
@@ -126,7 +130,8 @@ def run_step(
         reg = get_reg(it)
         optim.zero_grad()
         logits = model(torch.from_numpy(images[it]))
-        loss = F.cross_entropy(logits, torch.from_numpy(labels[it]), ignore_index=255, reduction="none")
+        target = torch.from_numpy(labels[it])
+        loss = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
         loss.mean().backward()
         reg.update()
         penalty = reg.penalty()
@@ -139,7 +144,8 @@ def run_step(
         if backward_penalty(l_reg):
             l_reg.backward()
         optim.step()
-    return {"penalty": np.array(penalties), "grads": {k: torch.stack(v) for k, v in grads.items() if v}}
+    stacked = {k: torch.stack(v) for k, v in grads.items() if v}
+    return {"penalty": np.array(penalties), "grads": stacked}
 
 
 def load_release(release: Path):

@@ -5,7 +5,8 @@ in ``fcdl94/MiB@1c58983:utils/regularizer.py`` (cited below as ``regularizer.py:
 by ``train.py:124-139`` (``MiB:train.py``). The classes here compute exactly what those do, on a
 mapping of named parameters instead of a model, so they are usable without ucdseg's trainer::
 
-    reg = EWC(dict(model.named_parameters()), old_params, previous)   # previous = last step's carry()
+    # previous = the last step's carry(), None at step 0
+    reg = EWC(dict(model.named_parameters()), old_params, previous)
     for images, labels in loader:
         optimizer.zero_grad()
         task_loss(model(images), labels).backward()
@@ -20,7 +21,8 @@ mapping of named parameters instead of a model, so they are usable without ucdse
   :meth:`~ParameterRegularizer.update` reads their ``.grad``). Only entries with
   ``requires_grad`` get an importance, as in the release (``regularizer.py:92-94,252-257``).
 * ``old_params``: θ*, the old model's named parameters (``None`` at step 0). The penalty runs over
-  the parameters present in both (``regularizer.py:107,181,294``), so a new step's classifier is free.
+  the parameters present in both (``regularizer.py:107,181,294``): a new step's classifier is
+  free.
 * ``previous``: the previous step's :meth:`~ParameterRegularizer.carry` (``None`` at step 0, or
   when the previous step trained without this regulariser: then, as in MiB, no penalty). A
   missing entry or a wrong shape raises a one-line ``ValueError``.
@@ -65,7 +67,7 @@ Tables = dict[str, dict[str, Tensor]]
 
 
 def normalize_importance(m: Tensor) -> Tensor:
-    """Per-tensor min-max normalisation ``(m - min m) / (max m - min m + 1e-8)`` (``regularizer.py:37-38``).
+    """Per-tensor min-max ``(m - min m) / (max m - min m + 1e-8)`` (``regularizer.py:37-38``).
 
     The smallest entry of every tensor maps to 0, so it is never penalised; a constant tensor
     (one-element parameters included) maps to all zeros.
@@ -103,8 +105,10 @@ class ParameterRegularizer:
         iterations: int = 10,
         normalize: bool = True,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"{self.name} regulariser: alpha must be a number in [0, 1], got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(
+                f"{self.name} regulariser: alpha must be a number in [0, 1], got {alpha!r}"
+            )
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(
                 f"{self.name} regulariser: iterations must be a positive int, got {iterations!r}"
@@ -118,7 +122,7 @@ class ParameterRegularizer:
         self.alpha = float(alpha)
         self.iterations = iterations
         self.normalize = bool(normalize)
-        self.calls = 0  # update() calls so far in this step (RW's ``count``, regularizer.py:223,274)
+        self.calls = 0  # update() calls in this step (RW's ``count``, regularizer.py:223,274)
 
         if previous is not None and old_params is None:
             raise ValueError(
@@ -136,7 +140,9 @@ class ParameterRegularizer:
                         f"{tuple(old.shape)}, the parameter has {tuple(self.params[key].shape)}"
                     )
                 self.old_params[key] = old.detach()
-            self.penalized = [k for k, p in self.params.items() if k in self.old_params and p.requires_grad]
+            self.penalized = [
+                k for k, p in self.params.items() if k in self.old_params and p.requires_grad
+            ]
             if not self.penalized:
                 raise ValueError(
                     f"{self.name} regulariser: no trainable parameter is among the old model's "
@@ -159,7 +165,7 @@ class ParameterRegularizer:
         raise NotImplementedError
 
     def penalty(self) -> Tensor:
-        """``sum_n sum W_n (θ_n - θ*_n)^2`` over the old model's trainable parameters, unweighted."""
+        """``sum_n sum W_n (θ_n - θ*_n)^2`` over the old model's trainable parameters."""
         if not self.active:
             first = next(iter(self.params.values()))
             return torch.zeros((), dtype=first.dtype, device=first.device)
@@ -199,7 +205,9 @@ class ParameterRegularizer:
                 )
         calls = state.get("calls")
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise ValueError(f"{self.name} regulariser state: calls must be an int >= 0, got {calls!r}")
+            raise ValueError(
+                f"{self.name} regulariser state: calls must be an int >= 0, got {calls!r}"
+            )
         self._load_tensor_state(state)
         self.calls = calls
 
@@ -211,7 +219,9 @@ class ParameterRegularizer:
     def _load_tensor_state(self, state: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
-    def _previous_table(self, previous: Mapping[str, Mapping[str, Tensor]], kind: str) -> dict[str, Tensor]:
+    def _previous_table(
+        self, previous: Mapping[str, Mapping[str, Tensor]], kind: str
+    ) -> dict[str, Tensor]:
         """``previous[kind]`` checked against ``params``: every penalised key present, shapes equal.
 
         Entries of parameters in ``params`` move to that parameter's device and dtype; others are
@@ -229,7 +239,8 @@ class ParameterRegularizer:
         for key, value in table.items():
             if not isinstance(value, Tensor):
                 raise ValueError(
-                    f"{self.name} regulariser state of the previous step: {kind}[{key!r}] is not a tensor"
+                    f"{self.name} regulariser state of the previous step: {kind}[{key!r}] "
+                    "is not a tensor"
                 )
             p = self.params.get(key)
             if p is None:
@@ -237,8 +248,8 @@ class ParameterRegularizer:
                 continue
             if value.shape != p.shape:
                 raise ValueError(
-                    f"{self.name} regulariser state of the previous step: {kind}[{key!r}] has shape "
-                    f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}"
+                    f"{self.name} regulariser state of the previous step: {kind}[{key!r}] has "
+                    f"shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}"
                 )
             out[key] = value.detach().to(device=p.device, dtype=p.dtype)
         return out
@@ -246,13 +257,16 @@ class ParameterRegularizer:
     def _norm(self, m: Tensor) -> Tensor:
         return normalize_importance(m) if self.normalize else m
 
-    def _restore(self, state: Mapping[str, Any], kind: str, reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _restore(
+        self, state: Mapping[str, Any], kind: str, reference: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """``state[kind]`` with exactly the keys and shapes of ``reference``, on its devices."""
         table = state.get(kind)
         if not isinstance(table, Mapping):
             raise ValueError(f"{self.name} regulariser state has no {kind!r} table")
         if set(table) != set(reference):
-            extra, missing = sorted(set(table) - set(reference)), sorted(set(reference) - set(table))
+            extra = sorted(set(table) - set(reference))
+            missing = sorted(set(reference) - set(table))
             raise ValueError(
                 f"{self.name} regulariser state: {kind} keys differ from this run's "
                 f"(missing {missing[:3]}, unexpected {extra[:3]})"
@@ -292,10 +306,11 @@ class ParameterRegularizer:
                 fisher[key] = torch.ones_like(p, requires_grad=False)
 
     def _ema_update(self, fisher: dict[str, Tensor]) -> None:
-        """``F <- α g^2 + (1 - α) F`` for every parameter with a gradient (``regularizer.py:99,279``)."""
+        """``F <- α g^2 + (1 - α) F`` where there is a gradient (``regularizer.py:99,279``)."""
         for key, p in self.params.items():
             if p.grad is not None and key in fisher:
-                fisher[key] = (self.alpha * p.grad.detach().pow(2)) + ((1 - self.alpha) * fisher[key])
+                g = p.grad.detach()
+                fisher[key] = (self.alpha * g.pow(2)) + ((1 - self.alpha) * fisher[key])
 
 
 class EWC(ParameterRegularizer):
@@ -316,7 +331,9 @@ class EWC(ParameterRegularizer):
     carried = ("fisher",)
 
     def __init__(self, params, old_params, previous, *, alpha=0.9, iterations=10, normalize=True):
-        super().__init__(params, old_params, previous, alpha=alpha, iterations=iterations, normalize=normalize)
+        super().__init__(
+            params, old_params, previous, alpha=alpha, iterations=iterations, normalize=normalize
+        )
         with torch.no_grad():
             self.fisher: dict[str, Tensor] = {}
             if previous is not None:
@@ -355,7 +372,8 @@ class PathIntegral(ParameterRegularizer):
       parameter (``:185-193``). The release's comment says "averaged"; the code **sums** over
       steps, and so does this. No SI damping: a parameter ending near θ_start gets a huge ω,
       which the per-tensor normalisation then turns into ~0 for the rest of its tensor.
-    * Penalty ``sum_n sum norm(ω_{t-1,n}) (θ_n - θ*_n)^2``, only with a previous ω (``:150-158,176-183``).
+    * Penalty ``sum_n sum norm(ω_{t-1,n}) (θ_n - θ*_n)^2``, only with a previous ω
+      (``:150-158,176-183``).
     * ``carry() == {"omega": ω}`` (the release's ``state_dict()["score"]``, ``:195-198``).
     ``alpha`` and ``iterations`` are accepted for a uniform signature and unused.
     """
@@ -364,33 +382,38 @@ class PathIntegral(ParameterRegularizer):
     carried = ("omega",)
 
     def __init__(self, params, old_params, previous, *, alpha=0.9, iterations=10, normalize=True):
-        super().__init__(params, old_params, previous, alpha=alpha, iterations=iterations, normalize=normalize)
+        super().__init__(
+            params, old_params, previous, alpha=alpha, iterations=iterations, normalize=normalize
+        )
         with torch.no_grad():
             old = self.old_params or {}
             # θ_start: θ* where the old model has the key, else the value now (kept in the state).
-            self._own_start = {k: p.detach().clone() for k, p in self.params.items() if k not in old}
+            self._own_start = {
+                k: p.detach().clone() for k, p in self.params.items() if k not in old
+            }
             self.theta_start = {k: old[k] if k in old else self._own_start[k] for k in self.params}
             self.omega_prev: dict[str, Tensor] = {}
             if previous is not None:
                 previous_w = self._previous_table(previous, "omega")
                 self.omega_prev = {k: v for k, v in previous_w.items() if k in self.params}
                 self._weights = {k: self._norm(previous_w[k]) for k in self.penalized}
-            self.delta = {k: torch.zeros_like(p, requires_grad=False) for k, p in self.params.items()}
+            self.delta = {k: torch.zeros_like(p) for k, p in self.params.items()}
             self.theta_prev: dict[str, Tensor] | None = None
 
     @torch.no_grad()
     def update(self) -> None:
-        """``δ += g ⊙ (θ_prev - θ)`` (from the second call on), then θ_prev <- θ (``regularizer.py:164-174``)."""
+        """``δ += g ⊙ (θ_prev - θ)`` from the second call on, then θ_prev <- θ (``:164-174``)."""
         if self.theta_prev is not None:
             for key, p in self.params.items():
                 if p.grad is not None and key in self.theta_prev:
-                    self.delta[key] = self.delta[key] + p.grad.detach() * (self.theta_prev[key] - p.detach())
+                    step = p.grad.detach() * (self.theta_prev[key] - p.detach())
+                    self.delta[key] = self.delta[key] + step
         self.theta_prev = self._snapshot()
         self.calls += 1
 
     @torch.no_grad()
     def omega(self) -> dict[str, Tensor]:
-        """``max(δ / ((θ - θ_start)^2 + 1e-20), 0) + ω_{t-1}`` per parameter (``regularizer.py:185-193``)."""
+        """``max(δ / ((θ - θ_start)^2 + 1e-20), 0) + ω_{t-1}`` (``regularizer.py:185-193``)."""
         out = {}
         for key, p in self.params.items():
             score = self.delta[key] / ((p.detach() - self.theta_start[key]).pow(2) + PI_EPS)
@@ -424,13 +447,14 @@ class RiemannianWalk(ParameterRegularizer):
     * F as :class:`EWC`'s (ones for new keys, else the previous unnormalised F), updated by
       ``F <- α g^2 + (1-α) F`` at every call (``:231-257,276-279``).
     * Every ``iterations`` calls (calls 0, k, 2k, ... with k = ``iterations``): from the second
-      such call on, ``s += g ⊙ (θ_prev - θ) / (½ F ⊙ (θ - θ_prev)^2 + 1e-8)``, θ_prev being the
+      such call on, ``s += g ⊙ (θ_prev - θ) / (½ F ⊙ (θ - θ_prev)^2 + 1e-8)``, θ_prev the
       snapshot of k calls earlier, g this call's gradient and F the value **before** this call's
       update; then θ_prev <- θ (``:261-274``). The gradient is that of the current point only,
       not a sum over the k iterations.
     * At the end of the step ``S = ½ (max(s, 0) + S_{t-1})`` for keys with an ``S_{t-1}``, and
       ``max(s, 0)`` (not halved) for new keys (``:281-287``): S is a running halving over steps.
-    * Penalty ``sum_n sum (norm(F_{t-1,n}) + norm(S_{t-1,n})) (θ_n - θ*_n)^2`` (``:231-243,289-297``).
+    * Penalty ``sum_n sum (norm(F_{t-1,n}) + norm(S_{t-1,n})) (θ_n - θ*_n)^2``
+      (``:231-243,289-297``).
     * ``carry() == {"fisher": F, "score": S}`` (``:299-302``).
     """
 
@@ -438,7 +462,9 @@ class RiemannianWalk(ParameterRegularizer):
     carried = ("fisher", "score")
 
     def __init__(self, params, old_params, previous, *, alpha=0.9, iterations=10, normalize=True):
-        super().__init__(params, old_params, previous, alpha=alpha, iterations=iterations, normalize=normalize)
+        super().__init__(
+            params, old_params, previous, alpha=alpha, iterations=iterations, normalize=normalize
+        )
         with torch.no_grad():
             self.fisher: dict[str, Tensor] = {}
             self.score_prev: dict[str, Tensor] = {}
@@ -452,7 +478,7 @@ class RiemannianWalk(ParameterRegularizer):
                 }
             self._ones_for_new_keys(self.fisher)
             self.score_sum = {
-                k: torch.zeros_like(p, requires_grad=False) for k, p in self.params.items() if p.requires_grad
+                k: torch.zeros_like(p) for k, p in self.params.items() if p.requires_grad
             }
             self.theta_prev: dict[str, Tensor] | None = None
 
@@ -473,7 +499,7 @@ class RiemannianWalk(ParameterRegularizer):
 
     @torch.no_grad()
     def score(self) -> dict[str, Tensor]:
-        """``½ (max(s, 0) + S_{t-1})``, or ``max(s, 0)`` for a new key (``regularizer.py:281-287``)."""
+        """``½ (max(s, 0) + S_{t-1})``, ``max(s, 0)`` for a new key (``regularizer.py:281-287``)."""
         out = {}
         for key, s in self.score_sum.items():
             value = torch.where(s >= 0, s, torch.zeros_like(s))

@@ -9,6 +9,8 @@
   :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`), and
   :func:`gathered_contrastive_distillation`, its global-batch version under DDP (gathered.py);
   :func:`contrastive_input_stats` counts what it sees (for the logs)
+* EWC / PI / RW (MiB's parameter regularisers): :class:`EWC`, :class:`PathIntegral`,
+  :class:`RiemannianWalk` (``REGULARIZERS`` by name), :func:`normalize_importance` (regularizers.py)
 """
 
 from .contrastive import (
@@ -29,6 +31,14 @@ from .distillation import (
 )
 from .mib import unbiased_cross_entropy, unbiased_kd
 from .plop import EntropyThresholds, entropy_pseudo_labels, local_pod  # noqa: F401
+from .regularizers import (
+    EWC,
+    REGULARIZERS,
+    ParameterRegularizer,
+    PathIntegral,
+    RiemannianWalk,
+    normalize_importance,
+)
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -48,4 +58,10 @@ __all__ = [
     "local_pod",
     "entropy_pseudo_labels",
     "EntropyThresholds",
+    "ParameterRegularizer",
+    "EWC",
+    "PathIntegral",
+    "RiemannianWalk",
+    "REGULARIZERS",
+    "normalize_importance",
 ]

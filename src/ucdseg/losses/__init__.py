@@ -9,6 +9,9 @@
   :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`), and
   :func:`gathered_contrastive_distillation`, its global-batch version under DDP (gathered.py);
   :func:`contrastive_input_stats` counts what it sees (for the logs)
+* SDR: :func:`update_prototypes`, :func:`prototype_matching`, :func:`feature_clustering`,
+  :func:`feature_separation`, :func:`feature_sparsification`, on labels from
+  :func:`downsample_labels` / :func:`old_prediction_down`; weights :data:`SDR_WEIGHTS` (sdr.py)
 """
 
 from .contrastive import (
@@ -29,6 +32,17 @@ from .distillation import (
 )
 from .mib import unbiased_cross_entropy, unbiased_kd
 from .plop import EntropyThresholds, entropy_pseudo_labels, local_pod  # noqa: F401
+from .sdr import (
+    SDR_WEIGHTS,
+    check_prototypes,
+    downsample_labels,
+    feature_clustering,
+    feature_separation,
+    feature_sparsification,
+    old_prediction_down,
+    prototype_matching,
+    update_prototypes,
+)
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -48,4 +62,13 @@ __all__ = [
     "local_pod",
     "entropy_pseudo_labels",
     "EntropyThresholds",
+    "SDR_WEIGHTS",
+    "check_prototypes",
+    "downsample_labels",
+    "old_prediction_down",
+    "update_prototypes",
+    "prototype_matching",
+    "feature_clustering",
+    "feature_separation",
+    "feature_sparsification",
 ]

@@ -11,6 +11,9 @@
   :func:`contrastive_input_stats` counts what it sees (for the logs)
 * EWC / PI / RW (MiB's parameter regularisers): :class:`EWC`, :class:`PathIntegral`,
   :class:`RiemannianWalk` (``REGULARIZERS`` by name), :func:`normalize_importance` (regularizers.py)
+* SDR: :func:`update_prototypes`, :func:`prototype_matching`, :func:`feature_clustering`,
+  :func:`feature_separation`, :func:`feature_sparsification`, on labels from
+  :func:`downsample_labels` / :func:`old_prediction_down`; weights :data:`SDR_WEIGHTS` (sdr.py)
 """
 
 from .contrastive import (
@@ -39,6 +42,17 @@ from .regularizers import (
     RiemannianWalk,
     normalize_importance,
 )
+from .sdr import (
+    SDR_WEIGHTS,
+    check_prototypes,
+    downsample_labels,
+    feature_clustering,
+    feature_separation,
+    feature_sparsification,
+    old_prediction_down,
+    prototype_matching,
+    update_prototypes,
+)
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -64,4 +78,13 @@ __all__ = [
     "RiemannianWalk",
     "REGULARIZERS",
     "normalize_importance",
+    "SDR_WEIGHTS",
+    "check_prototypes",
+    "downsample_labels",
+    "old_prediction_down",
+    "update_prototypes",
+    "prototype_matching",
+    "feature_clustering",
+    "feature_separation",
+    "feature_sparsification",
 ]

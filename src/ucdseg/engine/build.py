@@ -146,7 +146,7 @@ def step_model(cfg: RunConfig, classes_per_step: list[int], device: torch.device
                pretrained: str | None = None) -> torch.nn.Module:
     """The DeepLab of ``model.*`` for the classes of the steps in ``classes_per_step``."""
     return build_model(cfg.model.backbone, classes_per_step, output_stride=cfg.model.output_stride,
-                       pretrained=pretrained).to(device)
+                       pretrained=pretrained, first_block_dilation=cfg.model.first_block_dilation).to(device)
 
 
 # ------------------------------------------------------------------------------ schedule

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ucdseg.config import ConfigError, from_dict, load_config, to_dict
+from ucdseg.config import ConfigError, from_dict, load_config, migrate, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,6 +27,7 @@ def test_overrides_are_typed_and_applied(tmp_path):
         ("nothing=1", ["nothing"]),
         ("data.setting=sideways", ["data.setting", "overlapped"]),
         ("train.amp=fp8", ["train.amp", "bf16"]),
+        ("model.first_block_dilation=torchvision", ["model.first_block_dilation", "release", "previous"]),
         ("train.batch_size=0", ["train.batch_size", ">= 1"]),
         ("novalue", ["novalue", "key=value"]),
     ],
@@ -109,6 +110,24 @@ def test_saved_configs_of_older_versions_move_method_options_into_method_options
                          pod_last_factor=0.0005)
     cfg = from_dict(old)
     assert cfg.method.options == {"temperature": 0.2, "pod_factor": 0.001}  # defaults are dropped
+
+
+def test_first_block_dilation_follows_the_releases_unless_a_saved_resnet_config_predates_it():
+    assert load_config(None, []).model.first_block_dilation == "release"
+    resnet = ["model.backbone=resnet101", "model.output_stride=16"]
+    assert load_config(None, resnet).model.first_block_dilation == "release"  # new runs: the releases'
+    assert load_config(None, resnet + ["model.first_block_dilation=previous"]).model.first_block_dilation == "previous"
+    # a config saved before the key existed was trained with torchvision's layout: read as "previous"
+    old = to_dict(load_config(None, resnet))
+    old["model"].pop("first_block_dilation")
+    assert from_dict(old).model.first_block_dilation == "previous"
+    assert migrate(old)["model"]["first_block_dilation"] == "previous" and "first_block_dilation" not in old["model"]
+    # ... but a saved value is kept, and backbones the key does not concern take the default
+    saved = to_dict(load_config(None, resnet))
+    assert migrate(saved) == saved and from_dict(saved).model.first_block_dilation == "release"
+    embedded = to_dict(load_config(None, []))
+    embedded["model"].pop("first_block_dilation")
+    assert migrate(embedded) == embedded and from_dict(embedded).model.first_block_dilation == "release"
 
 
 def test_a_bad_value_from_a_file_names_the_file_and_one_from_an_override_does_not(tmp_path):

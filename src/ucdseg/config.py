@@ -62,6 +62,9 @@ class ModelConfig:
     backbone: str = "embedded_resnet"  # the embedded benchmark's (the default dataset); VOC/ADE/Cityscapes: resnet101
     output_stride: int = 4  # embedded_resnet: 4 or 8; torchvision backbones: 8 or 16
     pretrained: Optional[str] = None  # torchvision-format ImageNet checkpoint, weight-enum name, or "embedded"
+    # resnet18/50/101: the first block of a dilated stage at the stage's dilation (release: MiB, PLOP,
+    # UCD) or at the previous one (previous: torchvision's); other backbones ignore it. docs/methods.md
+    first_block_dilation: str = "release"  # release | previous
 
 
 @dataclass
@@ -109,9 +112,21 @@ LEGACY_METHOD_KEYS = {"ucd_temperature": ("temperature", 0.07), "ucd_formulation
                       "pod_last_factor": ("pod_last_factor", 0.0005)}
 
 
+#: Backbones whose layout ``model.first_block_dilation`` sets. Their saved configs written before the
+#: key existed (issue 21) were trained with torchvision's layout: :func:`migrate` reads them as "previous".
+FIRST_BLOCK_DILATION_BACKBONES = ("resnet18", "resnet50", "resnet101")
+
+
 def migrate(data: dict) -> dict:
     """A saved config (``config.yaml``, ``results.json``, a checkpoint) in today's keys: the
-    method options of older configs move into ``method.options`` (defaults dropped)."""
+    method options of older configs move into ``method.options`` (defaults dropped), and a ResNet
+    config without ``model.first_block_dilation`` gets ``"previous"``, the layout it was trained
+    with (a missing key would otherwise take today's default, ``"release"``, and rebuild an old
+    checkpoint with another network). Only for saved configs: YAML files take the default."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if (isinstance(model, dict) and "first_block_dilation" not in model
+            and model.get("backbone") in FIRST_BLOCK_DILATION_BACKBONES):
+        data = {**data, "model": {**model, "first_block_dilation": "previous"}}
     method = data.get("method") if isinstance(data, dict) else None
     if not isinstance(method, dict) or not any(k in method for k in LEGACY_METHOD_KEYS):
         return data
@@ -163,6 +178,7 @@ _CHOICES = {
     "eval.unseen": ("ignore", "background"),
     "device": ("auto", "cpu", "cuda"),
     "model.output_stride": (4, 8, 16),
+    "model.first_block_dilation": ("release", "previous"),
 }
 
 

@@ -126,7 +126,8 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", with_ru
     cfg = _state_config(state, path)
     method = get_method(cfg.method.name)
     model = build_model(cfg.model.backbone, [int(n) for n in state["classes_per_step"]],
-                        output_stride=cfg.model.output_stride, spec=method.model)
+                        output_stride=cfg.model.output_stride, spec=method.model,
+                        first_block_dilation=cfg.model.first_block_dilation)
     weights = dict(state["model"])
     if weights and all(k.startswith("module.") for k in weights):
         weights = {k[len("module."):]: v for k, v in weights.items()}

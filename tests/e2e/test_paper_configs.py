@@ -38,24 +38,37 @@ BENCHMARKS = {
 }
 METHODS = {"ft": "ft", "lwf": "lwf", "ilt": "ilt", "mib": "mib", "mib_ucd": "mib+ucd", "plop": "plop",
            "plop_ucd": "plop+ucd", "joint": "joint"}
+# Configs beside a folder's published ones: file -> (method, run-name suffix). MiB at UNKD 10 on 15-1,
+# the base of mib+ucd's paired gain at equal KD weight (docs/benchmarks.md).
+EXTRA_CONFIGS = {f"voc/15-1-{setting}/mib_kd10.yaml": ("mib", "mib-kd10") for setting in ("disjoint", "overlapped")}
 ROOTS = {"voc": "VOCdevkit/VOC2012", "ade": "ADEChallengeData2016", "cityscapes": "cityscapes"}
 EPOCHS = {"voc": 30, "ade": 60, "cityscapes": 60}
 # Written by hand from the releases (issue 12): later-step epochs where they differ from step 0,
 # loss-weight overrides, and PLOP's ADE POD factors (VOC preset 0.01 / 0.0005 everywhere else).
 EPOCHS_NEXT = {"voc/10-1-overlapped": 10}  # PLOP's scripts/voc/plop_10-1.sh: EPOCHS=10
 WEIGHT_OVERRIDES = {"voc/15-1-disjoint/mib.yaml": {"unkd": 100.0},  # MiB issue #43: loss_kd 100 on 15-1
-                    "voc/15-1-overlapped/mib.yaml": {"unkd": 100.0}}
+                    "voc/15-1-overlapped/mib.yaml": {"unkd": 100.0},
+                    "voc/15-1-disjoint/mib_kd10.yaml": {"unkd": 10.0},  # MiB's preset, as mib_ucd.yaml
+                    "voc/15-1-overlapped/mib_kd10.yaml": {"unkd": 10.0}}
 POD_FACTORS = {f"ade/{t}/{m}.yaml": (0.001, 0.00001)  # PLOP's scripts/ade/plop_ade_*.sh
                for t in ("100-50", "100-10", "50-50") for m in ("plop", "plop_ucd")}
 WEIGHTS = "resnet101-63fe2227.pth"
 
-PAPER_CONFIGS = [f"{bench}/{m}.yaml" for bench in BENCHMARKS for m in METHODS]
+PAPER_CONFIGS = [f"{bench}/{m}.yaml" for bench in BENCHMARKS for m in METHODS] + list(EXTRA_CONFIGS)
 
 
 def expected_name(bench: str, method: str) -> str:
     dataset, task, setting, _ = BENCHMARKS[bench]
     short = {"overlapped": "-ov", "disjoint": "-dis"}[setting] if dataset == "voc" else ""
     return f"{dataset}-{task}{short}-{method}"
+
+
+def file_method(rel: str) -> tuple[str, str]:
+    """(method, run-name suffix) of a config file."""
+    if rel in EXTRA_CONFIGS:
+        return EXTRA_CONFIGS[rel]
+    method = METHODS[rel.rsplit("/", 1)[1][: -len(".yaml")]]
+    return method, method
 
 
 @pytest.fixture
@@ -75,12 +88,12 @@ def test_the_folders_hold_exactly_the_paper_configs():
 
 @pytest.mark.parametrize("rel", PAPER_CONFIGS)
 def test_config_has_the_paper_protocol_task_and_a_clear_missing_data_error(rel, env):
-    bench, method_file = rel.rsplit("/", 1)
+    bench = rel.rsplit("/", 1)[0]
     dataset, task_name, setting, sizes = BENCHMARKS[bench]
-    method = METHODS[method_file[: -len(".yaml")]]
+    method, suffix = file_method(rel)
     cfg = load_config(CONFIGS / rel)
 
-    assert cfg.name == expected_name(bench, method)
+    assert cfg.name == expected_name(bench, suffix)
     assert (cfg.data.dataset, cfg.task.name, cfg.data.setting, cfg.method.name) == (dataset, task_name, setting, method)
     assert get_method(cfg.method.name).name == method
     assert cfg.task.order is None and cfg.task.order_seed is None
@@ -92,6 +105,7 @@ def test_config_has_the_paper_protocol_task_and_a_clear_missing_data_error(rel, 
         assert "pod_factor" not in cfg.method.options
     # docs/protocol.md §5
     assert (cfg.model.backbone, cfg.model.output_stride) == ("resnet101", 16)
+    assert cfg.model.first_block_dilation == "release"  # layer4 dilated as in MiB's, PLOP's and UCD's ResNet
     assert (cfg.data.crop_size, cfg.data.eval_crop_size, cfg.data.scale_min, cfg.data.scale_max) == (512, 512, 0.5, 2.0)
     t = cfg.train
     assert (t.batch_size, t.epochs, t.epochs_next, t.iterations, t.iterations_next) == (
@@ -110,6 +124,48 @@ def test_config_has_the_paper_protocol_task_and_a_clear_missing_data_error(rel, 
 
     with pytest.raises((FileNotFoundError, ValueError), match="not found: " + root):
         open_dataset(cfg, "train")
+
+
+def test_run_names_are_distinct():
+    names = [load_config(CONFIGS / rel).name for rel in PAPER_CONFIGS]
+    assert len(set(names)) == len(names)
+
+
+def fake_results(cfg, seed: int, miou_all: float) -> dict:
+    """A finished run's results.json for ``cfg`` (as the runner writes it), every mIoU ``miou_all``."""
+    from ucdseg.config import to_dict
+
+    groups = {"old": miou_all, "new": miou_all, "all": miou_all}
+    task = build_task(cfg)
+    steps = [{"step": i, "classes": s, "miou": {"without_background": groups, "with_background": groups}}
+             for i, s in enumerate(task.steps)]
+    return {"method": cfg.method.name, "seed": seed, "weights": get_method(cfg.method.name).weights(cfg.method.weights),
+            "config": to_dict(cfg), "steps": steps,
+            "task": {"dataset": task.dataset, "name": task.name, "setting": cfg.data.setting, "steps": task.steps}}
+
+
+@pytest.mark.parametrize("setting", ["disjoint", "overlapped"])
+def test_report_pairs_mib_ucd_with_mib_at_equal_kd_weight_on_15_1(setting, env):
+    """mib+ucd (UNKD 10) pairs with mib_kd10.yaml (UNKD 10, MiB's default weights), not with
+    mib.yaml (UNKD 100, its own row 'mib [unkd=100]'); the paper's MiB cell is shown beside the row
+    of MiB's default weights (docs/benchmarks.md)."""
+    from ucdseg.reporting import aggregate, aggregate_markdown, run_label, ucd_gains
+
+    folder = CONFIGS / f"voc/15-1-{setting}"
+    # as scripts/run_benchmark.sh runs them: the first trains step 0, the others reuse it
+    runs = {m: load_config(folder / f"{m}.yaml", [f"train.step0_from=runs/voc-15-1-{setting}-mib"] if m != "mib" else [])
+            for m in ("mib", "mib_kd10", "mib_ucd")}
+    results = [fake_results(cfg, seed, value) for seed in (0, 1)
+               for cfg, value in ((runs["mib"], 0.30), (runs["mib_kd10"], 0.20), (runs["mib_ucd"], 0.25))]
+    assert [run_label(r) for r in results[:3]] == ["mib [unkd=100]", "mib", "mib+ucd"]
+    (gain,) = ucd_gains(results)
+    assert (gain["method"], gain["base"], gain["seeds"]) == ("mib+ucd", "mib", [0, 1])
+    assert gain["without_background_all_mean"] == pytest.approx(0.05)  # 0.25 - 0.20: against UNKD 10
+    table = aggregate_markdown(aggregate(results), paper=True).splitlines()
+    cells = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in table if line.startswith("| voc")}
+    paper = {"disjoint": "46.2/12.9/37.9", "overlapped": "35.1/13.5/29.7"}[setting]
+    assert cells == {"mib [unkd=100]": "-", "mib": paper, "mib+ucd": {"disjoint": "53.3/14.4/43.5",
+                                                                         "overlapped": "51.9/13.1/42.2"}[setting]}
 
 
 def test_paths_default_to_data_and_weights_in_the_working_directory(monkeypatch):
@@ -156,12 +212,13 @@ def test_run_benchmark_runs_every_method_sharing_step0_then_reports():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     runs = [line for line in lines if " run " in line]
-    order = ["ft", "lwf", "ilt", "mib", "mib_ucd", "plop", "plop_ucd", "joint"]
+    # the published methods in the script's order, then the folder's other configs (mib_kd10)
+    order = ["ft", "lwf", "ilt", "mib", "mib_ucd", "plop", "plop_ucd", "joint", "mib_kd10"]
     assert [line.split(" run ")[1].split()[0] for line in runs] == [
         f"configs/voc/15-1-overlapped/{m}.yaml" for m in order]
     assert all(line.startswith(f"+ {sys.executable} -m ucdseg.cli run ") and " seed=3" in line for line in runs)
-    assert "step0_from" not in runs[0] and "step0_from" not in runs[-1]  # the first run and joint train step 0
-    assert all(line.endswith("train.step0_from=runs/voc-15-1-ov-ft") for line in runs[1:-1])
+    assert "step0_from" not in runs[0] and "step0_from" not in runs[7]  # the first run and joint train step 0
+    assert all(line.endswith("train.step0_from=runs/voc-15-1-ov-ft") for line in runs[1:7] + runs[8:])
     report = lines[-1]
     assert " -m ucdseg.cli report runs/voc-15-1-ov-ft " in report and "runs/voc-15-1-ov-joint " in report
     assert report.endswith("--output-dir runs/voc-15-1-overlapped-report --paper")

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from ucdseg.losses import (
     contrastive_distillation,
     contrastive_distillation_flat,
+    gathered_contrastive_distillation,
     prepare_contrastive_inputs,
     resize_labels_nearest,
 )
-from ucdseg.losses import contrastive
+from ucdseg.losses import contrastive, gathered
 
 TAU = 0.07
 
@@ -20,8 +21,9 @@ TAU = 0.07
 # ----------------------------------------------------------------------------------------------
 # naive reference: explicit loops over pixels, anchors and positives (docs/protocol.md §3, steps 1-6)
 # ----------------------------------------------------------------------------------------------
-def naive_ucd(f, g, z_old, y, tau=TAU, formulation="reference"):
-    """Returns (loss, number of anchors with >= 1 positive). ``y`` is at the feature size."""
+def naive_ucd(f, g, z_old, y, tau=TAU, formulation="reference", void="ignore"):
+    """Returns (loss, number of anchors with >= 1 positive). ``y`` is at the feature size.
+    ``void="background"``: a void pixel is read as a pixel labelled 0 (the UCD releases)."""
     f, g, z_old = f.double(), g.double(), z_old.double()
     batch, _, h, w = f.shape
     p = torch.softmax(z_old, dim=1)
@@ -32,7 +34,9 @@ def naive_ucd(f, g, z_old, y, tau=TAU, formulation="reference"):
             for j in range(w):
                 lab = int(y[b, i, j])
                 if lab == 255:
-                    continue
+                    if void == "ignore":
+                        continue
+                    lab = 0
                 gt = lab != 0
                 if not gt:
                     lab = int(p[b, :, i, j].argmax())
@@ -186,6 +190,113 @@ def test_gradient_flows_only_into_new_features():
     contrastive_distillation(f, g, z, y).backward()
     assert f.grad is not None and f.grad.abs().sum() > 0
     assert g.grad is None and z.grad is None
+
+
+# ----------------------------------------------------------------------------------------------
+# void cells: "ignore" (default) drops them, "background" reads them as 0 (both UCD releases)
+# ----------------------------------------------------------------------------------------------
+def void_as_background(y):
+    return torch.where(y == 255, torch.zeros_like(y), y)
+
+
+def test_hand_case_void_as_background_enters_as_an_old_model_pixel():
+    # the hand case, but the old model says class 1 at the void pixel 3 (p = (1/4, 3/4))
+    f, g, z, y = hand_case()
+    z[0, 1, 0, 3] = math.log(3.0)
+    ignored = prepare_contrastive_inputs(f, g, z, y, void="ignore")
+    assert ignored.anchor_labels.tolist() == [2, 2, 1] and ignored.contrast_labels.tolist() == [2, 2, 1, 1]
+    inp = prepare_contrastive_inputs(f, g, z, y, void="background")
+    assert inp.anchor_labels.tolist() == [2, 2, 1, 1]
+    assert inp.anchor_is_gt.tolist() == [True, True, False, False]
+    assert inp.contrast_labels.tolist() == [2, 2, 1, 1, 1, 1]
+    assert inp.contrast_is_gt.tolist() == [True, True, False, False, False, False]
+    s = 1 / math.sqrt(2)  # f = (7, 7) and g = (1, 3) at pixel 3, normalised
+    torch.testing.assert_close(inp.anchors[3], torch.tensor([s, s]))
+    torch.testing.assert_close(inp.contrast[5], torch.tensor([1.0, 3.0]) / math.sqrt(10))
+    torch.testing.assert_close(inp.anchor_probs[3], torch.tensor([0.25, 0.75]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 7])
+@pytest.mark.parametrize("formulation", ["reference", "supcon"])
+def test_void_as_background_is_exactly_void_labelled_zero(seed, formulation):
+    f, g, z, y = make_case(seed=seed)
+    old_pred = torch.softmax(z, dim=1).argmax(dim=1)
+    assert bool(((y == 255) & (old_pred != 0)).any())  # some void cells enter under "background"
+    got, got_grad = grad_of(lambda x: contrastive_distillation(x, g, z, y, formulation=formulation,
+                                                               block_size=3, void="background"), f)
+    # the same call with the 255s written as 0: the same computation, bit for bit
+    same, same_grad = grad_of(lambda x: contrastive_distillation(x, g, z, void_as_background(y),
+                                                                 formulation=formulation, block_size=3), f)
+    assert torch.equal(got, same) and torch.equal(got_grad, same_grad)
+    # the naive loop reading void as 0
+    want, want_grad = grad_of(lambda x: naive_ucd(x, g, z, y, formulation=formulation, void="background")[0], f)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+    # "ignore" is the naive loop that skips void, and differs
+    ignored, ignored_grad = grad_of(lambda x: contrastive_distillation(x, g, z, y, formulation=formulation,
+                                                                       block_size=3, void="ignore"), f)
+    want, want_grad = grad_of(lambda x: naive_ucd(x, g, z, y, formulation=formulation)[0], f)
+    torch.testing.assert_close(ignored, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ignored_grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert abs(ignored.item() - got.item()) > 1e-6
+    # under "ignore" a void cell gets no gradient; under "background" those the old model calls old do
+    void_cells = (y == 255) & (old_pred != 0)
+    assert ignored_grad.permute(0, 2, 3, 1)[y == 255].abs().max() == 0
+    assert got_grad.permute(0, 2, 3, 1)[void_cells].abs().sum(dim=1).min() > 0
+
+
+def test_void_cells_enter_only_under_background():
+    f, g, z, y = make_case(seed=3)
+    old_pred = torch.softmax(z, dim=1).argmax(dim=1)
+    ignored = prepare_contrastive_inputs(f, g, z, y)  # the default
+    background = prepare_contrastive_inputs(f, g, z, y, void="background")
+    entering = int(((y == 255) & (old_pred != 0)).sum())
+    assert entering > 0
+    assert background.anchors.shape[0] == ignored.anchors.shape[0] + entering
+    assert background.contrast.shape[0] == ignored.contrast.shape[0] + 2 * entering  # anchor copy + old element
+    assert int(background.anchor_is_gt.sum()) == int(ignored.anchor_is_gt.sum())  # void is never GT
+    for name, value in prepare_contrastive_inputs(f, g, z, void_as_background(y))._asdict().items():
+        assert torch.equal(getattr(background, name), value), name
+
+
+def test_gathered_loss_passes_void_on(monkeypatch):
+    f, g, z, y = make_case(seed=8)
+    for void in ("ignore", "background"):
+        want = contrastive_distillation(f, g, z, y, void=void)
+        torch.testing.assert_close(gathered_contrastive_distillation(f, g, z, y, void=void), want,
+                                   rtol=0, atol=0)
+    # its distributed branch, on a one-process gloo group taken for a distributed run
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(gathered, "is_distributed", lambda: True)
+        for void in ("ignore", "background"):
+            want, want_grad = grad_of(lambda x: contrastive_distillation(x, g, z, y, void=void), f)
+            got, got_grad = grad_of(lambda x: gathered_contrastive_distillation(x, g, z, y, void=void), f)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-15)
+        assert abs(gathered_contrastive_distillation(f, g, z, y, void="background").item()
+                   - gathered_contrastive_distillation(f, g, z, y, void="ignore").item()) > 1e-6
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_void_value_is_a_one_line_error():
+    f, g, z, y = make_case(seed=9, dtype=torch.float32)
+    message = r"^void must be one of \('ignore', 'background'\), got 'zero'$"
+    for fn in (contrastive_distillation, prepare_contrastive_inputs, gathered_contrastive_distillation):
+        with pytest.raises(ValueError, match=message):
+            fn(f, g, z, y, void="zero")
+    with pytest.raises(ValueError, match="void must be one of"):
+        contrastive_distillation(f, g, z, y, void=None)
 
 
 # ----------------------------------------------------------------------------------------------

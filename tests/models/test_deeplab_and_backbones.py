@@ -162,15 +162,129 @@ def test_dilate_resnet_stage_matches_torchvision_replace_stride_with_dilation() 
 
 
 def test_resnet18_dilation_by_hand() -> None:
-    body = build_backbone("resnet18", 8).body
+    body = build_backbone("resnet18", 8, first_block_dilation="previous").body
     # layer3: first block keeps dilation 1 (stride removed), second block dilation 2
     assert body.layer3[0].conv1.stride == (1, 1) and body.layer3[0].conv1.dilation == (1, 1)
     assert body.layer3[0].downsample[0].stride == (1, 1)
     assert body.layer3[1].conv1.dilation == (2, 2) and body.layer3[1].conv2.padding == (2, 2)
     assert body.layer4[0].conv2.dilation == (2, 2) and body.layer4[1].conv1.dilation == (4, 4)
-    body16 = build_backbone("resnet18", 16).body
+    body16 = build_backbone("resnet18", 16, first_block_dilation="previous").body
     assert body16.layer3[0].conv1.stride == (2, 2) and body16.layer3[1].conv1.dilation == (1, 1)
     assert body16.layer4[0].conv1.stride == (1, 1) and body16.layer4[1].conv2.dilation == (2, 2)
+    assert body16.layer4[0].conv1.dilation == (1, 1)
+    # the releases' layout (the default): the first block at the stage's dilation too
+    body = build_backbone("resnet18", 8).body
+    assert body.layer3[0].conv1.stride == (1, 1) and body.layer3[0].conv1.dilation == (2, 2)
+    assert body.layer3[0].conv2.padding == (2, 2) and body.layer3[0].downsample[0].stride == (1, 1)
+    assert body.layer4[0].conv1.dilation == (4, 4) and body.layer4[0].conv2.dilation == (4, 4)
+    body16 = build_backbone("resnet18", 16).body
+    assert body16.layer3[0].conv1.stride == (2, 2) and body16.layer3[0].conv1.dilation == (1, 1)
+    assert body16.layer4[0].conv1.dilation == (2, 2) and body16.layer4[0].conv2.padding == (2, 2)
+
+
+# The dilation of every 3x3 conv of layer3 / layer4, block by block, written from the releases'
+# models/resnet.py (one dilation per stage, for all its blocks: MiB models/resnet.py:48-51, 100-104)
+# and from torchvision's replace_stride_with_dilation (the first block keeps the previous dilation).
+BLOCKS = {"resnet18": (2, 2), "resnet50": (6, 3), "resnet101": (23, 3)}  # blocks of layer3, layer4
+LAYOUTS = {
+    ("release", 16): (lambda b: 1, lambda b: 2),
+    ("release", 8): (lambda b: 2, lambda b: 4),
+    ("previous", 16): (lambda b: 1, lambda b: 1 if b == 0 else 2),
+    ("previous", 8): (lambda b: 1 if b == 0 else 2, lambda b: 2 if b == 0 else 4),
+}
+
+
+def three_by_three(block: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+@pytest.mark.parametrize("layout", ["release", "previous"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnet101"])
+def test_first_block_dilation_layouts(backbone: str, layout: str, output_stride: int) -> None:
+    with torch.device("meta"):  # the geometry only: no weight is allocated
+        body = build_backbone(backbone, output_stride, first_block_dilation=layout).body
+    for stage, count, rate_of in zip((body.layer3, body.layer4), BLOCKS[backbone], LAYOUTS[layout, output_stride]):
+        assert len(stage) == count
+        for index, block in enumerate(stage):
+            for conv in three_by_three(block):
+                assert conv.dilation == conv.padding == (rate_of(index),) * 2, (backbone, index)
+    # the first block of layer4 (conv2: the 3x3 of a Bottleneck, the second 3x3 of a BasicBlock)
+    first = body.layer4[0].conv2
+    expected = {("release", 16): 2, ("previous", 16): 1, ("release", 8): 4, ("previous", 8): 2}[layout, output_stride]
+    assert first.dilation == first.padding == (expected, expected) and first.stride == (1, 1)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet101"])
+def test_previous_layout_is_torchvision_replace_stride_with_dilation(backbone: str) -> None:
+    for output_stride, dilate in ((16, [False, False, True]), (8, [False, True, True])):
+        with torch.device("meta"):
+            ours = build_backbone(backbone, output_stride, first_block_dilation="previous").body
+            reference = getattr(torchvision.models, backbone)(weights=None, replace_stride_with_dilation=dilate)
+            release = build_backbone(backbone, output_stride).body
+        assert conv_geometry(ours) == conv_geometry(reference)
+        assert conv_geometry(release) != conv_geometry(reference)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_layouts_differ_in_layer4_only_and_share_weights(backbone: str, tmp_path) -> None:
+    models = {}
+    for layout in ("release", "previous"):
+        torch.manual_seed(0)
+        models[layout] = build_model(backbone, [3], output_stride=16, first_block_dilation=layout).eval()
+        randomize_bn(models[layout], seed=1)
+    release, previous = models["release"].state_dict(), models["previous"].state_dict()
+    # same keys, shapes and (seeded) values: the layout is in the convs' dilation, not in parameters
+    assert list(release) == list(previous)
+    assert all(release[k].shape == previous[k].shape and torch.equal(release[k], previous[k]) for k in release)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out_r, out_p = models["release"](x), models["previous"](x)
+    for stage in range(3):  # layer1 .. layer3 are the same network
+        assert torch.equal(out_r.stages[stage], out_p.stages[stage])
+    assert out_r.stages[3].shape == out_p.stages[3].shape == (2, STAGE_CHANNELS[backbone][3], 4, 4)
+    assert (out_r.stages[3] - out_p.stages[3]).abs().max() > 1e-3
+    assert out_r.logits.shape == out_p.logits.shape == (2, 3, 64, 64)
+    # ImageNet-format weights load unchanged into either layout
+    state = torchvision_state(backbone, seed=5)
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(state, path)
+    for layout in ("release", "previous"):
+        body = build_model(backbone, [2], pretrained=path, first_block_dilation=layout).backbone.body.state_dict()
+        assert set(body) == {k for k in state if not k.startswith("fc.")}
+        assert all(torch.equal(value, state[key]) for key, value in body.items())
+
+
+@pytest.mark.parametrize("output_stride", [4, 8])
+def test_first_block_dilation_leaves_the_embedded_and_mobilenet_backbones_unchanged(output_stride: int) -> None:
+    # embedded_resnet: its single layer4 block keeps dilation 1 (stride removed at output stride 4),
+    # as before the option existed: the embedded benchmark and its pre-trained weights are unchanged
+    outputs = []
+    for layout in ("release", "previous"):
+        torch.manual_seed(0)
+        model = build_model("embedded_resnet", [5, 1], output_stride=output_stride,
+                            first_block_dilation=layout).eval()
+        block = model.backbone.body["layer4"][0]
+        stride = (1, 1) if output_stride == 4 else (2, 2)
+        assert (block.conv1.stride, block.conv1.dilation, block.conv1.padding) == (stride, (1, 1), (1, 1))
+        assert (block.conv2.stride, block.conv2.dilation, block.conv2.padding) == ((1, 1), (1, 1), (1, 1))
+        assert block.downsample[0].stride == stride
+        with torch.no_grad():
+            outputs.append(model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))))
+    assert all(torch.equal(a, b) for a, b in zip([outputs[0].logits, *outputs[0].stages],
+                                                  [outputs[1].logits, *outputs[1].stages]))
+    with torch.device("meta"):
+        mobile = [conv_geometry(build_backbone("mobilenet_v3_large", 16, first_block_dilation=layout).body)
+                  for layout in ("release", "previous")]
+    assert mobile[0] == mobile[1]
+
+
+def test_first_block_dilation_bad_value() -> None:
+    with pytest.raises(ValueError, match=r"first_block_dilation must be one of release, previous, got 'torchvision'"):
+        build_model("resnet18", [2], first_block_dilation="torchvision")
+    with pytest.raises(ValueError, match="first_block_dilation") as exc:
+        build_backbone("embedded_resnet", 4, first_block_dilation="")
+    one_line(exc)
 
 
 def test_mobilenet_os16_is_torchvision_dilated_mobilenet() -> None:

@@ -172,7 +172,8 @@ def step_model(cfg: RunConfig, classes_per_step: list[int], device: torch.device
     """The DeepLab of ``model.*`` for the classes of the steps in ``classes_per_step``, with the
     classifiers the method asks for (its ``model`` spec)."""
     return build_model(cfg.model.backbone, classes_per_step, output_stride=cfg.model.output_stride,
-                       pretrained=pretrained, spec=build_method(cfg).model).to(device)
+                       pretrained=pretrained, spec=build_method(cfg).model,
+                       first_block_dilation=cfg.model.first_block_dilation).to(device)
 
 
 # ------------------------------------------------------------------------------ schedule

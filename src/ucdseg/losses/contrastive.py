@@ -51,6 +51,9 @@ IGNORE_INDEX = 255
 FORMULATIONS = ("reference", "supcon")
 DEFAULT_BLOCK_SIZE = 1024
 FLAT_REDUCTIONS = ("mean", "sum", "none")
+#: What void (255) cells are to the loss: "ignore" drops them; "background" turns them into 0 first
+#: (they take the old model's argmax, as every other background cell), what both UCD releases compute.
+VOID_MODES = ("ignore", "background")
 
 __all__ = [
     "ContrastiveInputs",
@@ -59,6 +62,7 @@ __all__ = [
     "contrastive_distillation",
     "resize_labels_nearest",
     "FORMULATIONS",
+    "VOID_MODES",
     "DEFAULT_BLOCK_SIZE",
 ]
 
@@ -150,22 +154,36 @@ def prepare_contrastive_inputs(
     old_features: torch.Tensor,
     old_logits: torch.Tensor,
     labels: torch.Tensor,
+    void: str = "ignore",
 ) -> ContrastiveInputs:
     """Select the pixels, anchors and contrast set of docs/protocol.md §3.8.
 
     1. ``labels`` are resized to the feature map by reading each cell's centre
-       (:func:`resize_labels_nearest`); ``p = softmax(old_logits)``.
+       (:func:`resize_labels_nearest`); ``p = softmax(old_logits)``. With
+       ``void="background"`` the void cells (255) are then labelled 0, as both UCD releases do
+       (see below); with ``void="ignore"`` (default) they stay 255.
        "GT pixels" are those whose label is neither 0 nor 255 (the current step's ground truth:
        under PLOP too, UCD reads the step's labels, not the pseudo-labels); they keep their label. Pixels labelled 0 take ``argmax p``.
        Pixels still labelled 0 and pixels labelled 255 are dropped.
     2. Anchors: L2-normalised ``features`` at every kept pixel of the batch (computed in float32,
        float64 for float64 inputs). Contrast set: the detached anchors followed by the
        L2-normalised ``old_features`` at kept non-GT pixels. ``self_index[i] = i``.
+
+    ``void="background"`` reproduces the releases: ``pre_contrastive_pixel`` casts the
+    (bilinearly resized) labels to ``torch.int8``, which cannot hold 255 (it becomes -1 on a CPU),
+    and then sets ``label < 0`` and ``label > 20`` to 0 (``utils/loss.py:261-270`` of
+    ygjwd12345/UCD's MiB-based HEAD cc73546, ``:453-462`` of its PLOP-based first commit 51b783a);
+    those 0s then take the old model's argmax (HEAD ``:358``, first commit ``:550``). A void cell
+    thus enters as a non-GT pixel wherever the old model predicts an old class: an anchor, and an
+    old-model element of the contrast set, its pairs weighted by ``<p_i, p_k>``.
     """
+    _check_void(void)
     _check_maps(features, old_features, old_logits, labels)
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     _, _, h, w = features.shape
     y = resize_labels_nearest(labels, (h, w)).reshape(-1).long()
+    if void == "background":
+        y = torch.where(y == IGNORE_INDEX, torch.zeros_like(y), y)
     probs = _flat_pixels(torch.softmax(old_logits.detach().to(dtype), dim=1))
     old_pred = probs.argmax(dim=1)
 
@@ -428,6 +446,11 @@ class _SortedContrastive(torch.autograd.Function):
         return (grad_loss[:, None] * jacobian,) + (None,) * 12
 
 
+def _check_void(void: str) -> None:
+    if not isinstance(void, str) or void not in VOID_MODES:
+        raise ValueError(f"void must be one of {VOID_MODES}, got {void!r}")
+
+
 def _check_options(temperature: float, formulation: str, block_size: int) -> None:
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
@@ -553,6 +576,7 @@ def contrastive_distillation(
     temperature: float = 0.07,
     formulation: str = "reference",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    void: str = "ignore",
 ) -> torch.Tensor:
     """UCD uncertainty-aware contrastive distillation (docs/protocol.md §3), a 0-d float32 tensor.
 
@@ -568,6 +592,9 @@ def contrastive_distillation(
         formulation: ``"reference"`` (the release's numerics: the positive term is shifted by the
             detached row maximum ``m_i``) or ``"supcon"`` (no shift).
         block_size: contrast elements processed at once; memory is ``O(|A| * block_size)``.
+        void: ``"ignore"`` (void cells never enter the loss) or ``"background"`` (void cells are
+            labelled 0 before the selection, so they take the old model's argmax and enter as
+            non-GT pixels, as in both UCD releases; see :func:`prepare_contrastive_inputs`).
 
     Returns an exact 0 that keeps a gradient path to ``features`` when no pixel is kept or no
     anchor has a positive. Computed in float32 whatever the input precision (float64 stays float64).
@@ -575,7 +602,7 @@ def contrastive_distillation(
     _check_options(temperature, formulation, block_size)
     # autocast would run the similarity matmuls in bfloat16/float16: docs/protocol.md §3 wants float32
     with torch.autocast(device_type=features.device.type, enabled=False):
-        inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels)
+        inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels, void=void)
         if inputs.anchors.shape[0] == 0:
             return features.flatten()[:0].to(inputs.anchors.dtype).sum()
         return contrastive_distillation_flat(

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from .contrastive import (
     DEFAULT_BLOCK_SIZE,
     _check_options,
+    _check_void,
     contrastive_distillation,
     contrastive_distillation_flat,
     prepare_contrastive_inputs,
@@ -95,26 +96,28 @@ def gathered_contrastive_distillation(
     temperature: float = 0.07,
     formulation: str = "reference",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    void: str = "ignore",
 ) -> torch.Tensor:
     """UCD contrastive distillation against the global batch (see the module docstring).
 
-    Same arguments and semantics as :func:`~ucdseg.losses.contrastive_distillation` (0-d
-    float32 tensor, float64 for float64 inputs, computed in full precision even under
-    autocast). Under ``torch.distributed`` with ``world_size > 1`` the contrast set is gathered
-    from every process; the value is the loss on the concatenated batch (identical on every
-    rank) and the gradient is scaled for DDP's gradient averaging, so DDP training sees the
-    single-process gradient of the concatenated batch. Returns an exact 0 with a gradient path
-    to ``features`` when no anchor of any process has a positive. It is a collective: every
-    process must call it.
+    Same arguments (``void`` included) and semantics as
+    :func:`~ucdseg.losses.contrastive_distillation` (0-d float32 tensor, float64 for float64
+    inputs, computed in full precision even under autocast). Under ``torch.distributed`` with
+    ``world_size > 1`` the contrast set is gathered from every process; the value is the loss on
+    the concatenated batch (identical on every rank) and the gradient is scaled for DDP's
+    gradient averaging, so DDP training sees the single-process gradient of the concatenated
+    batch. Returns an exact 0 with a gradient path to ``features`` when no anchor of any process
+    has a positive. It is a collective: every process must call it.
     """
     _check_options(temperature, formulation, block_size)
+    _check_void(void)
     if not is_distributed():
         with torch.autocast(device_type=features.device.type, enabled=False):
             return contrastive_distillation(features, old_features, old_logits, labels, temperature=temperature,
-                                            formulation=formulation, block_size=block_size)
+                                            formulation=formulation, block_size=block_size, void=void)
 
     with torch.autocast(device_type=features.device.type, enabled=False):
-        local = prepare_contrastive_inputs(features, old_features, old_logits, labels)
+        local = prepare_contrastive_inputs(features, old_features, old_logits, labels, void=void)
         dtype = local.anchors.dtype
         if local.contrast_labels.numel() and int(local.contrast_labels.max()) >= _MAX_PACKED_LABEL:
             raise ValueError(f"labels must be < {_MAX_PACKED_LABEL} to be gathered, got "

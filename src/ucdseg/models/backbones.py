@@ -4,15 +4,32 @@ Backbones (all built with ``weights=None``; weights come from :func:`load_backbo
 
 * ``resnet18``, ``resnet50``, ``resnet101``: the four stages are ``layer1`` .. ``layer4``
   (strides 4, 8, 16, 16 at output stride 16; 4, 8, 8, 8 at output stride 8). Output stride
-  comes from dilation as torchvision's ``replace_stride_with_dilation`` does it (the first block
-  of a dilated stage keeps the previous dilation). torchvision's ``BasicBlock`` refuses dilation,
-  so for ``resnet18`` :func:`dilate_resnet_stage` applies the same change to the built network.
+  comes from dilation, in one of two layouts (``first_block_dilation``, the config's
+  ``model.first_block_dilation``):
+
+  - ``"release"`` (default): every block of a dilated stage runs at the stage's dilation, as in
+    the In-Place-ABN ResNet of MiB, PLOP and UCD (``layer4`` at 2 at output stride 16; ``layer3``
+    at 2 and ``layer4`` at 4 at output stride 8). Their ``models/resnet.py`` gives each stage one
+    dilation (``[1, 1, 1, 2]`` / ``[1, 1, 2, 4]``, fcdl94/MiB ``models/resnet.py:48-51``) and hands
+    it to every block (``_stride_dilation``, ``:100-104``), whose 3x3 convs all use it
+    (``modules/residual.py:54-58``, ``:69-70``); arthurdouillard/CVPR2021_PLOP
+    ``models/resnet.py:51-54, 112-116`` and ygjwd12345/UCD ``models/resnet.py:48-51, 100-104``
+    are the same code.
+  - ``"previous"``: torchvision's ``replace_stride_with_dilation``, where the first block of a
+    dilated stage keeps the previous stage's dilation (1 in ``layer4`` at output stride 16).
+
+  Both layouts have the same parameters (ImageNet weights load unchanged) and the same output
+  sizes; only the first block's 3x3 dilation and padding differ. torchvision's ``BasicBlock``
+  refuses dilation, so for ``resnet18`` :func:`dilate_resnet_stage` applies the change to the
+  built network.
 * ``embedded_resnet``: the embedded benchmark's backbone (:class:`EmbeddedResNet`), a narrow
   ResNet-10 (one ``BasicBlock`` per stage, widths 16, 32, 64, 128) without stem stride or
   max-pool, made for 64 px scenes: strides 1, 2, 4, 8 at output stride 8; ``layer4`` dilated at
   output stride 4, so a 64 px scene gives a 16 x 16 feature map (a ResNet-18 at output stride 16
   gives 4 x 4). Its ASPP rates (2, 4, 6) and width (128) suit that map; the pre-logits features
-  keep 256 channels.
+  keep 256 channels. Its single ``layer4`` block keeps dilation 1 (torchvision's layout) whatever
+  ``first_block_dilation`` says, so the embedded benchmark and its pre-trained weights stay as
+  they were; ``mobilenet_v3_large`` and registered backbones ignore it too.
 * ``mobilenet_v3_large``: ``features`` of torchvision's MobileNetV3. At output stride 16 this
   is exactly ``mobilenet_v3_large(dilated=True)`` (the last strided block group runs at stride 1
   with dilation 2), as ``deeplabv3_mobilenet_v3_large`` uses it; at output stride 8 the stride-16
@@ -56,6 +73,7 @@ __all__ = [
     "OUTPUT_STRIDES",
     "Backbone",
     "build_backbone",
+    "FIRST_BLOCK_DILATIONS",
     "register_backbone",
     "dilate_resnet_stage",
     "has_preactivation",
@@ -71,6 +89,11 @@ OUTPUT_STRIDES = (4, 8, 16)
 BACKBONE_OUTPUT_STRIDES = {name: (8, 16) for name in BACKBONES} | {"embedded_resnet": (4, 8)}
 #: ASPP rates at each output stride for 512 px crops (DeepLab-v3's values), see ``Backbone.aspp_rates``.
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+#: Dilation layouts of the torchvision ResNets' dilated stages (module docstring).
+FIRST_BLOCK_DILATIONS = ("release", "previous")
+#: The dilated stages of a ResNet and their dilation, per output stride (MiB's ``models/resnet.py:48-51``).
+_STAGE_DILATIONS = {16: {"layer4": 2}, 8: {"layer3": 2, "layer4": 4}}
 
 #: Keys of torchvision's classification heads, dropped when loading ImageNet weights.
 _HEAD_PREFIXES = ("fc.", "classifier.")
@@ -197,7 +220,7 @@ def dilate_resnet_stage(stage: nn.Sequential, previous_dilation: int, dilation: 
                     module.padding = (rate, rate)
 
 
-def _resnet(name: str, output_stride: int) -> Backbone:
+def _resnet(name: str, output_stride: int, first_block_dilation: str = "release") -> Backbone:
     dilate = [False, output_stride == 8, True]
     if name == "resnet18":
         net = tvm.resnet18(weights=None)
@@ -208,6 +231,9 @@ def _resnet(name: str, output_stride: int) -> Backbone:
                 rate *= 2
     else:
         net = getattr(tvm, name)(weights=None, replace_stride_with_dilation=dilate)
+    if first_block_dilation == "release":  # the first block of each dilated stage at the stage's rate
+        for stage_name, rate in _STAGE_DILATIONS[output_stride].items():
+            dilate_resnet_stage(getattr(net, stage_name), rate, rate)
     stages = ["layer1", "layer2", "layer3", "layer4"]
     body = IntermediateLayerGetter(net, return_layers={s: s for s in stages})
     expansion = type(net.layer1[0]).expansion  # 1 for BasicBlock, 4 for Bottleneck
@@ -301,9 +327,17 @@ def register_backbone(name: str, output_strides: tuple[int, ...]) -> Callable:
     return wrap
 
 
-def build_backbone(name: str, output_stride: int = 16) -> Backbone:
+def build_backbone(name: str, output_stride: int = 16, first_block_dilation: str = "release") -> Backbone:
     """Build the named backbone (random init) at one of its output strides
-    (:data:`BACKBONE_OUTPUT_STRIDES`: 16 or 8; 8 or 4 for ``embedded_resnet``)."""
+    (:data:`BACKBONE_OUTPUT_STRIDES`: 16 or 8; 8 or 4 for ``embedded_resnet``).
+
+    ``first_block_dilation`` (:data:`FIRST_BLOCK_DILATIONS`) sets the dilation of the first block
+    of the dilated stages of ``resnet18/50/101``: ``"release"`` (the stage's, as MiB, PLOP and UCD)
+    or ``"previous"`` (torchvision's); see the module docstring. Other backbones ignore it.
+    """
+    if first_block_dilation not in FIRST_BLOCK_DILATIONS:
+        raise ValueError(f"first_block_dilation must be one of {', '.join(FIRST_BLOCK_DILATIONS)}, "
+                         f"got {first_block_dilation!r}")
     if name not in BACKBONE_OUTPUT_STRIDES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONE_OUTPUT_STRIDES)}")
     if output_stride not in BACKBONE_OUTPUT_STRIDES[name]:
@@ -315,7 +349,7 @@ def build_backbone(name: str, output_stride: int = 16) -> Backbone:
         return _mobilenet_v3_large(output_stride)
     if name == "embedded_resnet":
         return _embedded_resnet(output_stride)
-    return _resnet(name, output_stride)
+    return _resnet(name, output_stride, first_block_dilation)
 
 
 # --------------------------------------------------------------------------------------------

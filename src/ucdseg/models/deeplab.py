@@ -266,7 +266,7 @@ class IncrementalDeepLab(nn.Module):
 
 def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
                 pretrained: str | os.PathLike | None = None, head_channels: int | None = None,
-                spec: ModelSpec = ModelSpec()) -> IncrementalDeepLab:
+                spec: ModelSpec = ModelSpec(), first_block_dilation: str = "release") -> IncrementalDeepLab:
     """Build an :class:`IncrementalDeepLab`.
 
     Args:
@@ -279,8 +279,12 @@ def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: i
         head_channels: width of the ASPP head and of the pre-logits features (default: the
             backbone's ``head_channels``, 256 for every built-in backbone).
         spec: the method's classifier layout and backbone BN momentum (:class:`ModelSpec`).
+        first_block_dilation: ``"release"`` (default: every block of a dilated ResNet stage at
+            the stage's dilation, as MiB, PLOP and UCD) or ``"previous"`` (torchvision's: the
+            first block keeps the previous dilation); only ``resnet18/50/101`` use it. See
+            :func:`ucdseg.models.backbones.build_backbone`.
     """
-    net = build_backbone(backbone, output_stride)
+    net = build_backbone(backbone, output_stride, first_block_dilation=first_block_dilation)
     if pretrained is not None and pretrained != "":
         load_backbone_weights(net, pretrained)
     if spec.backbone_bn_momentum is not None:

@@ -9,6 +9,9 @@
   :func:`contrastive_distillation_flat` with :func:`prepare_contrastive_inputs`), and
   :func:`gathered_contrastive_distillation`, its global-batch version under DDP (gathered.py);
   :func:`contrastive_input_stats` counts what it sees (for the logs)
+* SSUL: :func:`ssul_train_labels`, :func:`ssul_pseudo_labels`, :func:`ssul_bce`, :func:`ssul_predict` (ssul.py)
+* DKD: :func:`dkd_mbce`, :func:`dkd_kd`, :func:`decomposed_logits` + :func:`dkd_decomposed_kd`,
+  :func:`dkd_aux_loss`, :func:`dkd_pseudo_labels`, :func:`dkd_predict`, :data:`DKD_WEIGHTS` (dkd.py)
 """
 
 from .contrastive import (
@@ -29,6 +32,20 @@ from .distillation import (
 )
 from .mib import unbiased_cross_entropy, unbiased_kd
 from .plop import EntropyThresholds, entropy_pseudo_labels, local_pod  # noqa: F401
+from .ssul import ssul_bce, ssul_predict, ssul_pseudo_labels, ssul_train_labels
+from .dkd import (
+    DKD_POS_WEIGHT,
+    DKD_POS_WEIGHT_ADE,
+    DKD_POS_WEIGHT_STEP0,
+    DKD_WEIGHTS,
+    decomposed_logits,
+    dkd_aux_loss,
+    dkd_decomposed_kd,
+    dkd_kd,
+    dkd_mbce,
+    dkd_predict,
+    dkd_pseudo_labels,
+)
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -48,4 +65,19 @@ __all__ = [
     "local_pod",
     "entropy_pseudo_labels",
     "EntropyThresholds",
+    "ssul_train_labels",
+    "ssul_pseudo_labels",
+    "ssul_bce",
+    "ssul_predict",
+    "dkd_mbce",
+    "dkd_kd",
+    "decomposed_logits",
+    "dkd_decomposed_kd",
+    "dkd_aux_loss",
+    "dkd_pseudo_labels",
+    "dkd_predict",
+    "DKD_WEIGHTS",
+    "DKD_POS_WEIGHT",
+    "DKD_POS_WEIGHT_STEP0",
+    "DKD_POS_WEIGHT_ADE",
 ]

@@ -14,6 +14,9 @@
 * SDR: :func:`update_prototypes`, :func:`prototype_matching`, :func:`feature_clustering`,
   :func:`feature_separation`, :func:`feature_sparsification`, on labels from
   :func:`downsample_labels` / :func:`old_prediction_down`; weights :data:`SDR_WEIGHTS` (sdr.py)
+* SSUL: :func:`ssul_train_labels`, :func:`ssul_pseudo_labels`, :func:`ssul_bce`, :func:`ssul_predict` (ssul.py)
+* DKD: :func:`dkd_mbce`, :func:`dkd_kd`, :func:`decomposed_logits` + :func:`dkd_decomposed_kd`,
+  :func:`dkd_aux_loss`, :func:`dkd_pseudo_labels`, :func:`dkd_predict`, :data:`DKD_WEIGHTS` (dkd.py)
 """
 
 from .contrastive import (
@@ -53,6 +56,20 @@ from .sdr import (
     prototype_matching,
     update_prototypes,
 )
+from .ssul import ssul_bce, ssul_predict, ssul_pseudo_labels, ssul_train_labels
+from .dkd import (
+    DKD_POS_WEIGHT,
+    DKD_POS_WEIGHT_ADE,
+    DKD_POS_WEIGHT_STEP0,
+    DKD_WEIGHTS,
+    decomposed_logits,
+    dkd_aux_loss,
+    dkd_decomposed_kd,
+    dkd_kd,
+    dkd_mbce,
+    dkd_predict,
+    dkd_pseudo_labels,
+)
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -87,4 +104,19 @@ __all__ = [
     "feature_clustering",
     "feature_separation",
     "feature_sparsification",
+    "ssul_train_labels",
+    "ssul_pseudo_labels",
+    "ssul_bce",
+    "ssul_predict",
+    "dkd_mbce",
+    "dkd_kd",
+    "decomposed_logits",
+    "dkd_decomposed_kd",
+    "dkd_aux_loss",
+    "dkd_pseudo_labels",
+    "dkd_predict",
+    "DKD_WEIGHTS",
+    "DKD_POS_WEIGHT",
+    "DKD_POS_WEIGHT_STEP0",
+    "DKD_POS_WEIGHT_ADE",
 ]

@@ -30,15 +30,27 @@ TERMS = {
     "plop+ucd": {"ce", "pod", "ucd"},
     "joint": {"ce"},
 }
+# the methods of issues 21-22 (their compositions are tested in test_added.py)
+ADDED_TERMS = {
+    "ewc": {"ce"}, "pi": {"ce"}, "rw": {"ce"}, "mib+sdr": {"unce", "unkd", "pm", "fc", "sep", "fs"},
+    "ssul": {"bce"}, "ssul-m": {"bce"},
+    "dkd": {"mbce", "kd", "dkd_pos", "dkd_neg", "ac"}, "dkd-m": {"mbce", "kd", "dkd_pos", "dkd_neg", "ac"},
+}
+ALL_TERMS = {**TERMS, **ADDED_TERMS}
 NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
          "bag", "ankle boot")
 Out = namedtuple("Out", "logits low_logits features stages pod_stages")
-FIRST_STEP = {"lwf-mc": {"bce"}}  # MiB's LwF-MC trains step 0 with BCE too; every other method with CE
+# MiB's LwF-MC trains step 0 with BCE too, SSUL with its BCE, DKD with its BCE and auxiliary loss; every
+# other method with CE
+FIRST_STEP = {"lwf-mc": {"bce"}, "ssul": {"bce"}, "ssul-m": {"bce"}, "dkd": {"mbce", "ac"}, "dkd-m": {"mbce", "ac"}}
+#: which methods may share a step 0: the same name means the same step-0 computation
+SHARED_STEP0 = {"lwf-mc": "bce", "mib+sdr": "sdr", "ewc": "ewc", "pi": "pi", "rw": "rw", "ssul": "ssul", "ssul-m": "ssul",
+                "dkd": "dkd", "dkd-m": "dkd"}
 
 #: The methods' option defaults, as the papers give them (UCD: tau 0.07, the release's loss; PLOP's
 #: VOC POD factors 0.01 / 0.0005): written here, not read from the code under test.
-DEFAULT_OPTIONS = {"temperature": 0.07, "formulation": "reference", "gather": False, "pod_factor": 0.01,
-                   "pod_last_factor": 0.0005}
+DEFAULT_OPTIONS = {"temperature": 0.07, "formulation": "reference", "gather": False, "void": "background",
+                   "pod_factor": 0.01, "pod_last_factor": 0.0005}
 
 
 def finite_or_none(value) -> bool:
@@ -66,7 +78,8 @@ def trained(config_factory, tiny_engine, tmp_path_factory):
                 log.append((ctx.step, {k: v.item() for k, v in terms.items()}, getattr(ctx.state, "thresholds", None)))
                 return terms
 
-            cfg = config_factory(out, name, f"method.name={name}", "eval.num_images=0")
+            memory = ["data.memory.size=6"] if name.endswith("-m") else []  # the tiny benchmark's step 0: 55 images
+            cfg = config_factory(out, name, f"method.name={name}", "eval.num_images=0", *memory)
             with tiny_engine(), pytest.MonkeyPatch.context() as mp:
                 mp.setattr(Method, "losses", losses_spy)
                 cache[name] = (cfg, run(cfg, progress=False), log)
@@ -76,7 +89,7 @@ def trained(config_factory, tiny_engine, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ end to end
-@pytest.mark.parametrize("name", sorted(TERMS))
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
 def test_method_trains_two_steps(trained, name):
     cfg, results, log = trained(name)
     joint = name == "joint"
@@ -89,7 +102,7 @@ def test_method_trains_two_steps(trained, name):
     # every iteration computed the method's terms, all finite
     assert [step for step, _, _ in log] == ([0, 0] if joint else [0, 0, 1, 1])
     for step, terms, thresholds in log:
-        assert set(terms) == (FIRST_STEP.get(name, {"ce"}) if step == 0 else TERMS[name])
+        assert set(terms) == (FIRST_STEP.get(name, {"ce"}) if step == 0 else ALL_TERMS[name])
         assert all(math.isfinite(v) for v in terms.values()), terms
         if step == 1 and name.startswith("plop"):  # PLOP's before_step pass produced one threshold per old class
             assert thresholds.shape == (9,) and torch.isfinite(thresholds).all() and (thresholds > 0).all()
@@ -120,18 +133,23 @@ def test_joint_is_one_step_scored_against_the_task(trained):
 
 # -------------------------------------------------------------------------------- registry
 def test_registry_and_methods_command(capsys):
-    assert {m.name for m in list_methods()} == set(TERMS)
+    assert {m.name for m in list_methods()} == set(ALL_TERMS)
     for method in list_methods():
-        assert set(method.default_weights) == TERMS[method.name]
+        assert set(method.default_weights) == ALL_TERMS[method.name]
         assert set(method.first_step_terms) == FIRST_STEP.get(method.name, {"ce"})
-        assert method.first_step == ("bce" if method.name == "lwf-mc" else "ce")
+    # runs share a step 0 exactly when it computes the same thing
+    for a in list_methods():
+        for b in list_methods():
+            same = SHARED_STEP0.get(a.name, "ce") == SHARED_STEP0.get(b.name, "ce")
+            assert (a.first_step == b.first_step) == same, (a.name, b.name)
+    assert get_method("lwf-mc").first_step == "bce" and get_method("plop+ucd").first_step == "ce"
     assert get_method("MiB+UCD").name == "mib+ucd"
     with pytest.raises(KeyError, match=r"unknown method 'mib-ucd'; available: .*mib\+ucd"):
         get_method("mib-ucd")
 
     assert cli.main(["methods"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]  # not options
-    assert sorted(line.split()[0] for line in lines) == sorted(TERMS)
+    assert sorted(line.split()[0] for line in lines) == sorted(ALL_TERMS)
     by_name = {line.split()[0]: line for line in lines}
     assert by_name["mib+ucd"].endswith("[unce=1, unkd=10, ucd=0.01]")
     assert by_name["lwf"].endswith("[ce=1, kd=100]") and by_name["ilt"].endswith("[ce=1, kd=100, de=100]")
@@ -214,7 +232,7 @@ def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options:
     def ucd(y):
         return losses.contrastive_distillation(new.features, old.features, old.low_logits, y,
                                                temperature=options["temperature"],
-                                               formulation=options["formulation"])
+                                               formulation=options["formulation"], void=options["void"])
 
     if name.startswith("mib"):
         unce = losses.unbiased_cross_entropy(new.logits, labels, num_old, reduction="sum") / labels.numel()
@@ -232,7 +250,8 @@ def expected_total(name: str, new: Out, old: Out, labels: torch.Tensor, options:
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_total_loss_is_the_weighted_sum_of_its_terms(name):
     new, old, labels = hand_made_batch()
-    options = {"temperature": 0.2, "formulation": "supcon", "gather": False, "pod_factor": 0.001, "pod_last_factor": 1e-5}
+    options = {"temperature": 0.2, "formulation": "supcon", "gather": False, "void": "ignore", "pod_factor": 0.001,
+               "pod_last_factor": 1e-5}
     thresholds = torch.tensor([0.3, 0.6, 0.9])
     method = get_method(name)
     ctx = LossContext(1, new, old, labels.clone(), num_old=3, num_new=2, options=options,

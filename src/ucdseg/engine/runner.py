@@ -496,7 +496,7 @@ class Run:
         setup = StepSetup(step=step, model=model, old_model=old_model, num_old=num_old, num_new=num_new,
                           options=self.options, previous=carried, device=self.device, loader=one_pass,
                           progress=self.progress and self.dist.is_main,
-                          source=str(self.folder.final(step - 1)) if step else "")
+                          source=str(self.folder.final(step - 1)) if step else "", setting=self.cfg.data.setting)
         state = None
         if self.method.step_state is not None:
             state = self.method.step_state(setup)

@@ -12,6 +12,7 @@ from .method import LossContext, MemorySpec, Method, Option, RunShape, StepSetup
 from .registry import get_method, list_methods, register
 from . import builtin as _builtin  # noqa: F401  (registers the built-in methods)
 from . import regularized as _regularized  # noqa: F401  (EWC, PI, RW)
+from . import sdr as _sdr  # noqa: F401  (MiB+SDR)
 from . import frozen as _frozen  # noqa: F401  (SSUL and DKD)
 
 __all__ = ["LossContext", "MemorySpec", "Method", "Option", "RunShape", "StepSetup", "StepState", "Term",

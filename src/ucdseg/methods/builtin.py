@@ -53,20 +53,21 @@ def encoder_mse(ctx: LossContext):
     return losses.feature_distillation(ctx.out.stages[-1], ctx.old.stages[-1])
 
 
-def ucd(ctx: LossContext, temperature: float, formulation: str, gather: bool):
+def ucd(ctx: LossContext, temperature: float, formulation: str, gather: bool, void: str):
     """UCD on the step's training labels, read *before* any target hook (docs/protocol.md §3 "Totals").
-    ``gather``: contrast against the global batch under DDP."""
+    ``gather``: contrast against the global batch under DDP; ``void``: ``background`` turns void
+    cells into 0 as both UCD releases do, ``ignore`` leaves them out."""
     loss = losses.gathered_contrastive_distillation if gather else losses.contrastive_distillation
-    log_ucd_inputs(ctx)
+    log_ucd_inputs(ctx, void)
     return loss(ctx.out.features, ctx.old.features, ctx.old.low_logits, ctx.step_labels,
-                temperature=temperature, formulation=formulation)
+                temperature=temperature, formulation=formulation, void=void)
 
 
 @torch.no_grad()
-def log_ucd_inputs(ctx: LossContext) -> None:
+def log_ucd_inputs(ctx: LossContext, void: str = "ignore") -> None:
     """Record in ``ctx.diagnostics`` what this process's UCD term sees (``ucd_*`` floats)."""
     inputs = losses.prepare_contrastive_inputs(
-        ctx.out.features.detach(), ctx.old.features, ctx.old.low_logits, ctx.step_labels
+        ctx.out.features.detach(), ctx.old.features, ctx.old.low_logits, ctx.step_labels, void=void
     )
     stats = losses.contrastive_input_stats(inputs)
     ctx.diagnostics.update({f"ucd_{key}": value for key, value in stats.items()})
@@ -91,6 +92,8 @@ UCD_OPTIONS = {
     "formulation": Option("reference", "reference: the release's loss; supcon: the paper's Eq. 5-6 "
                           "(docs/methods.md)", choices=("reference", "supcon")),
     "gather": Option(False, "under DDP, contrast against the global batch (docs/distributed.md)"),
+    "void": Option("background", "void (255) cells: background (the releases: labelled 0, they take the old "
+                   "model's prediction and enter the loss) or ignore (left out)", choices=("background", "ignore")),
 }
 #: UCD's term at the paper's weight (MiB+UCD = UNCE + 10 UNKD + 0.01 L_UCD).
 UCD = Term(ucd, 0.01, options=UCD_OPTIONS, notes=ucd_notes)

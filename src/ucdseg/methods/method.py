@@ -219,6 +219,7 @@ class StepSetup:
     loader: Callable[[], Any] | None = None  # one pass over the step's images (built on demand)
     progress: bool = False
     source: str = ""  # the previous step's checkpoint, for messages
+    setting: str = "overlapped"  # data.setting
 
 
 @dataclass(frozen=True)

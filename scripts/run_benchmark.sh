@@ -4,11 +4,12 @@
 #   scripts/run_benchmark.sh configs/voc/15-1-overlapped [key=value ...]
 #
 # The key=value overrides apply to every run (e.g. seed=1 data.root=/data/VOC2012 train.amp=bf16).
-# Methods run in the order ft lwf ilt mib mib_ucd plop plop_ucd joint (then any other config of
-# the folder); files whose name starts with "_", or that another file of the folder names as its
-# _base_, are bases, not runs. Step 0 is the same for every method (plain cross-entropy on the
-# base classes), so by default the first run trains it and the others reuse it
-# (train.step0_from), as the papers do; joint always trains its own single step. Runs that were interrupted continue where
+# Methods run in the order ft lwf ilt mib mib_ucd plop plop_ucd joint lwf_mc ewc pi rw mib_sdr ssul
+# ssul_m dkd dkd_m (then any other config of the folder); files whose name starts with "_", or that another file of the folder names as its
+# _base_, are bases, not runs. Methods whose step 0 computes the same thing (plain cross-entropy
+# on the base classes for most; ucdseg's Method.first_step) share it: by default the first run of
+# each such step 0 trains it and the others reuse it (train.step0_from), as the papers do; joint
+# always trains its own single step. Runs that were interrupted continue where
 # they stopped when the script is run again; finished runs are skipped quickly.
 # At the end `ucdseg report` writes <output_dir>/<dataset>-<benchmark>-report/report.{md,csv,png}
 # (e.g. runs/voc-15-1-overlapped-report/), with UCD Table 1's numbers beside the VOC rows.
@@ -38,7 +39,7 @@ fi
 source "$(dirname "$0")/_python.sh"
 
 # ------------------------------------------------------------------ the configs, in method order
-default_order="ft lwf ilt mib mib_ucd plop plop_ucd joint"
+default_order="ft lwf ilt mib mib_ucd plop plop_ucd joint lwf_mc ewc pi rw mib_sdr ssul ssul_m dkd dkd_m"
 configs=()
 if [ -n "${METHODS:-}" ]; then
   for m in $METHODS; do
@@ -67,13 +68,17 @@ if [ ${#configs[@]} -eq 0 ]; then
   exit 2
 fi
 
-# Load every config once up front (fails early on a typo) and get its run directory and method.
+# Load every config once up front (fails early on a typo) and get its run directory and which step 0
+# it may share ("-" for joint: its own single step).
 info=$(CONFIGS=$(printf '%s\n' "${configs[@]}") "$py" -c '
-import os, sys
+import hashlib, os, sys
 from ucdseg.config import load_config
+from ucdseg.methods import get_method
 for path in os.environ["CONFIGS"].splitlines():
     cfg = load_config(path, sys.argv[1:])
-    print(cfg.run_dir, cfg.method.name, sep="\t")
+    method = get_method(cfg.method.name)
+    key = "-" if method.joint else hashlib.sha256(method.first_step.encode()).hexdigest()[:16]
+    print(cfg.run_dir, key, sep="\t")
 ' "$@")
 mapfile -t runs <<< "$info"
 
@@ -92,18 +97,18 @@ run() {
 }
 
 # ------------------------------------------------------------------------------------ the runs
-step0_dir=""
+declare -A step0_dirs=()  # step-0 identity -> the first run that trains it
 run_dirs=()
 for i in "${!configs[@]}"; do
   cfg=${configs[$i]}
   run_dir=${runs[$i]%%$'\t'*}
-  method=${runs[$i]#*$'\t'}
+  step0=${runs[$i]#*$'\t'}
   extra=()
-  if [ "$method" != "joint" ] && [ "${SHARE_STEP0:-1}" != "0" ]; then
-    if [ -z "$step0_dir" ]; then
-      step0_dir=$run_dir
+  if [ "$step0" != "-" ] && [ "${SHARE_STEP0:-1}" != "0" ]; then
+    if [ -z "${step0_dirs[$step0]:-}" ]; then
+      step0_dirs[$step0]=$run_dir
     else
-      extra=("train.step0_from=$step0_dir")
+      extra=("train.step0_from=${step0_dirs[$step0]}")
     fi
   fi
   echo "== [$((i + 1))/${#configs[@]}] $cfg -> $run_dir" >&2

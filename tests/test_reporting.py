@@ -128,6 +128,27 @@ def test_paper_column_only_for_voc_cells_the_paper_has():
     assert embedded_line.endswith("| - |")
 
 
+def test_paper_column_of_the_added_rows():
+    """EWC/PI/RW (MiB's Table 1, ../shared/SPEC-2.md §1) and SSUL/DKD (their READMEs, mIoU of all
+    classes with background) are beside their runs."""
+    rows = aggregate([fake_results("ewc", 0, 0.5, 0.1, dataset="voc", task="15-5", setting="disjoint"),
+                      fake_results("rw", 0, 0.5, 0.1, dataset="voc", task="19-1", setting="overlapped"),
+                      fake_results("ssul-m", 0, 0.5, 0.1, dataset="voc", task="15-1", setting="overlapped"),
+                      fake_results("dkd", 0, 0.5, 0.1, dataset="voc", task="10-1", setting="overlapped")])
+    text = aggregate_markdown(rows, paper=True)
+    assert "| 26.7/37.7/29.4 |" in text and "| 23.3/14.2/22.9 |" in text
+    assert "| -/-/71.4 (with bg) |" in text and "| -/-/60.4 (with bg) |" in text
+
+
+def test_the_paper_table_has_every_row_of_ucd_table_1():
+    from ucdseg.paper import UCD_TABLE1
+
+    rows = {"ft", "pi", "ewc", "rw", "lwf", "lwf-mc", "ilt", "mib", "mib+sdr", "plop", "mib+ucd", "plop+ucd", "joint"}
+    assert len(UCD_TABLE1) == 6 and all(set(column) == rows for column in UCD_TABLE1.values())
+    assert UCD_TABLE1[("15-1", "overlapped")]["pi"] == (0.0, 1.8, 0.5)  # SPEC-2 §1
+    assert UCD_TABLE1[("19-1", "disjoint")]["ewc"] == (23.2, 16.0, 22.9)
+
+
 def test_load_results_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"results\.json does not exist"):
         load_results(tmp_path)

@@ -543,7 +543,7 @@ def _table_cells(row: dict, method: str, cell) -> list[str]:
 
 
 def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
-    from .paper import paper_value
+    from .paper import paper_cell
 
     head, sep = _TABLE_HEAD, _TABLE_SEP
     if paper:
@@ -553,8 +553,8 @@ def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
     for row in rows:
         cells = _table_cells(row, row["method"], lambda conv, g: _pm(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"]))
         if paper:
-            value = paper_value(row["dataset"], row["task"], row["setting"], row["method"])  # defaults only
-            cells.append("/".join(f"{v:.1f}" for v in value) if value else "-")
+            value = paper_cell(row["dataset"], row["task"], row["setting"], row["method"])  # defaults only
+            cells.append(value.text() if value else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

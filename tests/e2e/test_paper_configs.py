@@ -41,6 +41,21 @@ METHODS = {"ft": "ft", "lwf": "lwf", "ilt": "ilt", "mib": "mib", "mib_ucd": "mib
 # Configs beside a folder's published ones: file -> (method, run-name suffix). MiB at UNKD 10 on 15-1,
 # the base of mib+ucd's paired gain at equal KD weight (docs/benchmarks.md).
 EXTRA_CONFIGS = {f"voc/15-1-{setting}/mib_kd10.yaml": ("mib", "mib-kd10") for setting in ("disjoint", "overlapped")}
+# The other rows of UCD's Table 1, in its six VOC columns (issue 21), with MiB's protocol but for SDR's.
+TABLE1_COLUMNS = [f"voc/{t}-{s}" for t in ("19-1", "15-5", "15-1") for s in ("disjoint", "overlapped")]
+TABLE1_METHODS = {"lwf_mc": "lwf-mc", "ewc": "ewc", "pi": "pi", "rw": "rw", "mib_sdr": "mib+sdr"}
+# SSUL and DKD (with and without memory) on the VOC overlapped tasks of their READMEs (issue 22).
+RELEASE_BENCHMARKS = [f"voc/{t}-overlapped" for t in ("19-1", "15-5", "15-1", "10-1")]
+RELEASE_METHODS = {"ssul": "ssul", "ssul_m": "ssul-m", "dkd": "dkd", "dkd_m": "dkd-m"}
+for _bench in TABLE1_COLUMNS:
+    EXTRA_CONFIGS.update({f"{_bench}/{f}.yaml": (m, m) for f, m in TABLE1_METHODS.items()})
+for _bench in RELEASE_BENCHMARKS:
+    EXTRA_CONFIGS.update({f"{_bench}/{f}.yaml": (m, m) for f, m in RELEASE_METHODS.items()})
+# Written by hand from the releases: (batch, epochs, epochs_next, lr, lr_next, amp, crop, memory) where a
+# method's protocol is not MiB's (SPEC-2 §2-4).
+PROTOCOLS = {"mib+sdr": (8, 30, None, 0.001, 0.0001, "none", 512, None),
+             "ssul": (32, 50, 50, 0.01, 0.01, "fp16", 513, None), "ssul-m": (32, 50, 50, 0.01, 0.01, "fp16", 513, 100),
+             "dkd": (32, 60, 60, 0.001, 0.0001, "fp16", 512, None), "dkd-m": (32, 60, 60, 0.001, 0.0001, "fp16", 512, 100)}
 ROOTS = {"voc": "VOCdevkit/VOC2012", "ade": "ADEChallengeData2016", "cityscapes": "cityscapes"}
 EPOCHS = {"voc": 30, "ade": 60, "cityscapes": 60}
 # Written by hand from the releases (issue 12): later-step epochs where they differ from step 0,
@@ -106,13 +121,15 @@ def test_config_has_the_paper_protocol_task_and_a_clear_missing_data_error(rel, 
     # docs/protocol.md §5
     assert (cfg.model.backbone, cfg.model.output_stride) == ("resnet101", 16)
     assert cfg.model.first_block_dilation == "release"  # layer4 dilated as in MiB's, PLOP's and UCD's ResNet
-    assert (cfg.data.crop_size, cfg.data.eval_crop_size, cfg.data.scale_min, cfg.data.scale_max) == (512, 512, 0.5, 2.0)
     t = cfg.train
+    batch, epochs, epochs_next, lr, lr_next, amp, crop, memory = PROTOCOLS.get(
+        method, (24, EPOCHS[dataset], EPOCHS_NEXT.get(bench), 0.01, 0.001, "none", 512, None))
+    assert (cfg.data.crop_size, cfg.data.eval_crop_size, cfg.data.scale_min, cfg.data.scale_max) == (crop, 512, 0.5, 2.0)
     assert (t.batch_size, t.epochs, t.epochs_next, t.iterations, t.iterations_next) == (
-        24, EPOCHS[dataset], EPOCHS_NEXT.get(bench), None, None)
-    assert (t.lr, t.lr_next, t.momentum, t.nesterov, t.weight_decay, t.poly_power) == (0.01, 0.001, 0.9, True,
+        batch, epochs, epochs_next, None, None)
+    assert (t.lr, t.lr_next, t.momentum, t.nesterov, t.weight_decay, t.poly_power) == (lr, lr_next, 0.9, True,
                                                                                         1e-4, 0.9)
-    assert t.amp == "none" and t.step0_from is None
+    assert t.amp == amp and t.step0_from is None and cfg.data.memory.size == memory
     assert cfg.data.score_background is False
     # paths come from the environment
     assert cfg.model.pretrained == f"{env / 'weights'}/{WEIGHTS}"
@@ -213,12 +230,19 @@ def test_run_benchmark_runs_every_method_sharing_step0_then_reports():
     lines = proc.stdout.splitlines()
     runs = [line for line in lines if " run " in line]
     # the published methods in the script's order, then the folder's other configs (mib_kd10)
-    order = ["ft", "lwf", "ilt", "mib", "mib_ucd", "plop", "plop_ucd", "joint", "mib_kd10"]
+    order = ["ft", "lwf", "ilt", "mib", "mib_ucd", "plop", "plop_ucd", "joint", "lwf_mc", "ewc", "pi", "rw",
+             "mib_sdr", "ssul", "ssul_m", "dkd", "dkd_m", "mib_kd10"]
     assert [line.split(" run ")[1].split()[0] for line in runs] == [
         f"configs/voc/15-1-overlapped/{m}.yaml" for m in order]
     assert all(line.startswith(f"+ {sys.executable} -m ucdseg.cli run ") and " seed=3" in line for line in runs)
-    assert "step0_from" not in runs[0] and "step0_from" not in runs[7]  # the first run and joint train step 0
-    assert all(line.endswith("train.step0_from=runs/voc-15-1-ov-ft") for line in runs[1:7] + runs[8:])
+    by = dict(zip(order, runs))
+    # each distinct step 0 is trained by its first run (joint: its own single step); the others reuse it
+    own = ["ft", "joint", "lwf_mc", "ewc", "pi", "rw", "mib_sdr", "ssul", "dkd"]
+    assert all("step0_from" not in by[m] for m in own)
+    shares = {m: "ft" for m in ("lwf", "ilt", "mib", "mib_ucd", "plop", "plop_ucd", "mib_kd10")}
+    shares.update(ssul_m="ssul", dkd_m="dkd")
+    for m, source in shares.items():
+        assert by[m].endswith(f"train.step0_from=runs/voc-15-1-ov-{source.replace('_', '-')}"), by[m]
     report = lines[-1]
     assert " -m ucdseg.cli report runs/voc-15-1-ov-ft " in report and "runs/voc-15-1-ov-joint " in report
     assert report.endswith("--output-dir runs/voc-15-1-overlapped-report --paper")

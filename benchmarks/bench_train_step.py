@@ -57,8 +57,7 @@ def make_batch(batch: int, crop: int, seed: int = 0) -> tuple[torch.Tensor, torc
 
 def run(quick: bool = False) -> dict:
     from ucdseg.losses import prepare_contrastive_inputs
-    from ucdseg.methods import LossContext, get_method
-    from ucdseg.methods.builtin import ucd
+    from ucdseg.methods import LossContext, StepSetup, get_method
     from ucdseg.models import build_model, load_previous_step
 
     cfg = QUICK if quick else FULL
@@ -75,8 +74,12 @@ def run(quick: bool = False) -> dict:
     device = torch.device("cpu")
 
     methods = {name: get_method(name) for name in METHODS}
-    thresholds = methods["plop"].before_step(old_model, [(images, labels)], device, num_old=NEW_CLASS, num_new=1,
-                                             progress=False)
+    setup = StepSetup(step=1, model=model, old_model=old_model, num_old=NEW_CLASS, num_new=1, options={},
+                      previous=None, device=device, loader=lambda: [(images, labels)])
+    thresholds = methods["plop"].before_step(setup)
+
+    def ucd(ctx):  # the UCD term with its options bound, as the engine's criterion does
+        return methods["mib+ucd"].terms["ucd"].bind(ctx.options)(ctx)
     counts: dict[str, dict] = {}
 
     def step(name: str) -> dict:
@@ -135,7 +138,7 @@ def run(quick: bool = False) -> dict:
 
     result: dict = {"config": {**cfg, "classes_per_step": [NEW_CLASS, 1], "output_stride": 16,
                                "old_model_forward_included": True, "optimizer": "SGD nesterov"},
-                    "plop_thresholds": [round(float(x), 4) for x in thresholds["thresholds"]],
+                    "plop_thresholds": [round(float(x), 4) for x in thresholds.thresholds],
                     "steps": {}, "overhead": {}}
     for name in METHODS:
         phases = {k: median([r[name][k] for r in rounds]) for k in rounds[0][name]}

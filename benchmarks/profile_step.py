@@ -124,6 +124,7 @@ def run(quick: bool = False) -> dict:
     assert method.targets is None and method.before_step is None, "the phases below assume MiB+UCD's hooks"
     weights, options = method.weights(), get_method(METHOD).resolve_options()
     terms = [name for name in method.terms if weights[name]]
+    bound = {name: method.terms[name].bind(options) for name in terms}
     groups = phase_groups(terms)
 
     def iteration(batches, wall: dict[str, float]) -> None:
@@ -145,7 +146,7 @@ def run(quick: bool = False) -> dict:
         values = {}
         for name in terms:
             with phase(f"loss {name} forward"):
-                values[name] = method.terms[name][0](ctx) * weights[name]
+                values[name] = bound[name](ctx) * weights[name]
         optimizer.zero_grad(set_to_none=True)
         for name in terms:
             with phase(f"loss {name} backward"):

@@ -147,6 +147,23 @@ def train_md(r: dict) -> list[str]:
     return lines
 
 
+def frozen_md(r: dict) -> list[str]:
+    c = r["config"]
+    lines = [
+        f"### Frozen backbone: SSUL vs MiB at step 1, {c['backbone']} DeepLab-v3 (OS 16), batch {c['batch']}, "
+        f"{c['crop']} x {c['crop']}, classes per step {c['classes_per_step']}",
+        "",
+        "| case | iteration s (median) | trained parameters | one trunk forward for both models |",
+        "|---|---:|---:|---|",
+    ]
+    for name, s in r["steps"].items():
+        lines.append(f"| {name} | {_s(s['median_s'])} | {s['trained_parameters']:,} | {_ok(s['shared_trunk'])} |")
+    lines += ["", f"SSUL / MiB, median of per-round ratios: **{r['ssul_over_mib_median_of_round_ratios']:.2f}** "
+              f"(target <= 0.4: {_ok(r['target_le_0.4'])}); without the shared trunk "
+              f"{r['unshared_over_mib_median_of_round_ratios']:.2f}."]
+    return lines
+
+
 def options_md(r: dict) -> list[str]:
     c = r["config"]
     lines = [
@@ -255,7 +272,8 @@ def eval_md(r: dict) -> list[str]:
 def render(res: dict) -> str:
     lines = ["# ucdseg benchmarks", "", *machine_md(res), ""]
     sections = res["benchmarks"]
-    for key, fn in (("contrastive", contrastive_md), ("train_step", train_md), ("options", options_md),
+    for key, fn in (("contrastive", contrastive_md), ("train_step", train_md), ("frozen", frozen_md),
+                    ("options", options_md),
                     ("profile", profile_md), ("data", data_md), ("evaluation", eval_md)):
         if key in sections:
             lines += [*fn(sections[key]), ""]

@@ -3,7 +3,8 @@
     python benchmarks/run.py [--quick] [--output benchmarks/results] [--threads N] [--only NAME ...]
 
 Benchmarks (see docs/performance.md): ``contrastive`` (streamed UCD loss vs a dense
-implementation), ``train_step`` (UCD's overhead on a MiB / PLOP training step), ``options``
+implementation), ``train_step`` (UCD's overhead on a MiB / PLOP training step), ``frozen`` (an
+SSUL step 1 with its frozen trunk against a MiB step 1), ``options``
 (``train.channels_last`` and ``train.compile`` on a MiB+UCD step), ``profile`` (torch.profiler
 over MiB+UCD steps: top operators, share of our code), ``data`` (embedded benchmark generation,
 index, DataLoader) and ``evaluation``. ``--quick`` shrinks every size and runs each case once or
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, load_average, log, machine_info  # noqa: E402
 
-BENCHMARKS = ("data", "train_step", "options", "profile", "contrastive")  # "data" also produces "evaluation"
+BENCHMARKS = ("data", "train_step", "frozen", "options", "profile", "contrastive")  # "data" also produces "evaluation"
 DOC = REPO / "docs" / "performance.md"
 DOC_BEGIN, DOC_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     import bench_contrastive
     import bench_data
+    import bench_frozen
     import bench_options
     import bench_train_step
     import profile_step
@@ -116,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
             out["data"]["load_before"] = load
             out["evaluation"]["load_before"] = load
             result["benchmarks"].update(out)
-        elif name in ("train_step", "options", "profile"):
-            module = {"train_step": bench_train_step, "options": bench_options, "profile": profile_step}[name]
+        elif name in ("train_step", "frozen", "options", "profile"):
+            module = {"train_step": bench_train_step, "frozen": bench_frozen, "options": bench_options,
+                      "profile": profile_step}[name]
             out = module.run(quick=args.quick)
             out["load_before"] = load
             result["benchmarks"][name] = out

@@ -50,7 +50,13 @@ def regularizer_state(setup: StepSetup, name: str) -> RegularizerState:
     (one line naming the checkpoint when it has none of this regulariser's)."""
     options = setup.options
     if setup.step > 0 and not (isinstance(setup.previous, dict) and setup.previous.get("regularizer") == name):
-        held = "no method state" if not setup.previous else f"the state of {setup.previous.get('regularizer')!r}"
+        previous = setup.previous
+        if not previous:
+            held = "no method state"
+        elif isinstance(previous, dict) and "regularizer" in previous:
+            held = f"the state of {previous['regularizer']!r}"
+        else:  # another method's state (SDR's prototypes)
+            held = "a method state without a regulariser"
         raise ValueError(f"{setup.source} holds {held}, not the {name} importance state step {setup.step} needs; "
                          f"train its step 0 with method.name={name} (a step 0 of another method cannot be continued "
                          f"by {name})")

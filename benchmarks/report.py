@@ -157,7 +157,7 @@ def frozen_md(r: dict) -> list[str]:
         "|---|---:|---:|---|",
     ]
     for name, s in r["steps"].items():
-        lines.append(f"| {name} | {_s(s['median_s'])} | {s['trained_parameters']:,} | {_ok(s['shared_trunk'])} |")
+        lines.append(f"| {name} | {_s(s['median_s'])} | {s['trained_parameters']:,} | {'yes' if s['shared_trunk'] else 'no'} |")
     lines += ["", f"SSUL / MiB, median of per-round ratios: **{r['ssul_over_mib_median_of_round_ratios']:.2f}** "
               f"(target <= 0.4: {_ok(r['target_le_0.4'])}); without the shared trunk "
               f"{r['unshared_over_mib_median_of_round_ratios']:.2f}."]

@@ -69,6 +69,7 @@ def launch() -> int:
 
     register_method("plop+ucd")
     register_method("plop")
+    register_method("ewc")
     return main()
 
 

@@ -346,7 +346,7 @@ def single_process_run(root: Path, out: Path, name: str, bn: str, tiny_engine, *
     from ucdseg.config import load_config
     from ucdseg.engine import run
 
-    with pytest.MonkeyPatch.context() as mp_env, tiny_engine(), registered("plop+ucd", "plop"):
+    with pytest.MonkeyPatch.context() as mp_env, tiny_engine(), registered("plop+ucd", "plop", "ewc"):
         mp_env.setenv("UCDSEG_CACHE", str(out / "ucdseg-cache"))
         return run(load_config(str(packaged_config("embedded/mib_ucd.yaml")),
                                engine_overrides(root, out, name, bn, *extra)), progress=False)
@@ -443,6 +443,38 @@ def test_torchrun_with_accumulation_equals_single_process_run(engine_runs, tiny_
     got, want = scalars(out / "ddp-acc"), scalars(out / "single-plop")
     for tag in ("step0/loss", "step1/loss", "step1/pod"):
         assert got[tag] == pytest.approx(want[tag], rel=TOLERANCE), tag
+
+
+def test_torchrun_ewc_state_and_weights_equal_single_process(engine_runs, tiny_benchmark, tiny_engine):
+    """EWC under DDP: every process updates its Fisher from the all-reduced gradient and adds the same
+    penalty, so the two-process run's weights and carried state equal the one-process run's."""
+    out, *_ = engine_runs
+    torchrun(tiny_benchmark, out, "ddp-ewc", "frozen", "method.name=ewc-exact")
+    single_process_run(tiny_benchmark, out, "single-ewc", "frozen", tiny_engine, "method.name=ewc-exact")
+    for step in (0, 1):
+        assert max_weight_difference(out / "ddp-ewc", out / "single-ewc", step) < TOLERANCE, step
+    a = torch.load(out / "ddp-ewc" / "checkpoints" / "step1.pt", weights_only=True)["method_state"]
+    b = torch.load(out / "single-ewc" / "checkpoints" / "step1.pt", weights_only=True)["method_state"]
+    assert a["regularizer"] == b["regularizer"] == "ewc"
+    fisher_a, fisher_b = a["tables"]["fisher"], b["tables"]["fisher"]
+    assert fisher_a.keys() == fisher_b.keys()
+    for key in fisher_a:
+        assert torch.allclose(fisher_a[key], fisher_b[key], rtol=1e-4, atol=1e-12), key
+    assert scalars(out / "ddp-ewc")["step1/penalty"][-1] > 0  # the penalty was live at step 1
+
+
+def test_torchrun_memory_is_chosen_once_by_rank_0(engine_runs, tiny_benchmark, tiny_engine):
+    """SSUL-M under torchrun: rank 0 chooses the memory (written once), every process reads it; the
+    one-process run chooses the same images."""
+    out, *_ = engine_runs
+    extra = ("method.name=ssul-m", "data.memory.size=6")
+    torchrun(tiny_benchmark, out, "ddp-ssul-m", "frozen", *extra)
+    single_process_run(tiny_benchmark, out, "single-ssul-m", "frozen", tiny_engine, *extra)
+    a = json.loads((out / "ddp-ssul-m" / "memory" / "step1.json").read_text())
+    b = json.loads((out / "single-ssul-m" / "memory" / "step1.json").read_text())
+    assert len(a["entries"]) == 6 and a["entries"] == b["entries"]
+    ddp = json.loads((out / "ddp-ssul-m" / "results.json").read_text())
+    assert ddp["steps"][1]["num_memory_images"] == 6
 
 
 def test_only_rank_zero_prints_the_summary(engine_runs):

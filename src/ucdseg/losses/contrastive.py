@@ -577,6 +577,7 @@ def contrastive_distillation(
     formulation: str = "reference",
     block_size: int = DEFAULT_BLOCK_SIZE,
     void: str = "ignore",
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """UCD uncertainty-aware contrastive distillation (docs/protocol.md §3), a 0-d float32 tensor.
 
@@ -595,6 +596,8 @@ def contrastive_distillation(
         void: ``"ignore"`` (void cells never enter the loss) or ``"background"`` (void cells are
             labelled 0 before the selection, so they take the old model's argmax and enter as
             non-GT pixels, as in both UCD releases; see :func:`prepare_contrastive_inputs`).
+        stats: a dict to fill with :func:`~ucdseg.losses.contrastive_input_stats` of the inputs the
+            loss prepared (what it sees, for the logs), or None.
 
     Returns an exact 0 that keeps a gradient path to ``features`` when no pixel is kept or no
     anchor has a positive. Computed in float32 whatever the input precision (float64 stays float64).
@@ -603,6 +606,10 @@ def contrastive_distillation(
     # autocast would run the similarity matmuls in bfloat16/float16: docs/protocol.md §3 wants float32
     with torch.autocast(device_type=features.device.type, enabled=False):
         inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels, void=void)
+        if stats is not None:
+            from .contrastive_stats import contrastive_input_stats
+
+            stats.update(contrastive_input_stats(inputs))
         if inputs.anchors.shape[0] == 0:
             return features.flatten()[:0].to(inputs.anchors.dtype).sum()
         return contrastive_distillation_flat(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .contrastive_stats import contrastive_input_stats
 from .contrastive import (
     DEFAULT_BLOCK_SIZE,
     _check_options,
@@ -97,10 +98,11 @@ def gathered_contrastive_distillation(
     formulation: str = "reference",
     block_size: int = DEFAULT_BLOCK_SIZE,
     void: str = "ignore",
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """UCD contrastive distillation against the global batch (see the module docstring).
 
-    Same arguments (``void`` included) and semantics as
+    Same arguments (``void`` and ``stats`` included: the counts are this process's inputs) and semantics as
     :func:`~ucdseg.losses.contrastive_distillation` (0-d float32 tensor, float64 for float64
     inputs, computed in full precision even under autocast). Under ``torch.distributed`` with
     ``world_size > 1`` the contrast set is gathered from every process; the value is the loss on
@@ -114,10 +116,12 @@ def gathered_contrastive_distillation(
     if not is_distributed():
         with torch.autocast(device_type=features.device.type, enabled=False):
             return contrastive_distillation(features, old_features, old_logits, labels, temperature=temperature,
-                                            formulation=formulation, block_size=block_size, void=void)
+                                            formulation=formulation, block_size=block_size, void=void, stats=stats)
 
     with torch.autocast(device_type=features.device.type, enabled=False):
         local = prepare_contrastive_inputs(features, old_features, old_logits, labels, void=void)
+        if stats is not None:
+            stats.update(contrastive_input_stats(local))
         dtype = local.anchors.dtype
         if local.contrast_labels.numel() and int(local.contrast_labels.max()) >= _MAX_PACKED_LABEL:
             raise ValueError(f"labels must be < {_MAX_PACKED_LABEL} to be gathered, got "

@@ -58,19 +58,11 @@ def ucd(ctx: LossContext, temperature: float, formulation: str, gather: bool, vo
     ``gather``: contrast against the global batch under DDP; ``void``: ``background`` turns void
     cells into 0 as both UCD releases do, ``ignore`` leaves them out."""
     loss = losses.gathered_contrastive_distillation if gather else losses.contrastive_distillation
-    log_ucd_inputs(ctx, void)
-    return loss(ctx.out.features, ctx.old.features, ctx.old.low_logits, ctx.step_labels,
-                temperature=temperature, formulation=formulation, void=void)
-
-
-@torch.no_grad()
-def log_ucd_inputs(ctx: LossContext, void: str = "ignore") -> None:
-    """Record in ``ctx.diagnostics`` what this process's UCD term sees (``ucd_*`` floats)."""
-    inputs = losses.prepare_contrastive_inputs(
-        ctx.out.features.detach(), ctx.old.features, ctx.old.low_logits, ctx.step_labels, void=void
-    )
-    stats = losses.contrastive_input_stats(inputs)
-    ctx.diagnostics.update({f"ucd_{key}": value for key, value in stats.items()})
+    seen: dict[str, float] = {}  # what this process's term sees, counted on the inputs it prepared
+    value = loss(ctx.out.features, ctx.old.features, ctx.old.low_logits, ctx.step_labels,
+                 temperature=temperature, formulation=formulation, void=void, stats=seen)
+    ctx.diagnostics.update({f"ucd_{key}": count for key, count in seen.items()})
+    return value
 
 
 def ucd_notes(shape: RunShape, options) -> list[str]:

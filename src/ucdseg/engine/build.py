@@ -132,6 +132,20 @@ def memory_size(cfg: RunConfig, step: int) -> int:
     return size if step > 0 and not method.joint else 0
 
 
+def check_memory_size(cfg: RunConfig, task: Task, train_set) -> None:
+    """Refuse a memory larger than the images it is first chosen from before any step trains: step 1
+    chooses it among step 0's training images (later steps among their images and the previous memory,
+    never fewer than ``data.memory.size``). Found at step 1 instead, step 0's training would be lost:
+    ``data.memory.size`` cannot change in a run folder, nor between runs sharing a step 0."""
+    size = memory_size(cfg, 1)
+    if not size or task.num_steps < 2:
+        return
+    available = len(train_index(cfg, task, train_set, 0, progress=False).indices)
+    if size > available:
+        raise ValueError(f"data.memory.size={size} is larger than the {available} training images of step 0 that "
+                         f"step 1's memory is chosen from; expected at most {available}")
+
+
 def val_data(cfg: RunConfig, task: Task, val_set, step: int) -> StepDataset:
     """The validation images scored after ``step`` and their labels, by ``cfg.eval``'s conventions
     (``eval.images``, ``eval.unseen``; see :func:`ucdseg.label_maps.eval_images` and ``eval_lut``)."""

@@ -255,7 +255,7 @@ class Run:
     def _open(self, cfg: RunConfig, progress: bool) -> None:
         """Everything a run needs, checked before any step trains: the folder (locked, writable),
         the config against the folder's, the data (first and last files of each split readable,
-        the same data as the steps already trained), the results so far."""
+        the same data as the steps already trained, a memory that fits), the results so far."""
         if self.dist.is_main:
             self.folder.acquire()
             self.folder.check_config(cfg)
@@ -267,6 +267,7 @@ class Run:
         for dataset in (self.train_set, self.val_set):
             build.check_readable(dataset)
         build.scan_datasets(cfg, self.train_set, self.val_set, self.dist, progress)
+        build.check_memory_size(cfg, self.train_task, self.train_set)
         self.meta = self.train_set.meta
         self.data_identity = build.data_identity(cfg, self.train_set, self.val_set)
         saved = self.folder.load_results(warn=self.dist.is_main)

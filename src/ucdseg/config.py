@@ -81,6 +81,9 @@ class TrainConfig:
     accumulate: int = 1
     checkpoint_every: int = 0  # also checkpoint every N iterations inside a step (0: only at step end)
     log_every: int = 10
+    # train only these steps, then stop: N, A-B, A- or -B (ucdseg.step_range; `ucdseg run --steps`);
+    # running again without it continues. None: every step
+    steps: Optional[str] = None
 
 
 @dataclass

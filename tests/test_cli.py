@@ -38,7 +38,8 @@ from PIL import Image
 from ucdseg import cli
 
 #: Every command of ``ucdseg --help`` and of ``ucdseg data --help``; each has a test below.
-COMMANDS = ("run", "demo", "eval", "predict", "report", "methods", "tasks", "index", "data", "prepare-embedded")
+COMMANDS = ("run", "demo", "eval", "predict", "report", "methods", "configs", "runs", "tasks", "index", "data",
+            "prepare-embedded")
 DATA_COMMANDS = ("check", "prepare")
 
 #: The embedded benchmark's classes: background, then Fashion-MNIST's ten labels in their order.
@@ -294,8 +295,9 @@ def test_data_check_folder(tmp_path):
     (root / "val.txt").write_text("v0\ni3\n")  # an id in both lists
     bad = ucdseg("--quiet", "data", "check", "--dataset", "folder", "--root", root)
     assert bad.code == 1
-    assert bad.out.splitlines() == [f"ERROR {root / 'val.txt'}: 1 id(s) are also in train.txt, e.g. 'i3'",
-                                    "verdict: FAILED -- 1 error(s)"]
+    assert bad.out.splitlines()[1:] == ["ERROR in-both-lists (1):", f"  {root / 'val.txt'}: 'i3' is also in train.txt",
+                                        "  fix: keep each id in one of the two lists",
+                                        "verdict: FAILED -- 1 error(s), 0 warning(s)"]
 
 
 def test_data_prepare_without_the_archives_folder_is_one_line(tmp_path):
@@ -453,8 +455,9 @@ def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, confi
     out = tmp_path / "report"
     result = ucdseg("--quiet", "report", run_dir, seed1, demo_dir / "ft", demo_dir / "mib", "--output-dir", out)
     assert result.code == 0, result.err
-    assert result.out.strip().splitlines()[-1] == f"written to {out / 'report.md'}, report.csv and report.png"
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.png"}
+    assert result.out.strip().splitlines()[-1] == (f"written to {out / 'report.md'}, report.csv, report.png and the "
+                                                   "forgetting map report_forgetting*.png")
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.png", "report_forgetting.png"}
     assert (out / "report.md").read_text().strip() in result.out
 
     with open(out / "report.csv", newline="") as f:
@@ -471,7 +474,7 @@ def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, confi
             assert float(rows[tiny][f"{conv}_{group}_mean"]) == pytest.approx(statistics.mean(values))
             assert float(rows[tiny][f"{conv}_{group}_std"]) == pytest.approx(statistics.stdev(values))
     cell = f"{pct(statistics.mean(f['without_background']['all'] for f in finals))} ± "
-    assert any(line.startswith(f"| embedded {TASK} overlapped | {tiny} | 0,1 |") and cell in line
+    assert any(line.startswith(f"| embedded {TASK} overlapped | {tiny} | 0,1 | 2 |") and cell in line
                for line in result.out.splitlines())
     # the same run twice is refused, naming both folders
     assert_one_line_error(ucdseg("report", run_dir, run_dir, "--output-dir", tmp_path / "r"), "is given twice")

@@ -19,7 +19,7 @@ import fnmatch
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["config_root", "list_configs", "resolve_config", "describe", "format_configs"]
+__all__ = ["config_root", "list_configs", "packaged", "resolve_config", "describe", "format_configs"]
 
 SUFFIX = ".yaml"
 
@@ -31,7 +31,8 @@ def config_root() -> Path:
 
 def list_configs(pattern: str | None = None) -> list[str]:
     """Names of the packaged configs (``voc/15-1-overlapped/mib_ucd``), sorted; ``pattern`` keeps
-    the names containing it, or matching it when it holds a glob character (``voc/*/plop*``)."""
+    the names containing it, or matching it when it holds a glob character (``voc/*/plop*``), or,
+    ending in ``.yaml``, the configs of that file name (``15-1-overlapped/mib.yaml``)."""
     root = config_root()
     names = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob(f"*{SUFFIX}")
                    if not p.name.startswith("_"))
@@ -39,10 +40,12 @@ def list_configs(pattern: str | None = None) -> list[str]:
         return names
     if any(ch in pattern for ch in "*?["):
         return [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n + SUFFIX, pattern)]
-    return [n for n in names if pattern.removesuffix(SUFFIX) in n]
+    if pattern.endswith(SUFFIX):  # a file name: the configs of that file name
+        return [n for n in names if f"/{n}{SUFFIX}".endswith("/" + pattern.lstrip("/"))]
+    return [n for n in names if pattern in n]
 
 
-def _packaged(name: str) -> Path | None:
+def packaged(name: str) -> Path | None:
     """The packaged config named ``name`` (``embedded/mib``, ``embedded/mib.yaml`` or
     ``configs/embedded/mib.yaml``), or None."""
     stem = name.replace("\\", "/").strip("/")
@@ -61,9 +64,9 @@ def resolve_config(name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.exists():  # a path that exists wins (a folder is refused by the config loader)
         return path
-    packaged = _packaged(str(name))
-    if packaged is not None:
-        return packaged
+    packaged_path = packaged(str(name))
+    if packaged_path is not None:
+        return packaged_path
     from .config import ConfigError
 
     stem = str(name).replace("\\", "/").strip("/").removeprefix("configs/").removesuffix(SUFFIX)

@@ -699,8 +699,14 @@ def write_forgetting_maps(results_list: Sequence[dict], out_dir: Path) -> list[P
     written = []
     for bench, name in forgetting_map_names(results_list).items():
         steps = max(len(r["steps"]) for _, runs in panels[bench] for r in runs)
-        drawn = [(f"{label} (n={len(runs)})", mean_matrix([forgetting_matrix(r) for r in runs]))
-                 for label, runs in panels[bench] if steps == 1 or len(runs[0]["steps"]) > 1]
+        drawn = []
+        for label, runs in panels[bench]:
+            if steps > 1 and len(runs[0]["steps"]) == 1:
+                continue
+            try:
+                drawn.append((f"{label} (n={len(runs)})", mean_matrix([forgetting_matrix(r) for r in runs])))
+            except (KeyError, TypeError, ValueError):  # results without per-class IoU (written by hand)
+                continue
         if drawn:
             plot_forgetting(drawn, out_dir / name, title=f"{' '.join(bench)}: per-class IoU (%) after each step, "
                                                           "mean over the seeds")

@@ -111,10 +111,8 @@ def plot_forgetting(panels: Sequence[tuple[str, ForgettingMatrix]], path: str | 
     width = name_w + sum(panel_w) + 1.7
     height = 1.6 + row_h * n_classes
     fig = plt.figure(figsize=(width, height))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
-    diverging = plt.get_cmap("RdBu").copy()
-    diverging.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+    diverging = plt.get_cmap("RdBu").with_extremes(bad="#eeeeee")
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-100.0, vmax=100.0)
     top, bottom = 1 - 0.75 / height, 0.85 / height
     x0 = name_w / width

@@ -224,6 +224,12 @@ def test_every_command_has_help(command):
     assert result.out.startswith(f"usage: ucdseg {command}")
 
 
+@pytest.mark.parametrize("command", ["", *COMMANDS, *(f"data {c}" for c in DATA_COMMANDS)])
+def test_help_is_plain_text_without_rest_markup(command):
+    result = ucdseg(*command.split(), "--help")
+    assert result.code == 0 and "``" not in result.out and ":func:" not in result.out and ":mod:" not in result.out
+
+
 def test_unknown_command_is_a_usage_error():
     result = ucdseg("trian")
     assert result.code == 2 and result.out == ""
@@ -542,6 +548,25 @@ def test_tasks_of_an_unknown_dataset_is_one_error_line_naming_the_registered_one
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.startswith("ucdseg: error: unknown dataset 'coco'") and result.err.count("\n") <= 1
     assert all(name in result.err for name in ("voc", "ade", "cityscapes", "embedded", "folder"))
+
+
+# ------------------------------------------------------------------------------ configs, runs
+def test_configs_lists_the_packaged_configs_by_name():
+    result = ucdseg("configs", "embedded")
+    assert result.code == 0 and result.err == ""
+    names = [line.split()[0] for line in result.out.strip().splitlines()[:-1]]
+    assert "embedded/mib" in names and "embedded/mib_ucd" in names and all("embedded" in n for n in names)
+
+
+def test_runs_lists_the_runs_with_their_state(tiny_run, demo, base):
+    run_dir, _ = tiny_run
+    result = ucdseg("runs", base)
+    assert result.code == 0, result.err
+    rows = {line.split()[0]: line.split() for line in result.out.strip().splitlines()[2:-1]}
+    assert set(rows) >= {"runs/tiny", "demo/ft", "demo/mib"}
+    last = json.loads((run_dir / "results.json").read_text())["steps"][-1]["miou"]["without_background"]["all"]
+    assert rows["runs/tiny"] == ["runs/tiny", "embedded", TASK, "mib", "0", "2/2", pct(last), "done"]
+    assert rows["demo/mib"][3:6] == ["mib", "1", "2/2"]
 
 
 # ------------------------------------------------------------------------------ index

@@ -109,8 +109,9 @@ def test_log_txt_holds_the_banner_the_step_lines_and_the_summary_of_both_session
         assert sum(expected in line for line in lines) == 1, expected
         assert expected in session
     # the summaries: stopped by train.steps, then finished
-    assert "stopped after step 0 (train.steps asks for steps up to 0): 1 of 2 steps done" in first_session
-    assert "finished: 2 of 2 step(s)" in second_session and "finished" not in first_session
+    assert "stopped after step 0 as train.steps=0 asks: 1 of 2 steps done (" in first_session
+    assert "run the same command without --steps (or with the next steps) to continue" in first_session
+    assert "finished: 2 of 2 step(s) done (" in second_session and "finished" not in first_session
     avg = second["avg"]["without_background"]
     assert f"avg (mean over the steps of mIoU all): {100 * avg:.1f} (without bg)" in second_session
     # every warning the run printed: the micro-batch note of both sessions

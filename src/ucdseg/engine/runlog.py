@@ -34,9 +34,11 @@ _TERMINAL_FORMAT = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%
 
 
 def format_seconds(seconds: float | None) -> str:
-    """``42 s``, ``3 min 05 s``, ``2 h 04 min``; ``?`` when unknown."""
+    """``4.2 s``, ``42 s``, ``3 min 05 s``, ``2 h 04 min``; ``?`` when unknown."""
     if seconds is None:
         return "?"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -171,7 +173,7 @@ class RunLog:
         handler.setLevel(logging.INFO)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         handler.stream.write(f"{chr(10) if resumed else ''}==== {'resumed' if resumed else 'new run'} {stamp}, "
-                             f"process {os.getpid()} on {socket.gethostname()}, command: {' '.join(sys.argv)}\n")
+                             f"process {os.getpid()} on {socket.gethostname()}, {_command()}\n")
         self._buffer.setTarget(handler)
         self._buffer.flush()
         self.logger.removeHandler(self._buffer)
@@ -269,12 +271,14 @@ class RunLog:
             return
         last = steps[-1]
         avg = results.get("avg") or {}
+        steps_arg = getattr(getattr(self._cfg, "train", None), "steps", None)
         if len(steps) < num_steps:
-            head = (f"stopped after step {last['step']} (train.steps asks for steps up to {stop}): {len(steps)} of "
-                    f"{num_steps} steps done; run the same command without --steps (or with later steps) to continue")
+            head = (f"stopped after step {last['step']} as train.steps={steps_arg} asks: {len(steps)} of {num_steps} "
+                    f"steps done ({format_seconds(elapsed)} this session); run the same command without --steps "
+                    "(or with the next steps) to continue")
         else:
-            head = f"finished: {num_steps} of {num_steps} step(s)"
-        self.info(f"{head}, this session {format_seconds(elapsed)}\n"
+            head = f"finished: {num_steps} of {num_steps} step(s) done ({format_seconds(elapsed)} this session)"
+        self.info(f"{head}\n"
                   f"after step {last['step']}: {format_miou(last['miou'])}\n"
                   f"avg (mean over the steps of mIoU all): {_pct(avg.get('without_background'))} (without bg), "
                   f"{_pct(avg.get('with_background'))} (with bg)\n"
@@ -287,6 +291,17 @@ class RunLog:
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}: {text}"
             self.logger.error(f"run {what}", extra={"file_only": True})
+
+
+def _command() -> str:
+    """``command: ucdseg run ...`` for the command line (its script or ``-m ucdseg.cli``), else the
+    Python program that called :func:`ucdseg.run` (a notebook's kernel, a script)."""
+    import shlex
+
+    argv = list(sys.argv) or ["python"]
+    if Path(argv[0]).name in ("ucdseg", "cli.py"):
+        return "command: " + shlex.join(["ucdseg", *argv[1:]])
+    return "from Python: " + shlex.join(argv)
 
 
 def _steps_text(steps: list[int]) -> str:

@@ -366,6 +366,8 @@ class Run:
                 from .. import reporting
 
                 reporting.write_run_reports(self.results, self.folder.path)
+                if self._overall is not None:  # the summary below the finished bar
+                    self._overall.close()
                 self.log.summary(self.results, self.train_task.num_steps, last)
             return self.results
         except BaseException as exc:

@@ -355,6 +355,19 @@ def test_run_again_continues_without_retraining(tiny_run, bench, base, config_fi
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == stamps
 
 
+def test_run_steps_stops_and_the_same_command_continues(base, bench, config_file, tmp_path, tiny_engine):
+    args = ["--quiet", "run", config_file, f"output_dir={tmp_path}", "name=steps", *data_overrides(bench[0], base)]
+    with tiny_engine():
+        first = ucdseg(*args, "--steps", "0")
+        assert first.code == 0, first.err
+        assert [s["step"] for s in json.loads((tmp_path / "steps" / "results.json").read_text())["steps"]] == [0]
+        assert "| 0 |" in first.out and "| 1 |" not in first.out
+        again = ucdseg(*args)
+    assert again.code == 0, again.err
+    assert [s["step"] for s in json.loads((tmp_path / "steps" / "results.json").read_text())["steps"]] == [0, 1]
+    assert_one_line_error(ucdseg(*args, "--steps", "0-7"), "config key 'train.steps' is '0-7'; the run has steps 0-1")
+
+
 def test_eval_reproduces_the_runs_last_step(tiny_run, tiny_engine):
     run_dir, _ = tiny_run
     with tiny_engine():

@@ -1,7 +1,7 @@
 """Which code produced a result: the package version always, the git commit from a checkout.
 
-``results.json`` records :func:`code_version` (``"code"``), so a table can be traced to the code
-that made it: ``{"version": "0.1.0", "git_commit": "bd1d72b...", "git_dirty": false}`` when the
+``results.json`` records :func:`code_version` (``"code"``, when the run started, and in each
+step's record, the code that made the step), so a table can be traced to the code that made it: ``{"version": "0.1.0", "git_commit": "bd1d72b...", "git_dirty": false}`` when the
 package is imported from a git checkout of ucdseg (an editable install or ``PYTHONPATH=src``),
 ``{"version": "0.1.0", "git_commit": null, "git_dirty": null}`` when it is installed from a
 wheel. ``git_dirty`` is true when tracked files differ from the commit (untracked files do not
@@ -10,6 +10,7 @@ count: a run folder inside the checkout would otherwise make every run dirty).
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,17 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 
 def code_version() -> dict:
-    """``{"version", "git_commit", "git_dirty"}`` of the imported ucdseg package."""
+    """``{"version", "git_commit", "git_dirty"}`` of the imported ucdseg package (a copy: the git
+    commands run once per process, the answer is kept)."""
+    return dict(_code_version())
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> tuple:
+    return tuple(_read().items())
+
+
+def _read() -> dict:
     import ucdseg
 
     package = Path(ucdseg.__file__).resolve().parent

@@ -156,7 +156,9 @@ def test_runlog_copies_warnings_into_the_file_and_gives_stderr_back(tmp_path):
 # ------------------------------------------------------------------------------------ code version
 def test_results_record_the_code_version_from_a_checkout(logged):
     cfg, *_ = logged
-    code = json.loads((cfg.run_dir / "results.json").read_text())["code"]
+    saved = json.loads((cfg.run_dir / "results.json").read_text())
+    code = saved["code"]
+    assert [s["code"] for s in saved["steps"]] == [code, code]  # each step names the code that made it
     package = Path(ucdseg.__file__).parent
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True)
     assert code["version"] == ucdseg.__version__

@@ -29,13 +29,13 @@ from ..code_version import code_version
 from ..config import RunConfig, from_dict, migrate, to_dict, to_yaml
 from ..methods import get_method
 from ..models import load_previous_step
+from ..step_range import parse_steps
 from . import build, runlog, tensorboard_log
 from .evaluation import evaluate_step
 from .loop import Criterion, NonFiniteLossError, Trainee, train_iterations
 from .metrics import average_over_steps
 from .plan import OverallBar, step_plan
 from .process_group import Dist, barrier, setup
-from ..step_range import parse_steps
 
 # Keys that may change between a run and its resumption without changing its results.
 # The paths only locate the run and its inputs (a moved dataset or run directory may resume).
@@ -264,6 +264,7 @@ class Run:
         self.options = build.method_options(cfg)
         self.task = build.build_task(cfg)  # the benchmark's task; old/new are reported against its step 0
         self.train_task = build.training_task(cfg, self.task)
+        parse_steps(cfg.train.steps, self.train_task.num_steps)  # a bad train.steps fails before the folder is touched
         self.folder = RunFolder(cfg.run_dir)
         self.log = runlog.RunLog(echo=progress, enabled=self.dist.is_main)  # banner, step lines, log.txt
         self.log.start_capture()
@@ -338,6 +339,7 @@ class Run:
 
     def _add_step(self, record: dict) -> None:
         """Append a finished step to ``results.json``, with the average over the steps so far."""
+        record.setdefault("code", code_version())  # the code that made this step (a resumed run may change it)
         self.results["steps"].append(record)
         self.results["avg"] = average_over_steps(self.results["steps"])
         io.write_json(self.folder.results, self.results)

@@ -319,3 +319,19 @@ def test_ucdseg_run_returns_the_results_of_a_config_object_or_file(logged, tmp_p
     again = ucdseg.run(config, progress=False, output_dir=str(tmp_path), name="api", train={"iterations": 1},
                        eval={"num_images": 0})
     assert again == saved  # the same folder and config: nothing to train, the same results
+
+
+def test_the_overall_bar_counts_the_iterations_of_every_step_up_to_the_last():
+    from ucdseg.engine.plan import OverallBar
+
+    plan = [{"step": 0, "iterations": 100}, {"step": 1, "iterations": 20}, {"step": 2, "iterations": 30}]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bar = OverallBar(plan, done={0}, last=1, label="run")  # step 2 is beyond train.steps
+        assert (bar.bar.total, bar.bar.n) == (120, 100) and bar.bar.desc == "run: 1/2 steps"
+        bar.skip(5)  # a mid-step checkpoint at iteration 5 of step 1: counted, not timed
+        bar.update(15)
+        bar.step_done(1)
+        assert (bar.bar.n, bar.bar.desc) == (120, "run: 2/2 steps")
+        bar.close()
+    assert "run: 2/2 steps: 100%" in err.getvalue()

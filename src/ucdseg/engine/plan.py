@@ -67,7 +67,7 @@ class OverallBar:
     def step_done(self, step: int) -> None:
         """Step ``step`` finished (trained, or taken from a checkpoint or another run)."""
         self.finished.add(step)
-        self.bar.set_description(self._desc(), refresh=False)
+        self.bar.set_description_str(self._desc(), refresh=False)
         self._move(self._counted())
 
     def close(self) -> None:

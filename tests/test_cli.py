@@ -38,7 +38,8 @@ from PIL import Image
 from ucdseg import cli
 
 #: Every command of ``ucdseg --help`` and of ``ucdseg data --help``; each has a test below.
-COMMANDS = ("run", "demo", "eval", "predict", "report", "methods", "tasks", "index", "data", "prepare-embedded")
+COMMANDS = ("run", "demo", "eval", "predict", "report", "methods", "configs", "runs", "tasks", "index", "data",
+            "prepare-embedded")
 DATA_COMMANDS = ("check", "prepare")
 
 #: The embedded benchmark's classes: background, then Fashion-MNIST's ten labels in their order.
@@ -223,6 +224,12 @@ def test_every_command_has_help(command):
     assert result.out.startswith(f"usage: ucdseg {command}")
 
 
+@pytest.mark.parametrize("command", ["", *COMMANDS, *(f"data {c}" for c in DATA_COMMANDS)])
+def test_help_is_plain_text_without_rest_markup(command):
+    result = ucdseg(*command.split(), "--help")
+    assert result.code == 0 and "``" not in result.out and ":func:" not in result.out and ":mod:" not in result.out
+
+
 def test_unknown_command_is_a_usage_error():
     result = ucdseg("trian")
     assert result.code == 2 and result.out == ""
@@ -294,8 +301,9 @@ def test_data_check_folder(tmp_path):
     (root / "val.txt").write_text("v0\ni3\n")  # an id in both lists
     bad = ucdseg("--quiet", "data", "check", "--dataset", "folder", "--root", root)
     assert bad.code == 1
-    assert bad.out.splitlines() == [f"ERROR {root / 'val.txt'}: 1 id(s) are also in train.txt, e.g. 'i3'",
-                                    "verdict: FAILED -- 1 error(s)"]
+    assert bad.out.splitlines()[1:] == ["ERROR in-both-lists (1):", f"  {root / 'val.txt'}: 'i3' is also in train.txt",
+                                        "  fix: keep each id in one of the two lists",
+                                        "verdict: FAILED -- 1 error(s), 0 warning(s)"]
 
 
 def test_data_prepare_without_the_archives_folder_is_one_line(tmp_path):
@@ -345,6 +353,19 @@ def test_run_again_continues_without_retraining(tiny_run, bench, base, config_fi
         again = ucdseg("--quiet", "run", config_file, f"output_dir={base / 'runs'}", *data_overrides(bench[0], base))
     assert again.code == 0 and again.out == first.out
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == stamps
+
+
+def test_run_steps_stops_and_the_same_command_continues(base, bench, config_file, tmp_path, tiny_engine):
+    args = ["--quiet", "run", config_file, f"output_dir={tmp_path}", "name=steps", *data_overrides(bench[0], base)]
+    with tiny_engine():
+        first = ucdseg(*args, "--steps", "0")
+        assert first.code == 0, first.err
+        assert [s["step"] for s in json.loads((tmp_path / "steps" / "results.json").read_text())["steps"]] == [0]
+        assert "| 0 |" in first.out and "| 1 |" not in first.out
+        again = ucdseg(*args)
+    assert again.code == 0, again.err
+    assert [s["step"] for s in json.loads((tmp_path / "steps" / "results.json").read_text())["steps"]] == [0, 1]
+    assert_one_line_error(ucdseg(*args, "--steps", "0-7"), "config key 'train.steps' is '0-7'; the run has steps 0-1")
 
 
 def test_eval_reproduces_the_runs_last_step(tiny_run, tiny_engine):
@@ -453,8 +474,9 @@ def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, confi
     out = tmp_path / "report"
     result = ucdseg("--quiet", "report", run_dir, seed1, demo_dir / "ft", demo_dir / "mib", "--output-dir", out)
     assert result.code == 0, result.err
-    assert result.out.strip().splitlines()[-1] == f"written to {out / 'report.md'}, report.csv and report.png"
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.png"}
+    assert result.out.strip().splitlines()[-1] == (f"written to {out / 'report.md'}, report.csv, report.png and the "
+                                                   "forgetting map report_forgetting*.png")
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.png", "report_forgetting.png"}
     assert (out / "report.md").read_text().strip() in result.out
 
     with open(out / "report.csv", newline="") as f:
@@ -471,7 +493,7 @@ def test_report_gives_mean_and_std_over_seeds(tiny_run, demo, base, bench, confi
             assert float(rows[tiny][f"{conv}_{group}_mean"]) == pytest.approx(statistics.mean(values))
             assert float(rows[tiny][f"{conv}_{group}_std"]) == pytest.approx(statistics.stdev(values))
     cell = f"{pct(statistics.mean(f['without_background']['all'] for f in finals))} ± "
-    assert any(line.startswith(f"| embedded {TASK} overlapped | {tiny} | 0,1 |") and cell in line
+    assert any(line.startswith(f"| embedded {TASK} overlapped | {tiny} | 0,1 | 2 |") and cell in line
                for line in result.out.splitlines())
     # the same run twice is refused, naming both folders
     assert_one_line_error(ucdseg("report", run_dir, run_dir, "--output-dir", tmp_path / "r"), "is given twice")
@@ -539,6 +561,25 @@ def test_tasks_of_an_unknown_dataset_is_one_error_line_naming_the_registered_one
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.startswith("ucdseg: error: unknown dataset 'coco'") and result.err.count("\n") <= 1
     assert all(name in result.err for name in ("voc", "ade", "cityscapes", "embedded", "folder"))
+
+
+# ------------------------------------------------------------------------------ configs, runs
+def test_configs_lists_the_packaged_configs_by_name():
+    result = ucdseg("configs", "embedded")
+    assert result.code == 0 and result.err == ""
+    names = [line.split()[0] for line in result.out.strip().splitlines()[:-1]]
+    assert "embedded/mib" in names and "embedded/mib_ucd" in names and all("embedded" in n for n in names)
+
+
+def test_runs_lists_the_runs_with_their_state(tiny_run, demo, base):
+    run_dir, _ = tiny_run
+    result = ucdseg("runs", base)
+    assert result.code == 0, result.err
+    rows = {line.split()[0]: line.split() for line in result.out.strip().splitlines()[2:-1]}
+    assert set(rows) >= {"runs/tiny", "demo/ft", "demo/mib"}
+    last = json.loads((run_dir / "results.json").read_text())["steps"][-1]["miou"]["without_background"]["all"]
+    assert rows["runs/tiny"] == ["runs/tiny", "embedded", TASK, "mib", "0", "2/2", pct(last), "done"]
+    assert rows["demo/mib"][3:6] == ["mib", "1", "2/2"]
 
 
 # ------------------------------------------------------------------------------ index

@@ -43,14 +43,30 @@ def test_mean_and_sample_std_over_seeds():
     assert row["curves"]["all"] == pytest.approx([0.5, (0.06 + 0.12 + 0.18) / 3])
 
 
-def test_single_seed_has_zero_std_and_undefined_groups_stay_undefined():
-    results = fake_results("ft", 0, 0.0, 0.0, steps=1)
+def test_single_seed_has_no_spread_and_undefined_groups_stay_undefined():
+    results = fake_results("ft", 0, 0.25, 0.0, steps=1)
     results["steps"][-1]["miou"]["without_background"]["new"] = None
     (row,) = aggregate([results])
     assert math.isnan(row["curves"]["new"][0])
-    assert row["without_background_old_std"] == 0.0
+    assert row["without_background_old_mean"] == 0.25 and row["without_background_old_std"] is None
     assert row["without_background_new_mean"] is None and row["without_background_new_std"] is None
-    assert "| - |" in aggregate_markdown([row])
+    text = aggregate_markdown([row])
+    assert "| - |" in text and "±" not in text.splitlines()[-1]
+    # one seed: the value alone, and n = 1 beside the seeds
+    assert text.splitlines()[-1].startswith("| embedded 4-3-3 overlapped | ft | 0 | 1 | 25.0 | - |")
+
+
+@pytest.mark.parametrize("olds, cell", [
+    ((0.10, 0.20), "15.0 ± 7.1"),  # sample std sqrt(2 * 0.05**2) = 0.0707
+    ((0.2000, 0.2004), "20.0 ± 0.03"),  # std 0.028 points: 0.0 with one decimal, so two
+    ((0.2, 0.20000001), "20.0 ± <0.01"),
+    ((0.2, 0.2), "20.0 ± 0"),  # seeds that agree exactly
+])
+def test_a_spread_never_prints_as_plus_minus_zero_point_zero(olds, cell):
+    (row,) = aggregate([fake_results("mib", seed, old, 0.05) for seed, old in enumerate(olds)])
+    line = aggregate_markdown([row]).splitlines()[-1]
+    assert line.startswith(f"| embedded 4-3-3 overlapped | mib | 0,1 | 2 | {cell} |"), line
+    assert "± 0.0 " not in line and "± 0.0|" not in line
 
 
 def test_rows_sorted_by_benchmark_then_registry_order_not_alphabetically():
@@ -98,9 +114,9 @@ def test_report_command_writes_tables_csv_and_plot(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = (out / "report.md").read_text()
-    assert "| embedded 4-3-3 overlapped | mib | 0,1 | 15.0 ± 7.1 |" in text
+    assert "| embedded 4-3-3 overlapped | mib | 0,1 | 2 | 15.0 ± 7.1 |" in text
     # mean +2, 95 % interval 2 +- t(0.975, 1) * 1.414 / sqrt(2) = 2 +- 12.71
-    assert "| embedded 4-3-3 overlapped | mib+ucd - mib | 0,1 | +2.00 [-10.71, +14.71] (2/2) |" in text
+    assert "| embedded 4-3-3 overlapped | mib+ucd - mib | 0,1 | 2 | +2.00 [-10.71, +14.71] (2/2) |" in text
     assert (out / "report.png").stat().st_size > 0
     csv_lines = (out / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[1].startswith("embedded,4-3-3,overlapped,mib,0 1,")
@@ -228,7 +244,7 @@ def test_avg_aggregated_over_seeds_and_paired_for_ucd():
     assert row["with_background_avg_std"] == pytest.approx(0.03)
     text = aggregate_markdown([row])
     assert "| old | new | all | avg | old (w/ bg) | new (w/ bg) | all (w/ bg) | avg (w/ bg) |" in text
-    assert text.splitlines()[-1] == ("| embedded 4-3-3 overlapped | mib | 0,1,2 | 20.0 ± 10.0 | 4.0 ± 2.0 | 12.0 ± 6.0 "
+    assert text.splitlines()[-1] == ("| embedded 4-3-3 overlapped | mib | 0,1,2 | 3 | 20.0 ± 10.0 | 4.0 ± 2.0 | 12.0 ± 6.0 "
                                      "| 31.0 ± 3.0 | 30.0 ± 10.0 | 4.0 ± 2.0 | 17.0 ± 6.0 | 36.0 ± 3.0 |")
     # UCD over its base, paired by seed: avg moves by half the last step's move in "all"
     (gain,) = ucd_gains([fake_results("mib", 0, 0.10, 0.02), fake_results("mib+ucd", 0, 0.14, 0.02)])

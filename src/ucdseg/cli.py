@@ -1,4 +1,8 @@
-"""The ``ucdseg`` command line."""
+"""The ucdseg command line: class-incremental semantic segmentation (UCD, MiB, PLOP and baselines).
+
+Torch is imported only by the commands that need it, so that listing commands (configs, runs,
+tasks, --help) answer at once.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +23,21 @@ def packaged_config(name: str) -> Path:
 
 
 def _load(config: str | None, overrides: Sequence[str]):
+    """The config of a path or of a packaged config's name (``voc/15-1-overlapped/mib_ucd``)."""
     from .config import load_config
+    from .configs_index import resolve_config
 
-    return load_config(config, overrides)
+    return load_config(None if config is None else resolve_config(config), overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args.config, args.overrides)  # a bad config fails before the engine (torch) is imported
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    cfg = _load(args.config, overrides)  # a bad config fails before the engine (torch) is imported
+    if args.dry_run:
+        from .engine.dry_run import dry_run
+
+        print(dry_run(cfg, progress=not args.quiet))
+        return 0
     from .engine import run
 
     results = run(cfg, progress=not args.quiet)
@@ -80,12 +92,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.evaluation import evaluate_checkpoint
 
-    record = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.quiet)
+    record = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.quiet,
+                                 save_predictions=args.save_predictions)
     print(f"step {record['step']}: mIoU " + ", ".join(
         f"{conv} " + "/".join("-" if v is None else f"{100 * v:.1f}" for v in groups.values())
         for conv, groups in record["miou"].items()) + " (old/new/all)")
     for name, value in record["per_class_iou"].items():
         print(f"  {name:24s} {'-' if value is None else f'{100 * value:.1f}'}")
+    if args.save_predictions:
+        print(f"{record['saved_predictions']} predicted masks (palette PNGs of the dataset's class ids) in "
+              f"{args.save_predictions}")
     return 0
 
 
@@ -105,7 +121,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .reporting import write_aggregate
 
     print(write_aggregate(args.run_dirs, args.output_dir, paper=args.paper))
-    print(f"written to {Path(args.output_dir) / 'report.md'}, report.csv and report.png")
+    print(f"written to {Path(args.output_dir) / 'report.md'}, report.csv, report.png and the forgetting map "
+          "report_forgetting*.png")
     return 0
 
 
@@ -120,6 +137,24 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{method.name:10s} {method.description}  [{weights}]")
         for name, option in method.all_options.items():  # method.options.<name>
             print(f"{'':10s}   option {name}={option.default}: {option.help}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from .configs_index import config_root, format_configs, list_configs
+
+    names = list_configs(args.pattern)
+    if not names:
+        raise ValueError(f"no packaged config matches {args.pattern!r}; `ucdseg configs` lists them all")
+    print(format_configs(names))
+    print(f"({len(names)} config(s) in {config_root()}; run one with `ucdseg run NAME`, e.g. ucdseg run {names[0]})")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .runs_list import format_runs, list_runs
+
+    print(format_runs(list_runs(args.dir), args.dir))
     return 0
 
 
@@ -180,13 +215,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ucdseg", description=__doc__)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(prog="ucdseg", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars, no run log on the terminal (runs still write log.txt)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run every step of a task (continues an interrupted run)")
-    p.add_argument("config", help="YAML config file (see configs/)")
+    p = sub.add_parser("run", help="run every step of a task (continues an interrupted run)",
+                       description="Run every step of a task in runs/NAME (running it again continues it).")
+    p.add_argument("config", help="a YAML config file, or a packaged config's name (ucdseg configs lists them), "
+                                  "e.g. voc/15-1-overlapped/mib_ucd")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=8")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the plan (steps, classes, images, iterations, memory); "
+                        "train and write nothing")
+    p.add_argument("--steps", default=None, metavar="RANGE",
+                   help="train only these steps, then stop: N, A-B, A- or -B (train.steps); running again "
+                        "without it continues")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="fine-tuning vs MiB vs MiB+UCD on the embedded benchmark")
@@ -200,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a step checkpoint on its validation set")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.root=DIR)")
+    p.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="also write the prediction of every validation image as a palette PNG of the dataset's "
+                        "class ids, DIR/<image>.png")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="segment your own images with a step checkpoint")
@@ -221,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the methods with their loss weights")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("configs", help="list the packaged configs (run one by name: ucdseg run embedded/mib)")
+    p.add_argument("pattern", nargs="?", default=None,
+                   help="keep the names containing it (voc, 15-1, plop) or matching a glob (voc/*/plop*)")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("runs", help="list the run folders under DIR: task, method, seed, steps, last mIoU, state")
+    p.add_argument("dir", nargs="?", default="runs", help="a folder of runs (default: runs)")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("tasks", help="list the named tasks of a dataset")
     p.add_argument("dataset", help="a registered dataset: voc, ade, cityscapes, embedded, folder or your own")

@@ -94,6 +94,9 @@ class TrainConfig:
     accumulate: int = 1
     checkpoint_every: int = 0  # also checkpoint every N iterations inside a step (0: only at step end)
     log_every: int = 10
+    # train only these steps, then stop: N, A-B, A- or -B (ucdseg.step_range; `ucdseg run --steps`);
+    # running again without it continues. None: every step
+    steps: Optional[str] = None
 
 
 @dataclass
@@ -376,15 +379,21 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
         raise ConfigError(f"config file {path}: _base_ is {bases!r}; expected a file name or a list of file names")
     layers: list[DictConfig] = []
     for base in bases:
-        layers += _read_yaml(path.parent / base, chain + (path.resolve(),))
+        base_path = path.parent / base
+        if not base_path.exists():  # a packaged config's name: _base_: voc/15-1-overlapped/mib
+            from .configs_index import packaged
+
+            base_path = packaged(base) or base_path
+        layers += _read_yaml(base_path, chain + (path.resolve(),))
     return layers + [data]
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Typed defaults < YAML file ``path`` < ``overrides`` (``key=value`` strings).
 
-    A YAML file may name other files in ``_base_`` (a path or a list, relative to it); they are
-    merged first, so a file only states what it changes.
+    A YAML file may name other files in ``_base_`` (a path or a list, relative to it, or a packaged
+    config's name such as ``embedded/mib``); they are merged first, so a file only states what it
+    changes.
     """
     layers: list[Any] = [OmegaConf.structured(RunConfig)]
     if path is not None:

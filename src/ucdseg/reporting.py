@@ -91,35 +91,82 @@ def _save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+_LINE_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+
+
+def _curve_styles(labels: Sequence[str]) -> dict[str, dict]:
+    """Matplotlib keywords per curve label, so that paired methods stay visible when they overlap:
+    one colour per base method (``mib`` and ``mib+ucd`` share it), within it a line style and
+    marker per variant (``X`` solid with circles, ``X+ucd`` dashed with crosses, other weights
+    dash-dotted, ...), and a small horizontal offset per variant (``dx``, in steps) so that equal
+    values are drawn side by side rather than on top of each other."""
+    variants: dict[str, list[str]] = {}  # base method -> its labels, in order
+    for label in labels:
+        members = variants.setdefault(_base_method(label), [])
+        if label not in members:
+            members.append(label)
+    styles = {}
+    for i, (base, members) in enumerate(variants.items()):
+        for k, label in enumerate(members):
+            ucd = base != _method_name(label)
+            variant = 1 if (k == 0 and ucd) else k  # X+ucd without X: still dashed
+            styles[label] = {"color": f"C{i % 10}", "linestyle": _LINE_STYLES[variant % len(_LINE_STYLES)],
+                             "marker": "x" if ucd else "o", "dx": 0.06 * (k - (len(members) - 1) / 2)}
+    return styles
+
+
+def _draw_curve(ax, label: str, curve: Sequence[float], style: dict, num_steps: int) -> None:
+    """A run's curve; a one-step run among longer ones (joint training) as a horizontal line at its
+    level across the steps, the upper bound the others are read against."""
+    keywords = {k: v for k, v in style.items() if k != "dx"}
+    if len(curve) == 1 and num_steps > 1:
+        ax.axhline(curve[0], color=keywords["color"], linestyle=":", linewidth=1.6, label=f"{label} (one step)")
+        return
+    x = np.arange(len(curve)) + style["dx"]
+    ax.plot(x, curve, label=label, markersize=6 if keywords["marker"] == "x" else 4.5, linewidth=1.6,
+            **keywords)
+
+
 def plot_miou(runs: Sequence[tuple[str, dict]], path: Path, convention: str = "without_background") -> None:
-    """mIoU (old, new, all) per step, one line per run."""
+    """mIoU (old, new, all) per step, one curve per run (styles of :func:`_curve_styles`; joint
+    training as a horizontal line), the legend right of the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    styles = _curve_styles([label for label, _ in runs])
+    num_steps = max((len(results["steps"]) for _, results in runs), default=0)
     for ax, group in zip(axes, GROUPS):
         for label, results in runs:
-            steps = [r["step"] for r in results["steps"]]
             values = [np.nan if r["miou"][convention][group] is None else 100 * r["miou"][convention][group]
                       for r in results["steps"]]
-            ax.plot(steps, values, marker="o", label=label)
+            _draw_curve(ax, label, values, styles[label], num_steps)
         ax.set_title(f"mIoU {group}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if runs:
-            ax.set_xticks([r["step"] for r in runs[0][1]["steps"]])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(f"mIoU % ({convention.replace('_', ' ')})")
-    axes[-1].legend(loc="best", fontsize=8)
+    if runs:
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     _save_figure(fig, path)
 
 
 def write_run_reports(results: dict, run_dir: str | Path) -> None:
+    """``results.csv``, ``summary.md``, ``miou_per_step.png`` and the forgetting map ``forgetting.png``."""
     run_dir = Path(run_dir)
     write_text(run_dir / "results.csv", to_csv(step_rows(results)))
     write_text(run_dir / "summary.md", summary_markdown(results))
     plot_miou([(results["method"], results)], run_dir / "miou_per_step.png")
+    if results["steps"]:
+        from .reporting_heatmap import forgetting_matrix, plot_forgetting
+
+        task = results["task"]
+        plot_forgetting([(results["method"], forgetting_matrix(results))], run_dir / "forgetting.png",
+                        title=f"{results['method']} on {task['dataset']} {task['name']} ({task['setting']}), seed "
+                              f"{results['seed']}: per-class IoU (%) after each step")
 
 
 def _summary_head() -> tuple[str, str]:
@@ -154,10 +201,11 @@ def comparison_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
 
 @torch.no_grad()
 def write_predictions(model, val_set, seen: Sequence[int], palette, device, path: Path, num_images: int = 4,
-                      class_names: Sequence[str] | None = None, predict=None) -> None:
+                      class_names: Sequence[str] | None = None, title: str = "", predict=None) -> None:
     """A picture of the first ``num_images`` validation images: image | ground truth | prediction,
-    with a legend naming every class that appears in it (``class_names``: dataset space).
-    ``predict``: the method's inference rule, logits -> model-space ids (default: argmax)."""
+    with a legend naming every class that appears in it (``class_names``: dataset space) and
+    ``title`` above (the run, its method and step). ``predict``: the method's inference rule,
+    logits -> model-space ids (default: argmax)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,6 +222,8 @@ def write_predictions(model, val_set, seen: Sequence[int], palette, device, path
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n + (0.6 if class_names else 0)), squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     shown_ids: set[int] = set()
     for row in range(n):
         image, target = val_set[row]
@@ -275,9 +325,10 @@ def _final(results: dict, conv: str, group: str) -> float | None:
     return results["steps"][-1]["miou"][conv][group]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; one value has no spread (None, not 0)."""
     array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
 
 
 def run_label(results: dict) -> str:
@@ -320,7 +371,7 @@ def _method_rank(label: str) -> tuple[int, str]:
 LOCATION_KEYS = frozenset({
     "name", "output_dir", "device", "data.root", "data.workers", "data.cache_dir", "eval.batch_size",
     "eval.num_images", "train.log_every", "train.checkpoint_every", "train.channels_last", "train.compile",
-    "train.step0_from"})
+    "train.step0_from", "train.steps"})
 # Keys the row's label already shows (run_label: the method and its loss weights), and the seed.
 _LABEL_KEYS = ("seed", "method.name", "method.weights")
 
@@ -453,7 +504,7 @@ def aggregate(results_list: Sequence[dict]) -> list[dict]:
 
     Each row: dataset, task, setting, method, seeds, and for every convention and group (and
     ``avg``, the mean over a run's steps of mIoU all) ``{conv}_{group}_mean`` / ``_std`` (fractions;
-    ``None`` where undefined), plus the mean curves
+    ``None`` where undefined; the std is ``None`` for a single seed: no spread), plus the mean curves
     of mIoU per step (``curves[group]``, without background; ``nan`` where undefined, as "new" at
     step 0). Rows are sorted by benchmark, then by method in the registry's order.
     """
@@ -527,19 +578,30 @@ def _ci95_half_width(std: float | None, n: int) -> float | None:
 
 
 def _pm(mean: float | None, std: float | None) -> str:
+    """``57.3 ± 1.2``; the mean alone for one seed (``std`` None); a spread that rounds to 0.0 with
+    two decimals (``± 0.03``, ``± <0.01``), and ``± 0`` only for seeds that agree exactly."""
     if mean is None:
         return "-"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    if std is None:
+        return f"{100 * mean:.1f}"
+    spread = 100 * std
+    if spread >= 0.05:
+        text = f"{spread:.1f}"
+    elif spread >= 0.005:
+        text = f"{spread:.2f}"
+    else:
+        text = "0" if spread == 0 else "<0.01"
+    return f"{100 * mean:.1f} ± {text}"
 
 
-_TABLE_HEAD = "| benchmark | method | seeds | " + _summary_head()[0] + " |"
-_TABLE_SEP = "|---|---|---|" + _summary_head()[1] + "|"
+_TABLE_HEAD = "| benchmark | method | seeds | n | " + _summary_head()[0] + " |"
+_TABLE_SEP = "|---|---|---|---:|" + _summary_head()[1] + "|"
 
 
 def _table_cells(row: dict, method: str, cell) -> list[str]:
-    """A table line's cells: benchmark, *method*, seeds, then ``cell(conv, group)`` per column."""
-    return ([f"{row['dataset']} {row['task']} {row['setting']}", method, ",".join(map(str, row["seeds"]))]
-            + [cell(conv, group) for conv in CONVENTIONS for group in SUMMARIES])
+    """A table line's cells: benchmark, *method*, seeds, n, then ``cell(conv, group)`` per column."""
+    return ([f"{row['dataset']} {row['task']} {row['setting']}", method, ",".join(map(str, row["seeds"])),
+             str(len(row["seeds"]))] + [cell(conv, group) for conv in CONVENTIONS for group in SUMMARIES])
 
 
 def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
@@ -548,8 +610,8 @@ def aggregate_markdown(rows: Sequence[dict], paper: bool = False) -> str:
     head, sep = _TABLE_HEAD, _TABLE_SEP
     if paper:
         head, sep = head + " paper old/new/all |", sep + "---|"
-    lines = ["mIoU (%) after the last step, and avg (the mean over the steps of mIoU all), mean ± standard "
-             "deviation over seeds.", "", head, sep]
+    lines = ["mIoU (%) after the last step, and avg (the mean over the steps of mIoU all): mean ± sample standard "
+             "deviation over the n seeds (the value alone when n = 1).", "", head, sep]
     for row in rows:
         cells = _table_cells(row, row["method"], lambda conv, g: _pm(row[f"{conv}_{g}_mean"], row[f"{conv}_{g}_std"]))
         if paper:
@@ -590,23 +652,16 @@ def aggregate_csv(rows: Sequence[dict]) -> str:
 
 def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
     """Mean mIoU (old, new, all; without background) per step: one row of panels per benchmark,
-    one line per method; ``X+ucd`` dashed in the colour of ``X`` (other weights in other line
-    styles), joint training (one step) as a dotted horizontal line at its score."""
+    one curve per method (:func:`_curve_styles`: ``X+ucd`` dashed in the colour of ``X``, other
+    weights in other line styles, side by side), joint training (one step) as a dotted horizontal
+    line at its score; the legend right of each row of panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    # one colour per base method; within it a line style per variant: X solid, X+ucd dashed, other
-    # weights of either dash-dotted, dotted, ...
-    styles = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
-    variants: dict[str, list[str]] = {}  # base method -> its labels, in row order
-    for row in rows:
-        labels = variants.setdefault(_base_method(row["method"]), [])
-        if row["method"] not in labels:
-            labels.append(row["method"])
-    colours = {base: f"C{i % 10}" for i, base in enumerate(variants)}
+    styles = _curve_styles([row["method"] for row in rows])
     benchmarks = sorted({(r["dataset"], r["task"], r["setting"]) for r in rows})
     fig, axes = plt.subplots(len(benchmarks), len(GROUPS), figsize=(13, 3.6 * len(benchmarks)), squeeze=False)
     for panels, bench in zip(axes, benchmarks):
@@ -614,25 +669,51 @@ def plot_aggregate(rows: Sequence[dict], path: Path) -> None:
         num_steps = max(len(row["curves"]["all"]) for row in bench_rows)
         for ax, group in zip(panels, GROUPS):
             for row in bench_rows:
-                curve = [100 * v for v in row["curves"][group]]
-                base = _base_method(row["method"])
-                style = {"color": colours[base], "label": row["method"]}
-                if len(curve) == 1 and num_steps > 1:  # a one-step run (joint): its level across the steps
-                    ax.axhline(curve[0], linestyle=":", **style)
-                else:
-                    ucd = base != _method_name(row["method"])
-                    variant = variants[base].index(row["method"])
-                    if variant == 0 and ucd:  # X+ucd without X: still dashed
-                        variant = 1
-                    ax.plot(range(len(curve)), curve, marker="x" if ucd else "o",
-                            linestyle=styles[variant % len(styles)], **style)
+                _draw_curve(ax, row["method"], [100 * v for v in row["curves"][group]], styles[row["method"]],
+                            num_steps)
             ax.set_title(f"{' '.join(bench)}: mIoU {group}")
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         panels[0].set_ylabel("mIoU % (without background)")
-        panels[-1].legend(fontsize=8)
+        panels[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     _save_figure(fig, path)
+
+
+def forgetting_map_names(results_list: Sequence[dict]) -> dict[tuple[str, str, str], str]:
+    """The file of each benchmark's forgetting map in a report: ``report_forgetting.png`` for one
+    benchmark, ``report_forgetting_<dataset>-<task>-<setting>.png`` for several."""
+    benchmarks = sorted({_benchmark(r) for r in results_list})
+    if len(benchmarks) == 1:
+        return {benchmarks[0]: "report_forgetting.png"}
+    return {b: f"report_forgetting_{'-'.join(b)}.png" for b in benchmarks}
+
+
+def write_forgetting_maps(results_list: Sequence[dict], out_dir: Path) -> list[Path]:
+    """Per benchmark, the forgetting map (:mod:`.reporting_heatmap`) with one panel per row of the
+    report (method, weights and config), averaged over its seeds; one-step runs (joint training)
+    are left out of a benchmark of several steps: they forget nothing."""
+    from .reporting_heatmap import forgetting_matrix, mean_matrix, plot_forgetting
+
+    panels: dict[tuple, list] = {}
+    for (dataset, task, setting, label), runs in _group_runs(results_list).items():
+        panels.setdefault((dataset, task, setting), []).append((label, runs))
+    written = []
+    for bench, name in forgetting_map_names(results_list).items():
+        steps = max(len(r["steps"]) for _, runs in panels[bench] for r in runs)
+        drawn = []
+        for label, runs in panels[bench]:
+            if steps > 1 and len(runs[0]["steps"]) == 1:
+                continue
+            try:
+                drawn.append((f"{label} (n={len(runs)})", mean_matrix([forgetting_matrix(r) for r in runs])))
+            except (KeyError, TypeError, ValueError):  # results without per-class IoU (written by hand)
+                continue
+        if drawn:
+            plot_forgetting(drawn, out_dir / name, title=f"{' '.join(bench)}: per-class IoU (%) after each step, "
+                                                          "mean over the seeds")
+            written.append(out_dir / name)
+    return written
 
 
 def _check_output_dir(out_dir: Path) -> None:
@@ -646,8 +727,9 @@ def _check_output_dir(out_dir: Path) -> None:
 
 
 def write_aggregate(run_dirs: Sequence[str | Path], out_dir: str | Path, paper: bool = False) -> str:
-    """``report.md``, ``report.csv`` and ``report.png`` in *out_dir*; with a ``X+ucd`` run beside its
-    ``X``, the paired UCD gains too (a second table in ``report.md``, ``report_ucd.csv``).
+    """``report.md``, ``report.csv``, ``report.png`` and the forgetting map ``report_forgetting.png``
+    (:func:`write_forgetting_maps`) in *out_dir*; with a ``X+ucd`` run beside its ``X``, the paired
+    UCD gains too (a second table in ``report.md``, ``report_ucd.csv``).
 
     What is pooled: one row per benchmark, method (with its loss weights) and config, averaged over
     the seeds. Runs whose configs differ in anything but the seed and :data:`LOCATION_KEYS` (where a
@@ -679,6 +761,7 @@ def write_aggregate(run_dirs: Sequence[str | Path], out_dir: str | Path, paper: 
         write_text(out_dir / "report.md", table)
         write_text(out_dir / "report.csv", aggregate_csv(rows))
         plot_aggregate(rows, out_dir / "report.png")
+        write_forgetting_maps(results_list, out_dir)
     except OSError as exc:
         where = exc.filename or out_dir
         raise ValueError(f"cannot write the report in {out_dir}: {where}: {exc.strerror or exc}") from None

@@ -653,8 +653,8 @@ def test_a_good_report_still_works_and_pools_seeds_only(world, cli, tmp_path):
     result = cli(_report(tmp_path, *runs), tmp_path)
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "report" / "report.md").read_text()
-    assert "| embedded 8-2 overlapped | mib (train.iterations=3) | 0,1 | 15.0 ± 7.1 |" in table
-    assert "| embedded 8-2 overlapped | mib (train.iterations=40) | 0 | 50.0 ± 0.0 |" in table
+    assert "| embedded 8-2 overlapped | mib (train.iterations=3) | 0,1 | 2 | 15.0 ± 7.1 |" in table
+    assert "| embedded 8-2 overlapped | mib (train.iterations=40) | 0 | 1 | 50.0 |" in table  # one seed: no spread
 
 
 def test_every_range_check_names_a_key_of_the_config_and_has_a_case():

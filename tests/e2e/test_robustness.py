@@ -37,7 +37,8 @@ def metrics(results: dict) -> list[dict]:
 
 def stray_files(run_dir: Path) -> list[str]:
     """Temporary files of interrupted atomic writes and leftover mid-step checkpoints (the folder's
-    lock file, ``.ucdseg.lock``, stays: it is locked, never deleted, see RunFolder.acquire)."""
+    lock file, ``.ucdseg.lock``, is left by a killed process, taken over by the next run and removed
+    when a run finishes, see RunFolder.acquire and release)."""
     return sorted(p.name for p in run_dir.rglob("*") if p.name != ".ucdseg.lock" and (
         p.name.endswith(".tmp") or p.name.startswith(".") or p.name.endswith("-last.pt")))
 

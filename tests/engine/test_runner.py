@@ -187,12 +187,11 @@ def test_two_step_run_writes_every_output(make_config):
         assert tag in data, tag
 
     assert (out / "config.yaml").read_text() == to_yaml(cfg)
-    stray = [p.name for p in out.rglob("*") if p.name != ".ucdseg.lock" and (p.name.endswith(".tmp")
-                                                                           or p.name.startswith("."))]
+    stray = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert stray == [] and not list(out.rglob("*-last.pt"))
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.yaml", "results.json", "results.csv", "summary.md", "miou_per_step.png", "predictions",
-         "checkpoints", "tensorboard", ".ucdseg.lock"])  # the folder's lock file stays (RunFolder.acquire)
+        ["config.yaml", "results.json", "results.csv", "summary.md", "miou_per_step.png", "forgetting.png",
+         "predictions", "checkpoints", "tensorboard", "log.txt"])  # the lock file is removed on a clean finish
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step0.pt", "step1.pt"]
 
 

@@ -195,6 +195,20 @@ class FolderSegmentation(SegmentationDataset):
         images, masks, splits = split_ids(root)
         ids = splits[split]
         super().__init__("folder", root, split, meta, [images[i] for i in ids], [masks[i] for i in ids])
+        self._read_palette(root, meta)
+
+    @classmethod
+    def of_pairs(cls, root: PathLike, split: str, meta: DatasetMeta, pairs: list[tuple[Path, Path]]
+                 ) -> "FolderSegmentation":
+        """A reader of the given (image, mask) files, without the checks of the layout (``ucdseg data
+        check`` reads the pairs of a folder whose layout has faults: :mod:`.folder_check`)."""
+        self = cls.__new__(cls)
+        SegmentationDataset.__init__(self, "folder", Path(root), split, meta, [p[0] for p in pairs],
+                                     [p[1] for p in pairs])
+        self._read_palette(Path(root), meta)
+        return self
+
+    def _read_palette(self, root: Path, meta: DatasetMeta) -> None:
         self._classes_file = root / CLASSES_FILE
         colors = np.asarray(meta.palette, dtype=np.int64)
         self._color_codes = {int(c): k for k, c in enumerate(colors[:, 0] << 16 | colors[:, 1] << 8 | colors[:, 2])}
@@ -244,48 +258,15 @@ class FolderSegmentation(SegmentationDataset):
 
 
 def check_folder(root: PathLike, limit: Optional[int] = None) -> list[str]:
-    """Every problem of the folder dataset at ``root`` as one line each (empty: ready to train).
+    """Every problem of the folder dataset at ``root``, one line each (empty: ready to train);
+    :func:`ucdseg.data.folder_check.folder_problems` has them as :class:`~ucdseg.data.check.Problem`."""
+    from .folder_check import folder_problems
 
-    Reads ``limit`` evenly spaced pairs per split (all when None): image readable, mask of the
-    same size with only classes of ``classes.yaml``.
-    """
-    problems: list[str] = []
-    try:
-        datasets = [FolderSegmentation(root, split) for split in ("train", "val")]
-    except (ValueError, FileNotFoundError) as exc:
-        return [str(exc)]
-    for dataset in datasets:
-        n = len(dataset)
-        picks = range(n) if limit is None or limit >= n else np.unique(np.linspace(0, n - 1, limit).round().astype(int))
-        for i in picks:
-            i = int(i)
-            try:
-                with Image.open(dataset.image_path(i)) as im:
-                    size = im.size
-                    im.load()
-                mask = dataset.load_mask(i)
-            except Exception as exc:  # name the file whatever PIL raises
-                problems.append(str(exc).splitlines()[0] if str(exc) else f"{dataset.image_path(i)}: unreadable")
-                continue
-            if (mask.shape[1], mask.shape[0]) != size:
-                problems.append(f"mask {dataset.mask_path(i)} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                                f"{dataset.image_path(i).name} is {size[0]}x{size[1]}")
-    return problems
+    return [f"{p.path}: {p.what}" for p in folder_problems(root, limit=limit)]
 
 
 def run_check_folder(root: PathLike, limit: Optional[int] = None) -> int:
-    """``ucdseg data check --dataset folder``: print the problems and a verdict; exit code 0 or 1."""
-    problems = check_folder(root, limit=limit)
-    if not problems:
-        meta = read_classes(root)
-        counts = {split: len(split_ids(root)[2][split]) for split in ("train", "val")}
-        print(f"folder at {root}: {meta.num_classes} classes ({', '.join(meta.class_names)}), "
-              f"train {counts['train']} images, val {counts['val']} images")
-        print("verdict: OK -- no problem found")
-        return 0
-    for line in problems[:20]:
-        print(f"ERROR {line}")
-    if len(problems) > 20:
-        print(f"... and {len(problems) - 20} more")
-    print(f"verdict: FAILED -- {len(problems)} error(s)")
-    return 1
+    """``ucdseg data check --dataset folder``: every fault in one pass, grouped by kind; exit code 0 or 1."""
+    from .folder_check import run_check_folder as run
+
+    return run(root, limit=limit)

@@ -208,8 +208,9 @@ def _load_presence(folder: Path, manifest: Optional[dict]) -> Optional[list[np.n
 
 
 def _presence(dataset: MaskDataset, workers: Optional[int], progress: bool,
-              cache_dir: PathLike) -> tuple[list[np.ndarray], list[str], str]:
-    """``(presence, relative mask paths, digest)``, from the cache or (re)built."""
+              cache_dir: PathLike, write_cache: bool = True) -> tuple[list[np.ndarray], list[str], str]:
+    """``(presence, relative mask paths, digest)``, from the cache or (re)built (and cached
+    unless ``write_cache`` is false)."""
     folder = _dataset_dir(dataset, cache_dir)
     files = _mask_files(dataset)
     manifest_path = folder / "presence.json"
@@ -229,6 +230,8 @@ def _presence(dataset: MaskDataset, workers: Optional[int], progress: bool,
     result = [np.asarray(ids, dtype=np.int64) for ids in presence]
     relpaths = [f[0] for f in files]
     digest = _presence_digest(relpaths, result)
+    if not write_cache:
+        return result, relpaths, digest
 
     lengths = np.array([len(ids) for ids in result], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -250,15 +253,16 @@ def _presence(dataset: MaskDataset, workers: Optional[int], progress: bool,
 
 
 def scan_presence(dataset: MaskDataset, workers: Optional[int] = None, progress: bool = True,
-                  cache_dir: PathLike = None) -> list[np.ndarray]:
+                  cache_dir: PathLike = None, write_cache: bool = True) -> list[np.ndarray]:
     """Sorted class ids (dataset space, 255 excluded) present in every mask of ``dataset``.
 
     Reads each mask once with ``dataset.load_mask`` in ``workers`` processes (``None``: up to 8,
     one per CPU, for 256+ masks; ``0``/``1``: in this process) and caches the result under
     ``cache_dir``. The cache is reused while every mask file keeps its relative path, size and
-    mtime; new or modified masks are read again, removed ones dropped.
+    mtime; new or modified masks are read again, removed ones dropped. ``write_cache=False``
+    (``ucdseg run --dry-run``) reads a valid cache but writes nothing.
     """
-    return _presence(dataset, workers, progress, cache_dir)[0]
+    return _presence(dataset, workers, progress, cache_dir, write_cache)[0]
 
 
 # ---------------------------------------------------------------------- step lists

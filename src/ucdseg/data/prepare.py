@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..io import atomic_path, write_bytes
 

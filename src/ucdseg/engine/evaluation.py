@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Subset
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .. import io
 from ..config import ConfigError, RunConfig, from_dict, migrate
@@ -72,16 +72,20 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
         from .. import reporting
 
         reporting.write_predictions(model, val, seen, meta.palette, dist.device, predictions,
-                                    num_images=cfg.eval.num_images, class_names=meta.class_names, predict=rule)
+                                    num_images=cfg.eval.num_images, class_names=meta.class_names, predict=rule,
+                                    title=f"{cfg.name}: {cfg.method.name}, after step {step} ({task.name})")
     return record
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), progress: bool = True,
+                        save_predictions: str | Path | None = None) -> dict:
     """Rebuild the model of the step checkpoint ``path`` from the config saved in it and evaluate
     it after its step.
 
     ``overrides`` (``key=value``) may point to the data elsewhere (``data.root=DIR``) or change
-    evaluation settings; they must not change the model or the task.
+    evaluation settings; they must not change the model or the task. ``save_predictions``: a
+    folder where every validation image's prediction is written as a palette PNG
+    (:mod:`.export`; the record's ``saved_predictions`` counts them).
     """
     path = Path(path)
     if path.is_dir():
@@ -104,5 +108,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), progres
     model = build.step_model(cfg, state["classes_per_step"], dist.device)
     model.load_state_dict(state["model"])
     val_set = build.open_dataset(cfg, "val", prepare=False)
-    return evaluate_step(model, cfg, build.training_task(cfg, task), len(task.steps[0]), val_set, int(state["step"]),
-                         dist, progress)
+    trained = build.training_task(cfg, task)
+    record = evaluate_step(model, cfg, trained, len(task.steps[0]), val_set, int(state["step"]), dist, progress)
+    if save_predictions is not None and dist.is_main:
+        from .export import save_predictions as save
+
+        record["saved_predictions"] = save(model, val_set, trained.seen(int(state["step"])), save_predictions,
+                                           dist.device, progress)
+    return record

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..methods import LossContext, Method, StepState
 from .build import LoopOptions
@@ -215,23 +215,32 @@ def averaged(values: Mapping[str, torch.Tensor], dist: Dist) -> dict[str, float]
 
 def train_iterations(trainee: Trainee, criterion: Criterion, loader: Iterable, opts: LoopOptions, dist: Dist,
                      step: int, start: int, total: int, log: Callable[[int, dict], None],
-                     checkpoint: Callable[[int], None], progress: bool = True) -> None:
+                     checkpoint: Callable[[int], None], progress: bool = True, overall=None) -> None:
     """Iterations ``start .. total-1`` of step ``step``: ``log(iteration, values)`` every
-    ``log_every`` iterations and at the end, ``checkpoint(iteration)`` every ``checkpoint_every``."""
+    ``log_every`` iterations and at the end, ``checkpoint(iteration)`` every ``checkpoint_every``.
+
+    The logged ``lr`` is the learning rate the iteration used (read before the scheduler's step),
+    so a step's curve ends at its last rate, not at the 0 the poly schedule reaches after it.
+    ``overall``: the run's outer bar (:class:`.plan.OverallBar`), advanced with this step's bar.
+    """
     device = next(trainee.model.parameters()).device
     memory_format = torch.channels_last if opts.channels_last else torch.preserve_format
     bar = tqdm(loader, total=total, initial=start, desc=f"step {step} train", disable=not (progress and dist.is_main),
-               dynamic_ncols=True)
+               dynamic_ncols=True, leave=overall is None)
+    if overall is not None and start:
+        overall.skip(start)
     for it, (images, labels) in enumerate(bar, start=start):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
+        lr = trainee.optimizer.param_groups[0]["lr"]
         values = train_one_iteration(trainee, criterion, images, labels, opts, dist,
                                      where=f"at step {step}, iteration {it} ")
+        if overall is not None:
+            overall.update()
         if (it + 1) % opts.log_every == 0 or it + 1 == total:
             means = averaged(values, dist)
             bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items()})
-            log(it + 1, {**means, **{k: float(v) for k, v in criterion.diagnostics.items()},
-                         "lr": trainee.scheduler.get_last_lr()[0]})
+            log(it + 1, {**means, **{k: float(v) for k, v in criterion.diagnostics.items()}, "lr": lr})
         if opts.checkpoint_every and (it + 1) % opts.checkpoint_every == 0 and it + 1 < total:
             checkpoint(it + 1)
     bar.close()

@@ -25,14 +25,17 @@ from torch.nn.parallel import DistributedDataParallel
 import ucdseg
 
 from .. import io
+from ..code_version import code_version
 from ..config import RunConfig, from_dict, migrate, to_dict, to_yaml
 from ..methods import RunShape, StepSetup, get_method
 from ..models import load_previous_step
-from . import build
+from ..step_range import parse_steps
+from . import build, runlog, tensorboard_log
 from .evaluation import evaluate_step
 from .loop import Criterion, NonFiniteLossError, Trainee, shares_trunk, train_iterations
 from .memory import choose_memory, load_memory, memory_checksum, memory_path
 from .metrics import average_over_steps
+from .plan import OverallBar, step_plan
 from .process_group import Dist, barrier, setup
 
 # Keys that may change between a run and its resumption without changing its results.
@@ -40,10 +43,10 @@ from .process_group import Dist, barrier, setup
 # train.channels_last and train.compile only choose how the same computation is laid out in
 # memory and which kernels run it: like ``device`` they can change the last bits of the floats,
 # never what is computed, so a run may be resumed with them switched (e.g. on a machine without
-# a C++ compiler for torch.compile).
+# a C++ compiler for torch.compile). train.steps only says where a command stops.
 RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every", "eval.batch_size",
                   "eval.num_images", "train.checkpoint_every", "name", "output_dir", "data.root",
-                  "model.pretrained", "train.channels_last", "train.compile"}
+                  "model.pretrained", "train.channels_last", "train.compile", "train.steps"}
 
 # Settings a reused step 0 must share with this run (the method may differ: step 0 is plain CE).
 STEP0_TRAIN_KEYS = {f"train.{k}" for k in ("batch_size", "epochs", "iterations", "lr", "momentum", "nesterov",
@@ -137,18 +140,25 @@ class RunFolder:
         except ImportError:  # no POSIX file locks (Windows): the folder is not locked
             return
         path = self.path / self.LOCK
-        try:
-            handle = open(path, "a+", encoding="utf-8")
-        except OSError as exc:
-            raise io.os_error(path, exc, "open") from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise RuntimeError(f"run folder {self.path} is in use by {holder}; wait for it to finish, "
-                               "or give this run another name=") from None
+        for _ in range(10):  # the holder removes the file when it finishes: lock the file that is there
+            try:
+                handle = open(path, "a+", encoding="utf-8")
+            except OSError as exc:
+                raise io.os_error(path, exc, "open") from None
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise RuntimeError(f"run folder {self.path} is in use by {holder}; wait for it to finish, "
+                                   "or give this run another name=") from None
+            if _same_file(handle, path):
+                break
+            handle.close()  # locked a file its holder removed meanwhile
+        else:
+            raise RuntimeError(f"run folder {self.path}: its lock file {path} keeps being replaced; is another "
+                               "process starting there?")
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} on {socket.gethostname()} since "
@@ -159,7 +169,10 @@ class RunFolder:
         io.remove_orphans(self.checkpoints)
 
     def release(self) -> None:
+        """Give the folder up; the lock file goes too (removed while still locked: a process that
+        opened it meanwhile sees it replaced, :meth:`acquire`)."""
         if self._lock is not None:
+            (self.path / self.LOCK).unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
 
@@ -245,12 +258,19 @@ class Run:
         self.options = build.method_options(cfg)
         self.task = build.build_task(cfg)  # the benchmark's task; old/new are reported against its step 0
         self.train_task = build.training_task(cfg, self.task)
+        parse_steps(cfg.train.steps, self.train_task.num_steps)  # a bad train.steps fails before the folder is touched
         self.folder = RunFolder(cfg.run_dir)
+        self.log = runlog.RunLog(echo=progress, enabled=self.dist.is_main)  # banner, step lines, log.txt
+        self.log.start_capture()
         try:
             self._open(cfg, progress)
-        except BaseException:
+        except BaseException as exc:
+            self.log.failed(exc)
+            self.log.close()
             self.folder.release()
             raise
+        finally:
+            self.log.stop_capture()
 
     def _open(self, cfg: RunConfig, progress: bool) -> None:
         """Everything a run needs, checked before any step trains: the folder (locked, writable),
@@ -258,6 +278,7 @@ class Run:
         the same data as the steps already trained, a memory that fits), the results so far."""
         if self.dist.is_main:
             self.folder.acquire()
+            self.log.attach(self.folder.path)
             self.folder.check_config(cfg)
             self.train_set = build.open_dataset(cfg, "train", progress=progress)
         barrier()
@@ -289,6 +310,7 @@ class Run:
             "seed": self.cfg.seed,
             "config": to_dict(self.cfg),
             "versions": versions(),
+            "code": code_version(),  # git commit and dirty flag from a checkout, the package version always
             "method": self.method.name,
             "weights": self.weights,
             "task": {"dataset": self.task.dataset, "name": self.task.name, "steps": self.task.steps,
@@ -306,36 +328,85 @@ class Run:
             print(f"ucdseg: warning: TensorBoard logging is off ({exc}); install it with "
                   f"`pip install tensorboard` to log to {self.folder.path / 'tensorboard'}", file=sys.stderr)
             return None
-        return SummaryWriter(str(self.folder.path / "tensorboard"))
+        writer = SummaryWriter(str(self.folder.path / "tensorboard"))
+        tensorboard_log.log_config(writer, self.cfg)
+        return writer
 
     def _add_step(self, record: dict) -> None:
         """Append a finished step to ``results.json``, with the average over the steps so far."""
+        record.setdefault("code", code_version())  # the code that made this step (a resumed run may change it)
         self.results["steps"].append(record)
         self.results["avg"] = average_over_steps(self.results["steps"])
         io.write_json(self.folder.results, self.results)
 
     # ----------------------------------------------------------------- the steps
     def run(self) -> dict:
+        self._overall = None
         try:
+            self.log.start_capture()
             done = {s["step"] for s in self.results["steps"]}
+            last = self._last_step(done)
+            self._announce(done, last)
             for step in range(self.train_task.num_steps):
                 if step in done:
                     continue
+                if step > last:  # train.steps: stop here, the next command continues
+                    break
                 if step == 0 and self.cfg.train.step0_from:
                     self.reuse_step0(Path(self.cfg.train.step0_from))
                 elif (state := self._recoverable(step)) is not None:
                     self.recover_step(step, state)
                 else:
                     self.train_step(step)
+                self._step_finished(step)
             if self.dist.is_main:
                 from .. import reporting
 
                 reporting.write_run_reports(self.results, self.folder.path)
+                if self._overall is not None:  # the summary below the finished bar
+                    self._overall.close()
+                self.log.summary(self.results, self.train_task.num_steps, last)
             return self.results
+        except BaseException as exc:
+            self.log.failed(exc)
+            raise
         finally:
+            if self._overall is not None:
+                self._overall.close()
             if self.writer is not None:
                 self.writer.close()
             self.folder.release()
+            self.log.close()
+
+    def _last_step(self, done: set[int]) -> int:
+        """The last step this command trains (``train.steps``); the steps before the range must be
+        finished (or be taken from a checkpoint or another run)."""
+        first, last = parse_steps(self.cfg.train.steps, self.train_task.num_steps)
+        missing = [s for s in range(first) if s not in done and not (s == 0 and self.cfg.train.step0_from)
+                   and not self.folder.final(s).is_file()]
+        if missing:
+            raise ValueError(f"train.steps={self.cfg.train.steps}: step {missing[0]} is not finished in "
+                             f"{self.folder.path}; train it first (train.steps={missing[0]}-{last}, or no "
+                             "train.steps)")
+        return last
+
+    def _announce(self, done: set[int], last: int) -> None:
+        """The banner with each step's images and iterations, and the overall bar (rank 0)."""
+        if not self.dist.is_main:
+            return
+        plan = step_plan(self.cfg, self.train_task, self.train_set)
+        self.log.banner(self.cfg, self.train_task, self.results, self.options, self.train_set, self.val_set,
+                        self.dist, plan)
+        if self.progress and any(s not in done for s in range(last + 1)):
+            self._overall = OverallBar(plan, done, last, label=self.cfg.name)
+
+    def _step_finished(self, step: int) -> None:
+        """A step's line in the log, its per-class IoU and prediction figure in TensorBoard."""
+        record = next((r for r in self.results["steps"] if r["step"] == step), None)
+        tensorboard_log.log_step(self.writer, record, self.folder.path / "predictions" / f"step{step}.png")
+        self.log.step_done(self.results, step, self.train_task.num_steps)
+        if self._overall is not None:
+            self._overall.step_done(step)
 
     def _recoverable(self, step: int) -> dict | None:
         """A finished step's checkpoint without its record (``results.json`` deleted or damaged):
@@ -527,7 +598,7 @@ class Run:
         trainee.shared_trunk = shares_trunk(trainee.model, trainee.old_model)
         try:
             train_iterations(trainee, criterion, loader, opts, self.dist, step, start, total, log, checkpoint,
-                             self.progress)
+                             self.progress, overall=getattr(self, "_overall", None))
         except NonFiniteLossError as exc:
             kept = next((p for p in (partial, self.folder.final(step - 1)) if p.exists()), None)
             raise NonFiniteLossError(f"{exc}; " + (f"the last good checkpoint is {kept}" if kept else
@@ -614,6 +685,14 @@ class Run:
             raise ValueError(f"train.step0_from={source}: its weights do not fit this run's step-0 model "
                              f"({self.cfg.model.backbone}, {self.train_task.classes_per_step[0]} classes): {first}") from None
         return model
+
+
+def _same_file(handle, path: Path) -> bool:
+    """Whether the open file ``handle`` is still the file at ``path`` (not removed or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def _step0_classes(source: Path, config: dict) -> list[int]:

@@ -518,7 +518,8 @@ def test_methods_lists_every_method_with_its_weights():
         name = match.group(1)
         listed[name] = dict(w.split("=") for w in match.group(3).split(", "))
     # UCD's options (tau 0.07 from the paper) and PLOP's POD factors (its VOC preset)
-    assert options["mib+ucd"] == {"temperature": "0.07", "formulation": "reference", "gather": "False"}
+    assert options["mib+ucd"] == {"temperature": "0.07", "formulation": "reference", "gather": "False",
+                                  "void": "background"}
     assert options["plop"] == {"pod_factor": "0.01", "pod_last_factor": "0.0005"}
     assert options["plop+ucd"] == {**options["plop"], **options["mib+ucd"]} and "mib" not in options
     assert set(listed) >= {"ft", "lwf", "lwf-mc", "ilt", "mib", "mib+ucd", "joint", "plop", "plop+ucd"}
@@ -526,6 +527,16 @@ def test_methods_lists_every_method_with_its_weights():
     assert listed["mib"] == {"unce": "1", "unkd": "10"}
     assert listed["mib+ucd"] == {"unce": "1", "unkd": "10", "ucd": "0.01"}
     assert listed["ft"] == {"ce": "1"}
+    # the rows of issues 21-22: MiB's regularisers (importance 500 / 500 / 100), SDR's preset, DKD's config
+    for name, importance in (("ewc", "500.0"), ("pi", "500.0"), ("rw", "100.0")):
+        assert listed[name] == {"ce": "1"} and options[name]["importance"] == importance
+        assert (options[name]["alpha"], options[name]["iterations"], options[name]["normalize"]) == ("0.9", "10", "True")
+    assert listed["mib+sdr"] == {"unce": "1", "unkd": "100", "pm": "0.01", "fc": "0.001", "sep": "0.001", "fs": "0.001"}
+    assert options["mib+sdr"] == {"release_compat": "False"}
+    assert listed["ssul"] == listed["ssul-m"] == {"bce": "1"}
+    assert options["ssul"] == {"unknown": "saliency", "pseudo_threshold": "0.7"}
+    assert listed["dkd"] == listed["dkd-m"] == {"mbce": "1", "kd": "5", "dkd_pos": "5", "dkd_neg": "5", "ac": "1"}
+    assert options["dkd"] == {"pos_weight": "1.0", "pos_weight_step0": "2.0", "ignore_void": "False"}
 
 
 def steps_of(name: str, num_classes: int) -> list[int]:

@@ -138,7 +138,7 @@ def resolves(key: str, fields: set[str]) -> bool:
     if key.startswith("method.options."):  # a method's own option: some registered method has it
         from ucdseg.methods import list_methods
 
-        return any(key[len("method.options."):] in m.options for m in list_methods())
+        return any(key[len("method.options."):] in m.all_options for m in list_methods())
     return key in fields or any(key.startswith(f + ".") for f in fields if f.endswith(".weights"))
 
 

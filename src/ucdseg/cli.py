@@ -192,9 +192,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if args.dataset == "folder":
         from .data.folder import run_check_folder
 
-        return run_check_folder(args.root, limit=args.limit)
+        return run_check_folder(args.root, limit=args.limit, saliency=args.saliency)
 
-    return run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet)
+    return run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet, saliency=args.saliency)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -207,9 +207,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .embedded import default_root, prepare_embedded
 
+    from .embedded.saliency import ensure_saliency
+
     root = prepare_embedded(args.root or default_root(), num_train=args.num_train, num_val=args.num_val,
                             image_size=args.image_size, seed=args.seed, fashion_mnist_dir=args.fashion_mnist,
                             progress=not args.quiet)
+    ensure_saliency(root)  # SSUL's saliency maps, derived from the masks
     print(f"embedded benchmark ready in {root}")
     return 0
 
@@ -299,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True)
     p.add_argument("--limit", type=int, default=None,
                    help="read N evenly spaced image/mask pairs per split; every entry is still checked for existence")
+    p.add_argument("--saliency", action="store_true",
+                   help="also check the training images' saliency maps (SSUL's unknown class: VOC saliency_map/, "
+                        "a folder dataset's saliency/)")
     p.set_defaults(func=cmd_data_check)
     p = data_sub.add_parser("prepare", help="build a dataset's layout from its official archives, then check it",
                             description="Archives and their URLs: docs/datasets.md (ucdseg.data.prepare.ARCHIVES).")

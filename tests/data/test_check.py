@@ -315,3 +315,26 @@ def test_run_check_exit_codes_and_output(tmp_path, capsys):
     assert run_check("voc", t.root, limit=1, progress=False) == 1
     out = capsys.readouterr().out
     assert str(t.root / "ImageSets" / "Segmentation" / "val.txt") in out and "FAILED -- 1 error(s)" in out
+
+
+def test_saliency_maps_are_checked_when_asked(tiny_benchmark, tmp_path, capsys):
+    """``--saliency``: SSUL's maps of every training image, one line each that is missing or of
+    another size than its image; without the flag they are not looked at."""
+    from ucdseg.cli import main
+    from ucdseg.embedded.saliency import ensure_saliency
+
+    root = tmp_path / "embedded"
+    shutil.copytree(tiny_benchmark, root)
+    ensure_saliency(root)
+    ids = (root / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
+    assert main(["--quiet", "data", "check", "--dataset", "embedded", "--root", str(root), "--saliency"]) == 0
+    assert "verdict: OK" in capsys.readouterr().out
+    (root / "saliency_map" / f"{ids[3]}.png").unlink()
+    Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(root / "saliency_map" / f"{ids[5]}.png")
+    assert main(["--quiet", "data", "check", "--dataset", "embedded", "--root", str(root)]) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "data", "check", "--dataset", "embedded", "--root", str(root), "--saliency"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR missing-saliency (1):" in out and f"saliency_map/{ids[3]}.png: saliency map missing" in out
+    assert "ERROR bad-saliency (1):" in out and f"{ids[5]}.png" in out and "12x10" in out
+    assert "verdict: FAILED -- 2 error(s)" in out

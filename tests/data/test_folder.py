@@ -117,7 +117,10 @@ def every_method(folder, tmp_path_factory, tiny_engine):
     results = {}
     with tiny_engine():
         for k, method in enumerate(m.name for m in list_methods()):
-            cfg = load_config(None, [
+            # a folder without saliency/: SSUL's ADE rule (every background pixel unknown); a small memory
+            extra = (["method.options.unknown=background"] if method.startswith("ssul") else []) + (
+                ["data.memory.size=2"] if method.endswith("-m") else [])
+            cfg = load_config(None, [*extra,
                 f"output_dir={out}", f"name={method}", "device=cpu", "data.dataset=folder", f"data.root={root}",
                 f"data.cache_dir={out / 'cache'}", f"data.setting={settings[k % 3]}", "data.crop_size=64",
                 "task.name=3-1", f"method.name={method}", "train.batch_size=4", "train.iterations=1",

@@ -130,11 +130,12 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def file_digests(folder: Path, copied: bool = False) -> dict[str, str]:
-    """sha256 of every file of a run folder but its lock and TensorBoard logs (a new run appends a log);
+    """sha256 of every file of a run folder but its lock, TensorBoard logs and log.txt (a new run appends
+    to both logs: its banner and its error line);
     ``copied``: and but its ``config.yaml``, which a copied folder's first run rewrites with its name."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".ucdseg.lock" and "tensorboard" not in p.relative_to(folder).parts
+            if p.is_file() and p.name not in (".ucdseg.lock", "log.txt") and "tensorboard" not in p.relative_to(folder).parts
             and not (copied and p.name == "config.yaml")}
 
 

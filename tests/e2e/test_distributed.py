@@ -145,10 +145,11 @@ def _worker(rank: int, port: int, data_path: str, out_dir: str) -> None:
         x, g, z, y = (_slice(sc[k], rank) for k in ("x", "g", "z", "y"))
         proj = torch.nn.Conv2d(D_IN, D, 1).double()
         proj.load_state_dict(sc["proj"])
-        term = get_method("mib+ucd").terms["ucd"][0]
+        options = {"temperature": 0.07, "formulation": "reference", "gather": True, "void": "ignore"}
+        term = get_method("mib+ucd").terms["ucd"].bind(options)
         ctx = LossContext(step=1, out=SimpleNamespace(features=proj(x).detach()),
                           old=SimpleNamespace(features=g, low_logits=z), labels=y, num_old=C_OLD, num_new=2,
-                          options={"temperature": 0.07, "formulation": "reference", "gather": True})
+                          options=options)
         out["method_term"] = term(ctx).detach()
         # (4) every rank has no pixel: an exact 0 that still back-propagates
         f = proj(x).detach().requires_grad_(True)

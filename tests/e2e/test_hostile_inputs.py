@@ -279,6 +279,7 @@ CONFIG_CASES = [
     ("data.scale_max=-2", "'data.scale_max' is -2.0; expected a finite number > 0"),
     ("data.scale_min=3", "config keys 'data.scale_min' and 'data.scale_max' are 3.0 and 2.0; expected scale_min <= scale_max"),
     ("data.workers=-1", "'data.workers' is -1; expected an integer >= 0"),
+    ("data.memory.size=-2", "'data.memory.size' is -2; expected an integer >= 0"),
     ("data.crop_size=0", "'data.crop_size' is 0; expected an integer >= 1"),
     ("data.eval_crop_size=-64", "'data.eval_crop_size' is -64; expected an integer >= 1"),
     ("data.embedded_train=0", "'data.embedded_train' is 0; expected an integer >= 1"),

@@ -309,6 +309,21 @@ def test_step0_from_refuses_a_step0_trained_with_another_loss(reference, make_co
     assert not (make_config("lwf-mc").run_dir / "checkpoints" / "step0.pt").exists()
 
 
+def test_step0_from_shares_across_memory_and_refuses_other_step0_options(make_config, tiny_model):
+    """ssul-m reuses ssul's step 0 (memory starts at step 1: data.memory.size is no step-0 setting);
+    dkd refuses a dkd step 0 trained with another pos_weight_step0 (an option step 0 reads)."""
+    ssul = make_config("ssul", "method.name=ssul", "train.iterations_next=1")
+    run(ssul, progress=False)
+    shared = run(make_config("ssul-m", "method.name=ssul-m", "data.memory.size=4", "train.iterations_next=1",
+                             f"train.step0_from={ssul.run_dir}"), progress=False)
+    assert [s["step"] for s in shared["steps"]] == [0, 1] and shared["steps"][1]["num_memory_images"] == 4
+    dkd = make_config("dkd", "method.name=dkd", "method.options.pos_weight_step0=3.0", "train.iterations_next=1")
+    run(dkd, progress=False)
+    with pytest.raises(ValueError, match=r"step0_from=.*other method options \(method\.options\.pos_weight_step0=3\.0\)"):
+        run(make_config("dkd-2", "method.name=dkd", f"train.step0_from={dkd.run_dir}"), progress=False)
+    assert not (make_config("dkd-2").run_dir / "checkpoints" / "step0.pt").exists()
+
+
 def test_step0_from_refuses_a_joint_run_either_way(reference, make_config, tiny_model):
     """Joint training has one step with every class: its step 0 is not an incremental step 0."""
     ref_cfg, _ = reference

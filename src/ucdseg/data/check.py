@@ -40,6 +40,7 @@ from .base import CheckRules, dataset_class, dataset_meta
 from .meta import VOID
 
 __all__ = ["Problem", "CheckResult", "SplitSummary", "check_dataset", "check", "format_report", "run_check",
+           "saliency_problems",
            "ERROR", "WARNING", "Rules", "Pair", "missing_dir", "nested_hint", "existing_pairs",
            "match_pairs"]
 
@@ -284,6 +285,29 @@ def check(name: str, root: PathLike, limit: Optional[int] = None, progress: bool
     return result
 
 
+def saliency_problems(dataset, limit: Optional[int] = None) -> list[Problem]:
+    """The problems of the saliency maps of a split (SSUL's unknown class, ``--saliency``): a map
+    missing, unreadable, or not of its image's size; every map is looked for, ``limit`` of them read."""
+    from .base import DataFileError
+
+    if dataset.saliency_path(0) is None:
+        return [Problem(ERROR, Path(dataset.root), f"{dataset.name} has no saliency maps",
+                        "use method.options.unknown=background (every background pixel unknown)", "no-saliency")]
+    problems: list[Problem] = []
+    fix = f"put the maps at {dataset.saliency_layout}; see docs/datasets.md (SSUL's saliency maps)"
+    read = set(_sample(list(range(len(dataset))), limit))
+    for i in range(len(dataset)):
+        path = dataset.saliency_path(i)
+        if not path.is_file():
+            problems.append(Problem(ERROR, path, "saliency map missing", fix, "missing-saliency"))
+        elif i in read:
+            try:
+                dataset.load_saliency(i)
+            except DataFileError as exc:
+                problems.append(Problem(ERROR, path, str(exc).split(f"{path} ", 1)[-1], fix, "bad-saliency"))
+    return problems
+
+
 def check_dataset(name: str, root: PathLike, limit: Optional[int] = None, progress: bool = False,
                   workers: Optional[int] = None) -> list[Problem]:
     """The problems of the ``name`` dataset ("voc", "ade", "cityscapes", "embedded") at ``root``.
@@ -334,8 +358,14 @@ def _header(result: CheckResult, limit: Optional[int]) -> str:
     return "\n".join(lines)
 
 
-def run_check(dataset: str, root: PathLike, limit: Optional[int] = None, progress: bool = True) -> int:
-    """Check a dataset, print the report; exit code 0 when no error was found, 1 otherwise."""
+def run_check(dataset: str, root: PathLike, limit: Optional[int] = None, progress: bool = True,
+              saliency: bool = False) -> int:
+    """Check a dataset, print the report; exit code 0 when no error was found, 1 otherwise.
+    ``saliency``: also the training images' saliency maps (SSUL's), when the layout is sound."""
     result = check(dataset, root, limit=limit, progress=progress)
+    if saliency and result.ok:
+        from .base import build_dataset
+
+        result.problems += saliency_problems(build_dataset(dataset, root, "train"), limit)
     print(format_report(result.problems, header=_header(result, limit)), flush=True)
     return 0 if result.ok else 1

@@ -265,8 +265,8 @@ def check_folder(root: PathLike, limit: Optional[int] = None) -> list[str]:
     return [f"{p.path}: {p.what}" for p in folder_problems(root, limit=limit)]
 
 
-def run_check_folder(root: PathLike, limit: Optional[int] = None) -> int:
+def run_check_folder(root: PathLike, limit: Optional[int] = None, saliency: bool = False) -> int:
     """``ucdseg data check --dataset folder``: every fault in one pass, grouped by kind; exit code 0 or 1."""
     from .folder_check import run_check_folder as run
 
-    return run(root, limit=limit)
+    return run(root, limit=limit, saliency=saliency)

@@ -206,9 +206,15 @@ def folder_problems(root: PathLike, limit: Optional[int] = None) -> list[Problem
     return _check(root, limit)[0]
 
 
-def run_check_folder(root: PathLike, limit: Optional[int] = None, max_per_kind: int = 10) -> int:
+def run_check_folder(root: PathLike, limit: Optional[int] = None, max_per_kind: int = 10,
+                     saliency: bool = False) -> int:
     """Print the report (problems grouped by kind, ``max_per_kind`` each) and the verdict; exit
-    code 0 when no error was found, 1 otherwise."""
+    code 0 when no error was found, 1 otherwise. ``saliency``: also the optional ``saliency/`` maps."""
     problems, header = _check(root, limit)
+    if saliency and not any(p.severity == ERROR for p in problems):
+        from .base import build_dataset
+        from .check import saliency_problems
+
+        problems += saliency_problems(build_dataset("folder", root, "train"), limit)
     print(format_report(problems, max_per_kind=max_per_kind, header="\n".join(header)), flush=True)
     return 1 if any(p.severity == ERROR for p in problems) else 0

@@ -76,12 +76,15 @@ def scan_datasets(cfg: RunConfig, train_set, val_set, dist: Dist, progress: bool
     barrier()
 
 
-def check_readable(dataset) -> None:
-    """Read the first and the last (image, mask) pair of a split, so that unreadable data fails
-    before a step is trained (the readers' errors name the file)."""
+def check_readable(dataset, inputs: tuple[str, ...] = ()) -> None:
+    """Read the first and the last (image, mask) pair of a split, and the per-image ``inputs`` the
+    method needs (``("saliency",)``), so that unreadable or missing data fails before a step is
+    trained (the readers' errors name the file)."""
     for i in sorted({0, len(dataset) - 1}):
         if i >= 0:
             dataset[i]
+            if "saliency" in inputs:
+                dataset.load_saliency(i)
 
 
 def data_identity(cfg: RunConfig, train_set, val_set) -> dict:

@@ -157,6 +157,9 @@ def _add_penalty(trainee: Trainee) -> torch.Tensor | None:
         return None
     if trainee.scaler.is_enabled():
         trainee.scaler.unscale_(trainee.optimizer)  # the state reads true gradients
+        grads = [p.grad for p in trainee.model.parameters() if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            return None  # an fp16 overflow: the scaler skips this step, and the state does not take it in
     state.after_backward()
     penalty = state.penalty()
     if penalty is None or not state.penalty_weight or not penalty.requires_grad:

@@ -285,8 +285,8 @@ class Run:
         if not self.dist.is_main:
             self.train_set = build.open_dataset(cfg, "train", prepare=False)
         self.val_set = build.open_dataset(cfg, "val", prepare=False)
-        for dataset in (self.train_set, self.val_set):
-            build.check_readable(dataset)
+        build.check_readable(self.train_set, self.method.inputs(self.options))  # saliency: training images only
+        build.check_readable(self.val_set)
         build.scan_datasets(cfg, self.train_set, self.val_set, self.dist, progress)
         build.check_memory_size(cfg, self.train_task, self.train_set)
         self.meta = self.train_set.meta
@@ -662,15 +662,27 @@ class Run:
         """Same seed, data, task, model and step-0 training settings (and, when step 0's record is
         copied rather than measured here, the same evaluation conventions); same step-0 classes."""
         keys = STEP0_TRAIN_KEYS | ({"eval.images", "eval.unseen"} if eval_keys else set())
-        diff = [k for k in config_differences(theirs, to_dict(self.cfg))
+        # exemplar memory starts at step 1: it is no setting of step 0 (ssul-m shares ssul's step 0)
+        diff = [k for k in config_differences(theirs, to_dict(self.cfg), RESUMABLE_KEYS | {"data.memory.size"})
                 if k == "seed" or k.split(".")[0] in ("data", "task", "model") or k in keys]
         if diff:
             raise ValueError(f"train.step0_from={source}: its step 0 was trained with different settings ({', '.join(diff)})")
         their_method = get_method(theirs.get("method", {}).get("name", "ft"))
         if their_method.first_step != self.method.first_step:
+            theirs_, mine_ = their_method.first_step, self.method.first_step
+            if "=" in theirs_ or "=" in mine_:  # no readable name: say what differs in words
+                raise ValueError(f"train.step0_from={source}: its step 0 was trained by {their_method.name}, whose "
+                                 f"step 0 computes other terms or hooks than {self.method.name}'s; it cannot be shared")
             raise ValueError(f"train.step0_from={source}: its step 0 was trained by {their_method.name} with the "
-                             f"{their_method.first_step} loss, {self.method.name} trains step 0 with "
-                             f"{self.method.first_step}; it cannot be shared")
+                             f"{theirs_} loss, {self.method.name} trains step 0 with {mine_}; it cannot be shared")
+        # the options both methods have may change step 0 (DKD's pos_weight_step0, SSUL's unknown rule)
+        mine = self.options
+        their_options = their_method.resolve_options(theirs.get("method", {}).get("options") or {})
+        differing = sorted(k for k in set(mine) & set(their_options) if mine[k] != their_options[k])
+        if differing:
+            raise ValueError(f"train.step0_from={source}: its step 0 was trained with other method options "
+                             f"({', '.join(f'method.options.{k}={their_options[k]!r}' for k in differing)}); it cannot "
+                             "be shared")
         if self.method.joint or their_classes != self.train_task.steps[0]:
             raise ValueError(f"train.step0_from={source}: its step 0 has classes {their_classes}, "
                              f"this run's step 0 needs {self.train_task.steps[0]}; joint runs cannot share step 0")

@@ -82,10 +82,8 @@ def check_old_logits(logits: torch.Tensor, old_logits: torch.Tensor) -> None:
         )
 
 
-def check_labels(
-    labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, name: str = "labels"
-) -> None:
-    """``labels`` must be integer ``(B, *spatial)`` with values in ``[0, C)`` or ``ignore_index``."""
+def check_label_shape(labels: torch.Tensor, logits: torch.Tensor, name: str = "labels") -> None:
+    """``labels`` must be an integer tensor ``(B, *spatial)`` matching ``logits`` ``(B, C, *spatial)``."""
     expected = (logits.shape[0], *logits.shape[2:])
     if not torch.is_tensor(labels) or labels.is_floating_point() or tuple(labels.shape) != expected:
         got = (
@@ -94,6 +92,13 @@ def check_labels(
             else type(labels).__name__
         )
         raise ValueError(f"{name} must be an integer tensor of shape {expected}, got {got}")
+
+
+def check_labels(
+    labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, name: str = "labels"
+) -> None:
+    """``labels`` must be integer ``(B, *spatial)`` with values in ``[0, C)`` or ``ignore_index``."""
+    check_label_shape(labels, logits, name)
     num_classes = logits.shape[1]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):

@@ -21,7 +21,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .distillation import check_logits, compute_dtype, upcast
+from .distillation import check_label_shape, check_logits, compute_dtype, upcast
 
 __all__ = [
     "DKD_WEIGHTS",
@@ -207,10 +207,7 @@ def dkd_pseudo_labels(
     Returns a long tensor ``(B, *spatial)``.
     """
     check_logits(old_logits, "old_logits")
-    expected = (old_logits.shape[0], *old_logits.shape[2:])
-    if not torch.is_tensor(labels) or labels.is_floating_point() or tuple(labels.shape) != expected:
-        got = f"{labels.dtype} {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
-        raise ValueError(f"labels must be an integer tensor of shape {expected}, got {got}")
+    check_label_shape(labels, old_logits)
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
     prob = torch.sigmoid(upcast(old_logits.detach(), compute_dtype(old_logits)))

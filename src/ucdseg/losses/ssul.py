@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .distillation import check_logits, check_reduction, compute_dtype, reduce_pixels, upcast
+from .distillation import check_label_shape, check_logits, check_reduction, compute_dtype, reduce_pixels, upcast
 
 __all__ = [
     "SSUL_UNKNOWN",
@@ -93,10 +93,7 @@ def ssul_pseudo_labels(
     and keeps its label otherwise (void included). Returns a long tensor ``(B, *spatial)``.
     """
     check_logits(old_logits, "old_logits")
-    expected = (old_logits.shape[0], *old_logits.shape[2:])
-    if not torch.is_tensor(labels) or labels.is_floating_point() or tuple(labels.shape) != expected:
-        got = f"{labels.dtype} {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
-        raise ValueError(f"labels must be an integer tensor of shape {expected}, got {got}")
+    check_label_shape(labels, old_logits)
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
     prob = torch.sigmoid(upcast(old_logits.detach(), compute_dtype(old_logits)))

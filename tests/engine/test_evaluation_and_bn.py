@@ -19,7 +19,8 @@ from ucdseg.engine import run
 from ucdseg.engine.process_group import Dist
 from ucdseg.engine.build import build_task, open_dataset, val_data
 from ucdseg.engine.evaluation import confusion_matrix
-from ucdseg.engine.runner import Run, config_differences, distributed_notes, freeze_batchnorm
+from ucdseg.engine.runner import Run, config_differences, distributed_notes
+from ucdseg.engine.build import freeze_batchnorm
 from ucdseg.methods import LossContext, Method
 from ucdseg.methods.registry import _METHODS, register
 

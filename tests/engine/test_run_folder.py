@@ -142,7 +142,8 @@ def test_resuming_on_other_data_is_refused_and_on_moved_data_accepted(make_confi
     folder = ["data.dataset=folder", "task.name=1-1", "data.crop_size=32", "eval.num_images=0"]
     cfg = make_config("shapes", *folder, f"data.root={data}")
     results = run(cfg, progress=False)
-    assert set(results["data"]) == {"dataset", "train_files", "val_files"}
+    assert set(results["data"]) == {"dataset"} | {f"{split}_{part}" for split in ("train", "val")
+                                                  for part in ("files", "sizes", "content")}
 
     other = tmp_path / "other"  # the same images, one fewer in val
     shutil.copytree(data, other)

@@ -36,6 +36,12 @@ REFERENCE = ("train.iterations_next=6", "train.checkpoint_every=2")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def sha256_of(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def metrics(results: dict) -> list[dict]:
     """What a step's training determines (everything but its wall time)."""
     return [{k: s[k] for k in METRIC_KEYS} for s in results["steps"]]
@@ -170,7 +176,9 @@ def test_two_step_run_writes_every_output(make_config):
 
     for step, classes_per_step in ((0, [9]), (1, [9, 2])):
         state = load_state(out / "checkpoints" / f"step{step}.pt")
-        assert set(state) == {"model", "step", "config", "classes_per_step", "class_names", "palette"}
+        assert set(state) == {"model", "step", "config", "classes_per_step", "class_names", "palette", "parent_sha256"}
+        # the checkpoint names the one it was trained from (recovery keeps a step only with its past)
+        assert state["parent_sha256"] == (None if step == 0 else sha256_of(out / "checkpoints" / "step0.pt"))
         assert state["class_names"][:3] == ["background", "T-shirt/top", "trouser"]
         assert state["step"] == step and state["classes_per_step"] == classes_per_step
         assert state["config"] == to_dict(cfg)

@@ -1,28 +1,36 @@
-"""Everything a run is made of, built from its :class:`~ucdseg.config.RunConfig`.
+"""Everything a run is made of, built from its :class:`~ucdseg.config.RunConfig`, and the plan
+of each of its steps.
 
 This is the only module of the engine that reads the config: the loop (:mod:`.loop`), the
 evaluation (:mod:`.evaluation`) and the run (:mod:`.runner`) receive the objects built here.
+:class:`RunContext` is what every step of a run shares (made once by :class:`~.runner.Run`);
+:func:`plan_step` builds one step's models, exemplar memory, data, criterion and optimiser (a
+:class:`StepPlan`), which :func:`.loop.run_plan` trains; :func:`save_step` writes its checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from pathlib import Path
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 
-from .. import label_maps
-from ..config import RunConfig
-from ..data import StepDataset, eval_transforms, open_dataset_split, train_transforms
+from .. import io, label_maps
+from ..config import RunConfig, to_dict
+from ..data import StepDataset, eval_transforms, identity, open_dataset_split, train_transforms
 from ..data.index import StepIndex, scan_presence, step_index
-from ..methods import Method, get_method
-from ..models import build_model
+from ..methods import Method, StepSetup, StepState, get_method
+from ..models import build_model, load_previous_step
 from ..tasks import Task, get_task
+from .loop import Criterion, LoopOptions, Trainee, shares_trunk
+from .memory import choose_memory, load_memory, memory_checksum, memory_path
 from .process_group import Dist, barrier
+from .run_folder import RunFolder
 from .sampling import SeededSamples, StepBatchSampler, num_iterations
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,16 +96,9 @@ def check_readable(dataset, inputs: tuple[str, ...] = ()) -> None:
 
 
 def data_identity(cfg: RunConfig, train_set, val_set) -> dict:
-    """What a run was trained on, independent of where the data lives: the dataset and checksums
-    of its two lists of files (relative to the root). A run resumes only on the same data."""
-    import hashlib
-
-    def files(dataset) -> str:
-        root = dataset.root
-        names = "\n".join(Path(os.path.relpath(dataset.mask_path(i), root)).as_posix() for i in range(len(dataset)))
-        return hashlib.sha256(names.encode()).hexdigest()
-
-    return {"dataset": cfg.data.dataset, "train_files": files(train_set), "val_files": files(val_set)}
+    """What a run was trained on, independent of where the data lives (:mod:`ucdseg.data.identity`:
+    the lists of files, their sizes and a sample of their bytes). A run resumes only on the same data."""
+    return identity.data_identity(cfg.data.dataset, train_set, val_set)
 
 
 def train_index(cfg: RunConfig, task: Task, train_set, step: int, progress: bool = True) -> StepIndex:
@@ -194,21 +195,6 @@ def step_model(cfg: RunConfig, classes_per_step: list[int], device: torch.device
 
 
 # ------------------------------------------------------------------------------ schedule
-@dataclasses.dataclass(frozen=True)
-class LoopOptions:
-    """How the loop runs an iteration (the config's ``train.*`` keys the loop needs)."""
-
-    batch_size: int  # global
-    accumulate: int
-    amp_dtype: torch.dtype | None
-    log_every: int
-    checkpoint_every: int
-    compile: bool
-    channels_last: bool
-    bn: str
-    sampler_seed: int
-
-
 def loop_options(cfg: RunConfig, step: int) -> LoopOptions:
     t = cfg.train
     return LoopOptions(t.batch_size, t.accumulate, AMP_DTYPES[t.amp], t.log_every, t.checkpoint_every, t.compile,
@@ -258,3 +244,228 @@ def one_epoch_sampler(cfg: RunConfig, step: int, num_images: int, dist: Dist) ->
     """One pass over the step's images (a method's ``before_step`` pass, e.g. PLOP's thresholds)."""
     total = num_iterations(num_images, cfg.train.batch_size, 1, None)
     return batch_sampler(cfg, step, num_images, total, dist)
+
+
+# ------------------------------------------------------------------------------ a step's plan
+@dataclass
+class RunContext:
+    """What every step of a run shares."""
+
+    cfg: RunConfig
+    dist: Dist
+    method: Method
+    weights: dict[str, float]
+    options: dict[str, Any]
+    task: Task  # the benchmark's task: old and new classes are reported against its step 0
+    train_task: Task  # the task trained (its joint version for joint training)
+    train_set: Any
+    val_set: Any
+    folder: RunFolder
+    data_identity: dict
+    progress: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def num_base(self) -> int:
+        """The benchmark's step-0 classes (background included): the classes reported as old."""
+        return len(self.task.steps[0])
+
+    def classes(self, step: int) -> tuple[int, int]:
+        """The classes known before ``step`` (background included) and the classes it adds."""
+        per_step = self.train_task.classes_per_step
+        return sum(per_step[:step]), per_step[step]
+
+
+@dataclass
+class StepPlan:
+    """Everything step ``step`` trains with, continued from a mid-step checkpoint when ``start > 0``."""
+
+    step: int
+    trainee: Trainee
+    criterion: Criterion
+    loader: Any
+    opts: LoopOptions
+    start: int  # the first iteration to run
+    total: int
+    parent_sha256: str | None  # the checksum of the checkpoint of step - 1 it starts from
+    data: dict  # what the step trains on, for its record (:func:`data_record`)
+    step_state: StepState | None  # the method's state over the step (carried to the next step)
+
+
+def plan_step(ctx: RunContext, step: int) -> StepPlan:
+    """Build step ``step``: seeded, its models (with step ``step-1``'s weights and the method's
+    classifier init), memory, data, criterion, optimiser and schedule, and the train mode of its
+    layers; a mid-step checkpoint of this step (from the same parent) is continued."""
+    cfg, dist, opts = ctx.cfg, ctx.dist, loop_options(ctx.cfg, step)
+    torch.manual_seed(cfg.seed * 1000 + step)
+    model, old_model, carried, parent = step_models(ctx, step, opts)
+    memory = step_memory(ctx, step, old_model)
+    samples, index = train_data(cfg, ctx.train_task, ctx.train_set, step, ctx.progress, memory)
+    total = planned_iterations(ctx, step, index, memory)
+    criterion = step_criterion(ctx, step, model, old_model, len(index.indices), samples, carried)
+    optimizer, scheduler = optimizer_and_schedule(cfg, model, step, total)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=opts.amp_dtype == torch.float16)
+    trainee = Trainee(model, model, old_model, optimizer, scheduler, scaler, step_state=criterion.step_state)
+    start = _continue(ctx, step, trainee, parent)
+    trainee.forward = DistributedDataParallel(model) if dist.enabled else model
+    if opts.compile:  # the training forward only; ``model`` stays plain for state dicts and evaluation
+        import torch._dynamo as dynamo
+
+        dynamo.reset()  # the previous step's graphs are of no use; keep clear of the recompile limit
+        trainee.forward = torch.compile(trainee.forward)
+    _train_mode(ctx, step, trainee, opts)
+    sampler = batch_sampler(cfg, step, len(index.indices), total, dist, start, memory=len(memory or []))
+    loader = train_loader(cfg, samples, sampler, ctx.device)
+    return StepPlan(step, trainee, criterion, loader, opts, start, total, parent, data_record(index, memory),
+                    criterion.step_state)
+
+
+def step_models(ctx: RunContext, step: int, opts: LoopOptions):
+    """Step ``step``'s model (step ``t-1``'s weights, new classifier initialised), the frozen old
+    model (None at step 0), the method state step ``t-1`` carried (None without one) and the
+    checksum of step ``t-1``'s checkpoint; SyncBatchNorm under CUDA DDP, the memory layout applied."""
+    cfg, classes = ctx.cfg, ctx.train_task.classes_per_step
+    pretrained = pretrained_weights(cfg, ctx.dist, ctx.progress) if step == 0 else None
+    model = step_model(cfg, classes[: step + 1], ctx.device, pretrained)
+    old_model = carried = parent = None
+    if step > 0:
+        path = ctx.folder.final(step - 1)
+        parent = io.sha256(path)
+        checkpoint = io.load_checkpoint(path, map_location=ctx.device)
+        old_model = step_model(cfg, classes[:step], ctx.device)
+        old_model.load_state_dict(checkpoint["model"])
+        old_model.eval().requires_grad_(False)
+        load_previous_step(model, checkpoint["model"])
+        model.init_new_classifier(ctx.method.classifier_init)
+        carried = checkpoint.get("method_state")
+    if opts.bn == "sync" and ctx.dist.enabled and ctx.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if opts.channels_last:  # parameters keep their identity: the optimizer sees them
+        for m in (model, old_model):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    return model, old_model, carried, parent
+
+
+def step_memory(ctx: RunContext, step: int, old_model, choose: bool = True) -> list[dict] | None:
+    """The exemplars of ``step`` (``data.memory.size``): read from ``memory/stepT.json`` when this
+    run chose them already, else chosen by rank 0 (:mod:`.memory`) and written there."""
+    cfg = ctx.cfg
+    size = memory_size(cfg, step)
+    if not size:
+        return None
+    path = memory_path(ctx.folder.path, step)
+    if ctx.dist.is_main and not path.is_file() and choose:
+        previous = None
+        if step > 1:
+            previous = load_memory(memory_path(ctx.folder.path, step - 1), ctx.data_identity, ctx.train_set)
+        entries = choose_memory(ctx.method, ctx.train_task, ctx.train_set, step, size, seed=cfg.seed * 1000 + step,
+                                setting_index=train_index(cfg, ctx.train_task, ctx.train_set, step - 1,
+                                                                progress=False),
+                                previous=previous, old_model=old_model, device=ctx.device,
+                                crop_size=cfg.data.crop_size, cache_dir=cfg.data.cache_dir,
+                                batch_size=cfg.eval.batch_size)
+        io.write_json(path, {"step": step, "size": size, "data": ctx.data_identity, "entries": entries})
+    barrier()
+    return load_memory(path, ctx.data_identity, ctx.train_set)
+
+
+def planned_iterations(ctx: RunContext, step: int, index: StepIndex, memory: list[dict] | None) -> int:
+    """The step's iterations: over its images, and its memory when the memory joins them (concat)."""
+    joined = len(memory or []) if ctx.method.memory.mixing == "concat" else 0
+    return step_iterations(ctx.cfg, step, len(index.indices) + joined)
+
+
+def data_record(index: StepIndex, memory: list[dict] | None) -> dict:
+    """What a step was trained on: its images (count, checksum) and its memory's."""
+    record = {"num_train_images": len(index.indices), "index_checksum": index.checksum}
+    if memory:
+        record.update(num_memory_images=len(memory), memory_checksum=memory_checksum(memory))
+    return record
+
+
+def step_criterion(ctx: RunContext, step: int, model, old_model, num_images: int, samples,
+                   carried: dict | None) -> Criterion:
+    """The method's loss for the step, with its state: the state it carries across steps
+    (``step_state``, from ``carried``) or its ``before_step`` pass over the step's ``num_images``
+    images (PLOP's thresholds)."""
+    cfg, method = ctx.cfg, ctx.method
+    num_old, num_new = ctx.classes(step)
+
+    def one_pass():
+        sampler = one_epoch_sampler(cfg, step, num_images, ctx.dist)
+        return train_loader(cfg, samples, sampler, ctx.device)
+
+    setup = StepSetup(step=step, model=model, old_model=old_model, num_old=num_old, num_new=num_new,
+                      options=ctx.options, previous=carried, device=ctx.device, loader=one_pass,
+                      progress=ctx.progress and ctx.dist.is_main,
+                      source=str(ctx.folder.final(step - 1)) if step else "", setting=cfg.data.setting)
+    state = None
+    if method.step_state is not None:
+        state = method.step_state(setup)
+    elif old_model is not None and method.before_step is not None:
+        state = method.before_step(setup)
+    return Criterion(method, ctx.weights, ctx.options, step, num_old, num_new, state)
+
+
+def _continue(ctx: RunContext, step: int, trainee: Trainee, parent: str | None) -> int:
+    """The iteration to start at: that of this step's mid-step checkpoint when a killed run left
+    one trained from the same step ``t-1`` (else it is stale, and the step starts over)."""
+    partial = ctx.folder.partial(step)
+    if not partial.exists():
+        return 0
+    state = io.load_checkpoint(partial, ctx.device)
+    if state.get("parent_sha256", parent) != parent:
+        if ctx.dist.is_main:
+            print(f"ucdseg: warning: {partial} continues a step {step - 1} that has been trained again since; step {step} starts "
+                  "over", file=sys.stderr, flush=True)
+        return 0
+    return trainee.load_state_dict(state)
+
+
+def _train_mode(ctx: RunContext, step: int, trainee: Trainee, opts: LoopOptions) -> None:
+    """Train mode for the forward, BatchNorm frozen when ``train.bn=frozen``, the method's frozen
+    layers (SSUL, DKD) at ``t >= 1``, and whether the old model's trunk is the model's."""
+    getattr(trainee.forward, "_orig_mod", trainee.forward).train()  # the DDP wrapper (or the model)
+    if opts.bn == "frozen":
+        freeze_batchnorm(trainee.model)
+    if step > 0 and ctx.method.train_mode is not None:
+        ctx.method.train_mode(trainee.model, step)
+    trainee.shared_trunk = shares_trunk(trainee.model, trainee.old_model)
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """``train.bn=frozen``: every BatchNorm layer in eval mode, so it normalises with its running
+    statistics and never updates them; its affine weight and bias are still trained."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def checkpoint_state(ctx: RunContext, plan: StepPlan, iteration: int) -> dict:
+    """A mid-step checkpoint of ``plan``, which names the step ``t-1`` it continues."""
+    return {**plan.trainee.state_dict(iteration, plan.step), "parent_sha256": plan.parent_sha256}
+
+
+def save_step(ctx: RunContext, step: int, model: torch.nn.Module, step_state=None,
+              parent_sha256: str | None = None) -> str | None:
+    """``checkpoints/stepN.pt`` (rank 0), with the method state it carries to the next step and the
+    checksum of the checkpoint it was trained from; returns its own checksum (None off rank 0)."""
+    digest = None
+    if ctx.dist.is_main:
+        meta = ctx.train_set.meta
+        state = {
+            "model": model.state_dict(), "step": step, "config": to_dict(ctx.cfg),
+            "classes_per_step": ctx.train_task.classes_per_step[: step + 1],
+            # dataset space (index = class id), so ``ucdseg predict`` needs nothing else
+            "class_names": list(meta.class_names), "palette": [list(c) for c in meta.palette],
+            "parent_sha256": parent_sha256}
+        if step_state is not None:
+            state["method_state"] = step_state.carry()
+        io.save_checkpoint(ctx.folder.final(step), state)
+        digest = io.sha256(ctx.folder.final(step))
+        ctx.folder.partial(step).unlink(missing_ok=True)
+    return digest

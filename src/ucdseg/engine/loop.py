@@ -2,13 +2,14 @@
 
 :func:`train_one_iteration` is one SGD update of the model on one batch under the method's
 :class:`Criterion`; :func:`train_iterations` runs a step's iterations from ``start`` to
-``total``, logging and checkpointing on the way. Neither reads the config: the run
-(:mod:`.runner`) builds what they take with :mod:`.build`.
+``total``, logging and checkpointing on the way; :func:`run_plan` runs a step's plan
+(:func:`.build.plan_step`). None of them reads the config.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -16,8 +17,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..methods import LossContext, Method, StepState
-from .build import LoopOptions
 from .process_group import Dist
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs an iteration (the config's ``train.*`` keys the loop needs)."""
+
+    batch_size: int  # global
+    accumulate: int
+    amp_dtype: torch.dtype | None
+    log_every: int
+    checkpoint_every: int
+    compile: bool
+    channels_last: bool
+    bn: str
+    sampler_seed: int
 
 
 class NonFiniteLossError(RuntimeError):
@@ -247,3 +262,13 @@ def train_iterations(trainee: Trainee, criterion: Criterion, loader: Iterable, o
         if opts.checkpoint_every and (it + 1) % opts.checkpoint_every == 0 and it + 1 < total:
             checkpoint(it + 1)
     bar.close()
+
+
+def run_plan(plan, dist: Dist, log: Callable[[int, dict], None], checkpoint: Callable[[int], None],
+             progress: bool = True, overall=None) -> float:
+    """Train a :class:`~.build.StepPlan` (iterations ``plan.start .. plan.total-1``); returns the
+    seconds it took."""
+    t0 = time.perf_counter()
+    train_iterations(plan.trainee, plan.criterion, plan.loader, plan.opts, dist, plan.step, plan.start, plan.total,
+                     log, checkpoint, progress, overall)
+    return time.perf_counter() - t0

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from .. import io, label_maps
 from ..data import StepDataset, eval_transforms
+from ..data.identity import identity_difference
 from ..data.index import scan_presence
 from ..data.memory import class_balanced_memory
 
@@ -55,11 +56,10 @@ def load_memory(path: Path, identity: dict, train_set) -> list[dict] | None:
     if not isinstance(saved, dict) or not isinstance(saved.get("entries"), list):
         raise io.FileError(f"memory file {path} is corrupt (no list of entries); delete it to choose the memory "
                            "again")
-    theirs = saved.get("data", {})
-    if theirs != identity:
-        raise ValueError(f"memory file {path} was chosen on other data ({theirs.get('dataset')} with train list "
-                         f"{str(theirs.get('train_files'))[:12]}; this run has {identity['dataset']} with "
-                         f"{identity['train_files'][:12]}); point data.root at the run's dataset, or use another name=")
+    difference = identity_difference(saved.get("data", {}), identity)
+    if difference:
+        raise ValueError(f"memory file {path} was chosen on other data ({difference}); point data.root at the "
+                         "run's dataset, or use another name=")
     for entry in saved["entries"]:
         i = entry.get("index")
         if not isinstance(i, int) or not 0 <= i < len(train_set) or _relpath(train_set, i) != entry.get("image"):

@@ -13,6 +13,7 @@ the runner and the loop (:mod:`.runner`, :mod:`.loop`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,20 @@ __all__ = ["log_config", "log_step", "tag"]
 def tag(name: str) -> str:
     """A class name as a TensorBoard tag part: ``/`` would open a sub-group (``T-shirt/top``)."""
     return name.replace("/", "_").replace(" ", "_")
+
+
+def open_writer(run_dir: Path, cfg: RunConfig):
+    """The run's SummaryWriter (``run_dir/tensorboard``, with the config logged), or None with a
+    warning when TensorBoard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # a dependency since issue 14: only a broken install lacks it
+        print(f"ucdseg: warning: TensorBoard logging is off ({exc}); install it with "
+              f"`pip install tensorboard` to log to {run_dir / 'tensorboard'}", file=sys.stderr)
+        return None
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    log_config(writer, cfg)
+    return writer
 
 
 def log_config(writer, cfg: RunConfig) -> None:

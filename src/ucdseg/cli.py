@@ -66,15 +66,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         method = get_method(name)
         overrides = [f"output_dir={out}", f"name={name}", f"method.name={name}", f"seed={args.seed}",
                      *args.overrides]
-        if method.first_step in step0_dirs and not method.joint:  # same step-0 loss: share step 0
+        if method.first_step in step0_dirs:  # the same step 0 (a joint run's is its own): share it
             overrides.append(f"train.step0_from={step0_dirs[method.first_step]}")
         cfg = _load(args.config or str(packaged_config("demo.yaml")), overrides)
         print(f"== {name}: {method.description}", flush=True)
         t0 = time.perf_counter()
         runs.append((name, run(cfg, progress=not args.quiet)))
         timings[name] = time.perf_counter() - t0
-        if not method.joint:
-            step0_dirs.setdefault(method.first_step, cfg.run_dir)
+        step0_dirs.setdefault(method.first_step, cfg.run_dir)
     table = reporting.comparison_markdown(runs)
     task = runs[0][1]["task"]
     header = (f"# Demo: {task['dataset']} {task['name']} ({task['setting']}), seed {args.seed}\n\n"

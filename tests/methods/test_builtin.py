@@ -44,8 +44,9 @@ Out = namedtuple("Out", "logits low_logits features stages pod_stages")
 # other method with CE
 FIRST_STEP = {"lwf-mc": {"bce"}, "ssul": {"bce"}, "ssul-m": {"bce"}, "dkd": {"mbce", "ac"}, "dkd-m": {"mbce", "ac"}}
 #: which methods may share a step 0: the same name means the same step-0 computation
+# (a joint run trains its only step on every class: its step 0 is its own)
 SHARED_STEP0 = {"lwf-mc": "bce", "mib+sdr": "sdr", "ewc": "ewc", "pi": "pi", "rw": "rw", "ssul": "ssul", "ssul-m": "ssul",
-                "dkd": "dkd", "dkd-m": "dkd"}
+                "dkd": "dkd", "dkd-m": "dkd", "joint": "joint"}
 
 #: The methods' option defaults, as the papers give them (UCD: tau 0.07, the release's loss; PLOP's
 #: VOC POD factors 0.01 / 0.0005): written here, not read from the code under test.

@@ -130,10 +130,10 @@ def train_data(cfg: RunConfig, task: Task, train_set, step: int, progress: bool 
 
 def memory_size(cfg: RunConfig, step: int) -> int:
     """Exemplars replayed at ``step``: ``data.memory.size``, or the method's default when it is unset
-    (none at step 0 or in a joint run)."""
+    (none at step 0, the only step of a joint run)."""
     method = build_method(cfg)
     size = cfg.data.memory.size if cfg.data.memory.size is not None else method.memory_size
-    return size if step > 0 and not method.joint else 0
+    return size if step > 0 else 0
 
 
 def check_memory_size(cfg: RunConfig, task: Task, train_set) -> None:

@@ -58,7 +58,7 @@ def dry_run(cfg: RunConfig, progress: bool = True) -> str:
     lines = ["# resolved config (config.yaml of the run)", to_yaml(cfg).rstrip(), "", "# plan",
              f"run folder: {state}",
              f"task: {task.dataset} {task.name} ({cfg.data.setting}), {trained.num_steps} step(s)"
-             + (" (joint training: every class in one step)" if method.joint else ""),
+             + (" (joint training: every class in one step)" if trained is not task and trained.num_steps < task.num_steps else ""),
              f"method: {method.name} [{', '.join(f'{k}={v:g}' for k, v in build.method_weights(cfg).items())}]"]
     if cfg.train.steps is not None:
         lines.append(f"train.steps={cfg.train.steps}: this command trains up to step {last}, then stops")

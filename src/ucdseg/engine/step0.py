@@ -78,6 +78,9 @@ def _check_source(ctx: RunContext, source: Path, theirs: dict, their_classes: li
             if k == "seed" or k.split(".")[0] in ("data", "task", "model") or k in keys]
     if diff:
         raise ValueError(f"train.step0_from={source}: its step 0 was trained with different settings ({', '.join(diff)})")
+    if their_classes != ctx.train_task.steps[0]:
+        raise ValueError(f"train.step0_from={source}: its step 0 has classes {their_classes}, "
+                         f"this run's step 0 needs {ctx.train_task.steps[0]}; joint runs cannot share step 0")
     their_method = get_method(theirs.get("method", {}).get("name", "ft"))
     if their_method.first_step != ctx.method.first_step:
         theirs_, mine_ = their_method.first_step, ctx.method.first_step
@@ -94,9 +97,6 @@ def _check_source(ctx: RunContext, source: Path, theirs: dict, their_classes: li
         raise ValueError(f"train.step0_from={source}: its step 0 was trained with other method options "
                          f"({', '.join(f'method.options.{k}={their_options[k]!r}' for k in differing)}); it cannot "
                          "be shared")
-    if ctx.method.joint or their_classes != ctx.train_task.steps[0]:
-        raise ValueError(f"train.step0_from={source}: its step 0 has classes {their_classes}, "
-                         f"this run's step 0 needs {ctx.train_task.steps[0]}; joint runs cannot share step 0")
 
 
 def _check_weights(ctx: RunContext, source: Path, weights: dict) -> torch.nn.Module:

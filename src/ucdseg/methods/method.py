@@ -301,8 +301,11 @@ class Method:
     def first_step(self) -> str:
         """What step 0 computes, so that runs share a step 0 only when it is the same: the step-0
         terms (functions and weights), the model, the parameter groups, the label transform and
-        the carried state. ``"ce"`` / ``"bce"`` name the usual ones (plain cross-entropy, LwF-MC's BCE)."""
+        the carried state, and whether it is a joint run's only step (every class at once). ``"ce"`` /
+        ``"bce"`` name the usual ones (plain cross-entropy, LwF-MC's BCE)."""
         parts = [f"{k}={t.signature}" for k, t in sorted(self.first_step_terms.items())]
+        if self.joint:
+            parts.append("joint")
         if self.model != ModelSpec():
             parts.append(f"model={self.model}")
         for hook in ("param_groups", "label_transform", "step_state"):

@@ -17,11 +17,11 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import label_maps
 from ..config import RunConfig
-from ..data import StepDataset, eval_transforms, open_dataset_split, train_transforms
+from ..data import StepDataset, dataset_meta, eval_transforms, open_dataset_split, train_transforms
 from ..data.index import StepIndex, scan_presence, step_index
 from ..methods import Method, get_method
 from ..models import build_model
-from ..tasks import Task, get_task
+from ..tasks import Task, TaskError, get_task
 from .process_group import Dist, barrier
 from .sampling import SeededSamples, StepBatchSampler, num_iterations
 
@@ -30,9 +30,14 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ------------------------------------------------------------------------------ task, method, data
 def build_task(cfg: RunConfig) -> Task:
-    """The benchmark's task: its steps are what results report as old and new classes."""
+    """The benchmark's task: its steps are what results report as old and new classes. The dataset's
+    class names (a folder dataset's are in its ``data.root``) give its number of classes."""
     order: Any = cfg.task.order if cfg.task.order is not None else cfg.task.order_seed
-    return get_task(cfg.data.dataset, cfg.task.name, order=order, root=cfg.data.root)
+    try:
+        num_foreground = dataset_meta(cfg.data.dataset, cfg.data.root).num_classes - 1
+    except (ValueError, FileNotFoundError) as exc:
+        raise TaskError(str(exc)) from None
+    return get_task(cfg.data.dataset, cfg.task.name, order=order, num_classes=num_foreground)
 
 
 def joint_task(task: Task) -> Task:

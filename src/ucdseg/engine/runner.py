@@ -17,24 +17,23 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import ucdseg
-
 from .. import io
-from ..code_version import code_version
+from ..code_version import __version__, code_version
 from ..config import RunConfig, from_dict, migrate, to_dict, to_yaml
 from ..methods import RunShape, StepSetup, get_method
 from ..models import load_previous_step
+from ..stats import average_over_steps
 from ..step_range import parse_steps
 from . import build, runlog, tensorboard_log
 from .evaluation import evaluate_step
 from .loop import Criterion, NonFiniteLossError, Trainee, shares_trunk, train_iterations
 from .memory import choose_memory, load_memory, memory_checksum, memory_path
-from .metrics import average_over_steps
 from .plan import OverallBar, step_plan
 from .process_group import Dist, barrier, setup
 
@@ -77,7 +76,7 @@ def versions() -> dict:
     thread count (reductions split across threads add in another order)."""
     import torchvision
 
-    return {"ucdseg": ucdseg.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"ucdseg": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "torch_threads": torch.get_num_threads()}
 
@@ -242,11 +241,14 @@ class RunFolder:
 
 
 class Run:
-    """Runs every step of ``cfg``'s task and writes the run folder."""
+    """Runs every step of ``cfg``'s task and writes the run folder. ``reports``: called on rank 0
+    with the results and the run folder when the steps are done, before the summary
+    (``ucdseg.reporting.write_run_reports`` from ``ucdseg run`` and ``ucdseg.run``)."""
 
-    def __init__(self, cfg: RunConfig, progress: bool = True):
+    def __init__(self, cfg: RunConfig, progress: bool = True, reports: Callable[[dict, Path], None] | None = None):
         self.cfg = cfg
         self.progress = progress
+        self.reports = reports
         self.dist: Dist = setup(cfg.device)
         self.device = self.dist.device
         per_process, accumulate = cfg.train.batch_size // self.dist.world_size, cfg.train.accumulate
@@ -360,9 +362,8 @@ class Run:
                     self.train_step(step)
                 self._step_finished(step)
             if self.dist.is_main:
-                from .. import reporting
-
-                reporting.write_run_reports(self.results, self.folder.path)
+                if self.reports is not None:
+                    self.reports(self.results, self.folder.path)
                 if self._overall is not None:  # the summary below the finished bar
                     self._overall.close()
                 self.log.summary(self.results, self.train_task.num_steps, last)
@@ -716,6 +717,7 @@ def _step0_classes(source: Path, config: dict) -> list[int]:
         raise ValueError(f"train.step0_from={source}: its config cannot be read: {exc}") from None
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict:
-    """Run (or continue) every step of ``cfg``'s task; returns the results dictionary."""
-    return Run(cfg, progress=progress).run()
+def run(cfg: RunConfig, progress: bool = True, reports: Callable[[dict, Path], None] | None = None) -> dict:
+    """Run (or continue) every step of ``cfg``'s task; returns the results dictionary. ``reports``
+    writes the run's reports from its results and folder (:class:`Run`)."""
+    return Run(cfg, progress=progress, reports=reports).run()

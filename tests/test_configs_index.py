@@ -17,8 +17,8 @@ import pytest
 
 import ucdseg
 from ucdseg import cli
-from ucdseg.config import ConfigError, load_config
-from ucdseg.configs_index import config_root, describe, list_configs, resolve_config
+from ucdseg.config import ConfigError, load_config, resolve_config
+from ucdseg.configs_index import config_root, describe, list_configs
 
 PACKAGE_CONFIGS = Path(ucdseg.__file__).parent / "configs"
 

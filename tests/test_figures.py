@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ucdseg import reporting
+from ucdseg import figures, reporting
 from ucdseg.data.meta import ADE_META, VOC_META
-from ucdseg.reporting_heatmap import forgetting_matrix, mean_matrix, plot_forgetting
+from ucdseg.reporting.heatmap import forgetting_matrix, mean_matrix, plot_forgetting
 from ucdseg.tasks import get_task
 
-DPI = 110  # reporting._save_figure
+DPI = 110  # figures.save_figure
 
 
 def synthetic(dataset: str, task_name: str, names, score_background: bool = True, seed: int = 0,
@@ -43,16 +43,17 @@ def synthetic(dataset: str, task_name: str, names, score_background: bool = True
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """The figures as drawn: reporting._save_figure records each before writing it."""
-    figures = []
-    original = reporting._save_figure
+    """The figures as drawn: figures.save_figure (which every figure goes through) records each
+    before writing it."""
+    drawn = []
+    original = figures.save_figure
 
     def keep(fig, path):
-        figures.append(fig)
+        drawn.append(fig)
         original(fig, path)
 
-    monkeypatch.setattr(reporting, "_save_figure", keep)
-    return figures
+    monkeypatch.setattr(figures, "save_figure", keep)
+    return drawn
 
 
 # ------------------------------------------------------------------------------------ forgetting map

@@ -29,7 +29,7 @@ def test_readmes_commands_name_configs_and_paths_that_exist_after_the_demo():
     import yaml
 
     from ucdseg.cli import DEMO_METHODS
-    from ucdseg.configs_index import resolve_config
+    from ucdseg.config import resolve_config
     from ucdseg.tasks import get_task
 
     blocks = re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)

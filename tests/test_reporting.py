@@ -207,7 +207,7 @@ def test_runs_with_other_weights_are_their_own_rows_and_pair_with_the_default_ba
 
 # ------------------------------------------------------------------ avg: the mean over the steps
 def test_avg_is_the_mean_over_steps_of_miou_all():
-    from ucdseg.engine.metrics import average_over_steps
+    from ucdseg.stats import average_over_steps
     from ucdseg.reporting import step_rows, summary_markdown
 
     def record(step, all_wo, all_wi):

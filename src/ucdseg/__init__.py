@@ -1,6 +1,8 @@
 """ucdseg: class-incremental semantic segmentation (UCD, MiB, PLOP and baselines)."""
 
-__version__ = "0.1.0"
+from .code_version import __version__
+
+__all__ = ["__version__", "run"]
 
 
 def run(config=None, progress: bool = True, **overrides) -> dict:

@@ -55,7 +55,7 @@ def config_overrides(overrides: Mapping[str, Any]) -> list[str]:
 def run(config: str | Path | Any | None = None, progress: bool = True, **overrides: Any) -> dict:
     """Run (or continue) every step of ``config`` with ``overrides``; returns the results
     (``results.json``'s content). See the module docstring."""
-    from .config import RunConfig, from_dict, load_config, to_dict
+    from .config import RunConfig, from_dict, load_config, resolve_config, to_dict
 
     items = config_overrides(overrides)
     if isinstance(config, RunConfig):
@@ -64,9 +64,8 @@ def run(config: str | Path | Any | None = None, progress: bool = True, **overrid
         merged = OmegaConf.merge(OmegaConf.create(to_dict(config)), OmegaConf.from_dotlist(items))
         cfg = from_dict(OmegaConf.to_container(merged))
     else:
-        from .configs_index import resolve_config
-
         cfg = load_config(None if config is None else resolve_config(config), items)
     from .engine import run as run_engine
+    from .reporting import write_run_reports
 
-    return run_engine(cfg, progress=progress)
+    return run_engine(cfg, progress=progress, reports=write_run_reports)

@@ -24,8 +24,7 @@ def packaged_config(name: str) -> Path:
 
 def _load(config: str | None, overrides: Sequence[str]):
     """The config of a path or of a packaged config's name (``voc/15-1-overlapped/mib_ucd``)."""
-    from .config import load_config
-    from .configs_index import resolve_config
+    from .config import load_config, resolve_config
 
     return load_config(None if config is None else resolve_config(config), overrides)
 
@@ -39,8 +38,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(dry_run(cfg, progress=not args.quiet))
         return 0
     from .engine import run
+    from .reporting import write_run_reports
 
-    results = run(cfg, progress=not args.quiet)
+    results = run(cfg, progress=not args.quiet, reports=write_run_reports)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         from .reporting import summary_markdown
 
@@ -71,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = _load(args.config or str(packaged_config("demo.yaml")), overrides)
         print(f"== {name}: {method.description}", flush=True)
         t0 = time.perf_counter()
-        runs.append((name, run(cfg, progress=not args.quiet)))
+        runs.append((name, run(cfg, progress=not args.quiet, reports=reporting.write_run_reports)))
         timings[name] = time.perf_counter() - t0
         step0_dirs.setdefault(method.first_step, cfg.run_dir)
     table = reporting.comparison_markdown(runs)
@@ -158,8 +158,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .tasks import get_task, list_tasks
+    from .tasks import DATASETS, TaskError, get_task, list_tasks
 
+    if args.dataset not in DATASETS:  # a registered dataset has no named task (the registry imports torch)
+        from .data import dataset_names
+
+        if args.dataset not in dataset_names():
+            raise TaskError(f"unknown dataset {args.dataset!r}: expected one of {', '.join(dataset_names())}")
+        return 0
     for name in list_tasks(args.dataset):
         task = get_task(args.dataset, name)
         print(f"{name:10s} {len(task.steps)} steps: {task.classes_per_step}")

@@ -14,7 +14,9 @@ import functools
 import subprocess
 from pathlib import Path
 
-__all__ = ["code_version", "describe"]
+__all__ = ["__version__", "code_version", "describe"]
+
+__version__ = "0.1.0"  # ucdseg.__version__, the version of pyproject.toml
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -37,10 +39,8 @@ def _code_version() -> tuple:
 
 
 def _read() -> dict:
-    import ucdseg
-
-    package = Path(ucdseg.__file__).resolve().parent
-    info = {"version": ucdseg.__version__, "git_commit": None, "git_dirty": None}
+    package = Path(__file__).resolve().parent  # the ucdseg package folder
+    info = {"version": __version__, "git_commit": None, "git_dirty": None}
     top = _git(["rev-parse", "--show-toplevel"], package)
     # only a checkout of ucdseg itself: the package folder is tracked in it (not a site-packages
     # folder that happens to sit inside some other repository)

@@ -3,11 +3,15 @@
 A run is described by :class:`RunConfig`. ``load_config`` merges, in order, the typed defaults,
 an optional YAML file and command-line overrides (OmegaConf dot-list syntax, e.g.
 ``train.batch_size=8 method.name=mib``). Unknown keys and values of the wrong type are rejected
-with a one-line :class:`ConfigError` naming the key.
+with a one-line :class:`ConfigError` naming the key; so are an unknown method, its weights and
+options and an output stride the backbone does not take, checked against the registries (this
+module sits above them, docs/architecture.md). :func:`resolve_config` turns what a user typed
+(a file, or a packaged config's name) into a file.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .configs_index import SUFFIX, list_configs, packaged
 
 
 class ConfigError(ValueError):
@@ -381,11 +387,28 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
     for base in bases:
         base_path = path.parent / base
         if not base_path.exists():  # a packaged config's name: _base_: voc/15-1-overlapped/mib
-            from .configs_index import packaged
-
             base_path = packaged(base) or base_path
         layers += _read_yaml(base_path, chain + (path.resolve(),))
     return layers + [data]
+
+
+def resolve_config(name: str | Path) -> Path:
+    """The YAML file ``name`` stands for: an existing path, else the packaged config of that name.
+
+    Neither is a one-line :class:`ConfigError` naming ``name`` and the closest packaged names
+    (:mod:`ucdseg.configs_index`).
+    """
+    path = Path(name).expanduser()
+    if path.exists():  # a path that exists wins (a folder is refused by the config loader)
+        return path
+    packaged_path = packaged(str(name))
+    if packaged_path is not None:
+        return packaged_path
+    stem = str(name).replace("\\", "/").strip("/").removeprefix("configs/").removesuffix(SUFFIX)
+    close = difflib.get_close_matches(stem, list_configs(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"config file {name} does not exist, and no packaged config is named {stem!r} "
+                      f"(`ucdseg configs` lists them){hint}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

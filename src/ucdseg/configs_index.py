@@ -4,9 +4,9 @@ The benchmark configs live in the package (``src/ucdseg/configs/``, the checkout
 is a link to it), so after ``pip install ucdseg`` they are named by their path inside that
 folder, without ``.yaml``: ``embedded/mib``, ``voc/15-1-overlapped/mib_ucd``, ``demo``.
 
-:func:`resolve_config` turns what a user typed into a file: a path that exists wins (your own
-``run.yaml``, or ``configs/voc/...`` in a checkout), then a packaged config of that name (with
-or without ``.yaml``, with or without a leading ``configs/``). :func:`list_configs` lists the
+:func:`packaged` finds the packaged config of a name (with or without ``.yaml``, with or without
+a leading ``configs/``; :func:`ucdseg.config.resolve_config` turns what a user typed into a file,
+a path that exists winning over a packaged name). :func:`list_configs` lists the
 packaged configs, files whose name starts with ``_`` (the ``_base_`` layers) left out, and
 :func:`describe` reads a config's dataset, task, setting and method without importing torch
 (``ucdseg configs [PATTERN]``, docs/benchmarks.md).
@@ -14,12 +14,11 @@ packaged configs, files whose name starts with ``_`` (the ``_base_`` layers) lef
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["config_root", "list_configs", "packaged", "resolve_config", "describe", "format_configs"]
+__all__ = ["config_root", "list_configs", "packaged", "describe", "format_configs"]
 
 SUFFIX = ".yaml"
 
@@ -54,26 +53,6 @@ def packaged(name: str) -> Path | None:
         return None
     path = config_root() / f"{stem}{SUFFIX}"
     return path if path.is_file() else None
-
-
-def resolve_config(name: str | Path) -> Path:
-    """The YAML file ``name`` stands for: an existing path, else the packaged config of that name.
-
-    Neither is a one-line ValueError naming ``name`` and the closest packaged names.
-    """
-    path = Path(name).expanduser()
-    if path.exists():  # a path that exists wins (a folder is refused by the config loader)
-        return path
-    packaged_path = packaged(str(name))
-    if packaged_path is not None:
-        return packaged_path
-    from .config import ConfigError
-
-    stem = str(name).replace("\\", "/").strip("/").removeprefix("configs/").removesuffix(SUFFIX)
-    close = difflib.get_close_matches(stem, list_configs(), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise ConfigError(f"config file {name} does not exist, and no packaged config is named {stem!r} "
-                      f"(`ucdseg configs` lists them){hint}")
 
 
 def _layers(path: Path, depth: int = 0) -> dict:

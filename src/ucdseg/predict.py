@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from .figures import palette_png
+
 __all__ = ["IMAGE_SUFFIXES", "CheckpointClasses", "checkpoint_classes", "load_predictor", "find_images",
            "predict", "palette_png", "overlay_figure"]
 
@@ -181,18 +183,6 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------- outputs
-def palette_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """A palette ("P") PNG image of a class-id mask, class ``k`` coloured ``palette[k]``."""
-    from .data.meta import VOID, VOID_COLOR
-
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    lut[VOID] = VOID_COLOR
-    image = Image.fromarray(mask.astype(np.uint8), mode="P")
-    image.putpalette(lut.ravel().tolist())
-    return image
-
-
 def _shares(mask: np.ndarray) -> list[tuple[int, int, float]]:
     """(class id, pixels, share) of the classes present, by decreasing share."""
     counts = np.bincount(mask.ravel(), minlength=256)

@@ -15,9 +15,10 @@ Task names:
 * old aliases: ``"15-5s"`` -> ``"15-1"`` (VOC), ``"13-6s"`` -> ``"13-1"`` (Cityscapes).
 
 The built-in datasets' class counts are in :data:`DATASETS`. Any other dataset (a folder dataset,
-a dataset registered by user code) gets its count from its class names
-(:func:`ucdseg.data.dataset_meta`, which may read ``root``), or from ``num_classes``; it has no
-named task, and the ``N-M`` / ``a-b-c...`` forms work for any count.
+a dataset registered by user code) is given with its number of foreground classes,
+``num_classes`` (its class names but the background: the engine reads them with
+:func:`ucdseg.data.dataset_meta`); it has no named task, and the ``N-M`` / ``a-b-c...`` forms
+work for any count. The module knows no dataset registry: it imports numpy only.
 """
 
 from __future__ import annotations
@@ -149,31 +150,28 @@ class Task:
 
 
 # ---------------------------------------------------------------------- construction
-def num_foreground(dataset: str, root=None, num_classes: int | None = None) -> int:
-    """Number of foreground classes of ``dataset``: ``num_classes`` when given, the built-in count,
-    or the count of the dataset's class names (:func:`ucdseg.data.dataset_meta`, read from ``root``
-    for a folder dataset)."""
+def _unknown(dataset: str) -> TaskError:
+    return TaskError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}, or another dataset with "
+                     "its number of foreground classes (num_classes)")
+
+
+def num_foreground(dataset: str, num_classes: int | None = None) -> int:
+    """Number of foreground classes of ``dataset``: ``num_classes`` when given (a dataset other than
+    the built-in ones), else the built-in count."""
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
             raise TaskError(f"dataset {dataset!r}: num_classes must be a positive int, got {num_classes!r}")
         return int(num_classes)
     if dataset in DATASETS:
         return DATASETS[dataset]
-    from .data import dataset_meta  # the data package registers the other datasets
-
-    try:
-        return dataset_meta(dataset, root).num_classes - 1
-    except (ValueError, FileNotFoundError) as exc:
-        raise TaskError(str(exc)) from None
+    raise _unknown(dataset)
 
 
 def list_tasks(dataset: str) -> list[str]:
-    """The named tasks of ``dataset`` (aliases not included)."""
+    """The named tasks of a built-in dataset (aliases not included); another dataset has none, and
+    is not known here (``ucdseg tasks`` asks the dataset registry)."""
     if dataset not in DATASETS:
-        from .data import dataset_names
-
-        if dataset not in dataset_names():
-            raise TaskError(f"unknown dataset {dataset!r}: expected one of {', '.join(dataset_names())}")
+        raise _unknown(dataset)
     return list(NAMED_TASKS.get(dataset, ()))
 
 
@@ -186,12 +184,12 @@ def _valid_forms(dataset: str, c: int) -> str:
             f"(3+ positive step sizes summing to {c})")
 
 
-def parse_task_name(dataset: str, name: str, root=None, num_classes: int | None = None) -> tuple[str, list[int]]:
+def parse_task_name(dataset: str, name: str, num_classes: int | None = None) -> tuple[str, list[int]]:
     """Resolve ``name`` on ``dataset`` to ``(canonical name, foreground classes per step)``.
 
-    ``root`` / ``num_classes``: see :func:`num_foreground` (datasets other than the built-in ones).
+    ``num_classes``: see :func:`num_foreground` (datasets other than the built-in ones).
     """
-    num_fg = num_foreground(dataset, root, num_classes)
+    num_fg = num_foreground(dataset, num_classes)
     raw = str(name).strip()
     raw = ALIASES.get(dataset, {}).get(raw, raw)
 
@@ -247,15 +245,15 @@ def _resolve_order(dataset: str, order: Order, num_fg: int) -> list[int]:
     return ids
 
 
-def get_task(dataset: str, name: str, order: Order = None, root=None, num_classes: int | None = None) -> Task:
+def get_task(dataset: str, name: str, order: Order = None, num_classes: int | None = None) -> Task:
     """Build the task ``name`` of ``dataset``.
 
     ``order`` is ``None`` (dataset index order), an explicit permutation of the foreground ids
     ``1..C``, or an int seed (``numpy.random.default_rng(seed).permutation``, reproducible).
-    ``root`` / ``num_classes`` give the class count of a dataset other than the built-in ones
-    (:func:`num_foreground`).
+    ``num_classes`` gives the number of foreground classes of a dataset other than the built-in
+    ones (:func:`num_foreground`).
     """
-    num_fg = num_foreground(dataset, root, num_classes)
+    num_fg = num_foreground(dataset, num_classes)
     canonical, sizes = parse_task_name(dataset, name, num_classes=num_fg)
     fg = _resolve_order(dataset, order, num_fg)
     steps: list[list[int]] = []

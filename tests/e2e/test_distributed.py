@@ -346,11 +346,13 @@ def single_process_run(root: Path, out: Path, name: str, bn: str, tiny_engine, *
     from ucdseg.cli import packaged_config
     from ucdseg.config import load_config
     from ucdseg.engine import run
+    from ucdseg.reporting import write_run_reports
 
     with pytest.MonkeyPatch.context() as mp_env, tiny_engine(), registered("plop+ucd", "plop", "ewc"):
         mp_env.setenv("UCDSEG_CACHE", str(out / "ucdseg-cache"))
         return run(load_config(str(packaged_config("embedded/mib_ucd.yaml")),
-                               engine_overrides(root, out, name, bn, *extra)), progress=False)
+                               engine_overrides(root, out, name, bn, *extra)), progress=False,
+                   reports=write_run_reports)  # as `ucdseg run` under torchrun
 
 
 @pytest.fixture(scope="module")

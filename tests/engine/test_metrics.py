@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ucdseg.engine.metrics import ConfusionMatrix, miou_summary
+from ucdseg.engine.metrics import ConfusionMatrix
 
 
 def test_confusion_matrix_counts_and_ignores_void():
@@ -30,24 +30,3 @@ def test_absent_class_has_nan_iou():
     cm.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
     iou = cm.iou()
     assert iou[:2] == [1.0, 1.0] and math.isnan(iou[2])
-
-
-def test_miou_summary_both_conventions():
-    # 3 base classes (bg, 1, 2) and 2 new ones
-    iou = [0.9, 0.5, 0.7, 0.2, 0.4]
-    s = miou_summary(iou, num_base=3, num_seen=5)
-    assert s["with_background"]["old"] == pytest.approx((0.9 + 0.5 + 0.7) / 3)
-    assert s["with_background"]["new"] == pytest.approx(0.3)
-    assert s["with_background"]["all"] == pytest.approx(2.7 / 5)
-    assert s["without_background"]["old"] == pytest.approx(0.6)
-    assert s["without_background"]["new"] == pytest.approx(0.3)
-    assert s["without_background"]["all"] == pytest.approx(1.8 / 4)
-
-
-def test_miou_summary_step0_and_unscored_background():
-    s = miou_summary([0.8, 0.4, 0.6], num_base=3, num_seen=3)
-    assert s["with_background"]["new"] is None
-    s = miou_summary([0.8, 0.4, 0.6, math.nan], num_base=2, num_seen=4, score_background=False)
-    assert s["with_background"] == s["without_background"]
-    assert s["with_background"]["old"] == pytest.approx(0.4)
-    assert s["with_background"]["new"] == pytest.approx(0.6)  # NaN (absent class) is skipped

@@ -33,6 +33,7 @@ from ucdseg.data.meta import EMBEDDED_META
 from ucdseg.engine import run
 from ucdseg.engine.runlog import RunLog
 from ucdseg.engine.runner import Run
+from ucdseg.reporting import write_run_reports
 
 NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
          "bag", "ankle boot")
@@ -49,10 +50,10 @@ def logged(config_factory, tmp_path_factory, tiny_engine):
     with tiny_engine():
         first_err = io.StringIO()
         with contextlib.redirect_stderr(first_err):
-            first = run(cfg_steps, progress=True)
+            first = run(cfg_steps, progress=True, reports=write_run_reports)
         second_err = io.StringIO()
         with contextlib.redirect_stderr(second_err):
-            second = run(cfg, progress=False)
+            second = run(cfg, progress=False, reports=write_run_reports)
     return cfg, first_err.getvalue(), first, second_err.getvalue(), second
 
 

@@ -25,6 +25,7 @@ from ucdseg.engine import run
 from ucdseg.engine.evaluation import evaluate_checkpoint
 from ucdseg.engine.runner import Run
 from ucdseg.methods import Method
+from ucdseg.reporting import write_run_reports
 
 NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
          "bag", "ankle boot")  # the embedded benchmark's classes
@@ -116,7 +117,7 @@ def reference(config_factory, tiny_engine, tmp_path_factory):
 # ------------------------------------------------------------------------------- the outputs
 def test_two_step_run_writes_every_output(make_config):
     cfg = make_config("e2e")
-    results = run(cfg, progress=False)
+    results = run(cfg, progress=False, reports=write_run_reports)  # the reports ucdseg run writes
     out = cfg.run_dir
     assert out == Path(cfg.output_dir) / "e2e"
 

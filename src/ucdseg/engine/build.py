@@ -22,11 +22,11 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import io, label_maps
 from ..config import RunConfig, to_dict
-from ..data import StepDataset, eval_transforms, identity, open_dataset_split, train_transforms
+from ..data import StepDataset, dataset_meta, eval_transforms, identity, open_dataset_split, train_transforms
 from ..data.index import StepIndex, scan_presence, step_index
 from ..methods import Method, StepSetup, StepState, get_method
 from ..models import build_model, load_previous_step
-from ..tasks import Task, get_task
+from ..tasks import Task, TaskError, get_task
 from .loop import Criterion, LoopOptions, Trainee, shares_trunk
 from .memory import choose_memory, load_memory, memory_checksum, memory_path
 from .process_group import Dist, barrier
@@ -38,9 +38,14 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ------------------------------------------------------------------------------ task, method, data
 def build_task(cfg: RunConfig) -> Task:
-    """The benchmark's task: its steps are what results report as old and new classes."""
+    """The benchmark's task: its steps are what results report as old and new classes. The dataset's
+    class names (a folder dataset's are in its ``data.root``) give its number of classes."""
     order: Any = cfg.task.order if cfg.task.order is not None else cfg.task.order_seed
-    return get_task(cfg.data.dataset, cfg.task.name, order=order, root=cfg.data.root)
+    try:
+        num_foreground = dataset_meta(cfg.data.dataset, cfg.data.root).num_classes - 1
+    except (ValueError, FileNotFoundError) as exc:
+        raise TaskError(str(exc)) from None
+    return get_task(cfg.data.dataset, cfg.task.name, order=order, num_classes=num_foreground)
 
 
 def joint_task(task: Task) -> Task:

@@ -16,12 +16,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from .. import io
+from .. import figures, io
 from ..config import ConfigError, RunConfig, from_dict, migrate
 from ..methods.method import argmax_prediction
+from ..stats import miou_summary
 from ..tasks import Task
 from . import build
-from .metrics import ConfusionMatrix, miou_summary
+from .metrics import ConfusionMatrix
 from .process_group import Dist, setup
 
 
@@ -69,11 +70,9 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
         "num_eval_images": len(val),
     }
     if dist.is_main and predictions is not None and cfg.eval.num_images:
-        from .. import reporting
-
-        reporting.write_predictions(model, val, seen, meta.palette, dist.device, predictions,
-                                    num_images=cfg.eval.num_images, class_names=meta.class_names, predict=rule,
-                                    title=f"{cfg.name}: {cfg.method.name}, after step {step} ({task.name})")
+        figures.write_predictions(model, val, seen, meta.palette, dist.device, predictions,
+                                  num_images=cfg.eval.num_images, class_names=meta.class_names, predict=rule,
+                                  title=f"{cfg.name}: {cfg.method.name}, after step {step} ({task.name})")
     return record
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..data import eval_transforms
+from ..figures import palette_png
 
 __all__ = ["save_predictions"]
 
@@ -28,8 +29,6 @@ def save_predictions(model: torch.nn.Module, val_set, seen: list[int], out_dir: 
                      progress: bool = True) -> int:
     """Write the prediction of every image of ``val_set`` (a raw dataset) to ``out_dir``; returns
     how many. ``seen``: the dataset ids of the model's channels, in model order."""
-    from ..predict import palette_png
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--save-predictions {out_dir} is a file; give a folder")

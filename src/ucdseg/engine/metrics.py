@@ -1,9 +1,9 @@
-"""Confusion matrix and the incremental-segmentation summaries built from it."""
+"""The confusion matrix of an evaluation (torch, reduced across processes); the summaries built
+from its IoU (mIoU old / new / all, avg) are plain arithmetic, in :mod:`ucdseg.stats`."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,41 +41,3 @@ class ConfusionMatrix:
     def pixel_accuracy(self) -> float:
         total = self.mat.sum()
         return float(self.mat.diag().sum() / total) if total > 0 else math.nan
-
-
-def nanmean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def miou_summary(iou: Sequence[float], num_base: int, num_seen: int, score_background: bool = True) -> dict:
-    """mIoU over old / new / all seen classes, with and without the background class.
-
-    ``iou`` is indexed by model-space class id; ``num_base`` counts the step-0 classes (background
-    included) and ``num_seen`` all classes seen so far. *old* are the step-0 classes, *new* every
-    class added later. ``with_background`` counts class 0 among the old classes (PLOP, SDR, RCIL
-    papers); ``without_background`` leaves it out (MiB and UCD papers). When the background is not
-    scored (ADE20K, Cityscapes by default) both conventions coincide. Empty groups give ``None``.
-    """
-    seen = list(iou[:num_seen])
-    if not score_background:
-        seen[0] = math.nan
-
-    def groups(first: int) -> dict:
-        return {
-            "old": nanmean(seen[first:num_base]),
-            "new": nanmean(seen[num_base:]),
-            "all": nanmean(seen[first:]),
-        }
-
-    return {"with_background": groups(0), "without_background": groups(1)}
-
-
-def average_over_steps(records: Sequence[dict]) -> dict:
-    """"avg" of PLOP, SSUL and RCIL: the mean over the steps of mIoU *all* (each step's classes seen
-    so far), in both conventions; steps where it is undefined are left out, ``None`` if none is."""
-    out = {}
-    for conv in ("with_background", "without_background"):
-        values = [r["miou"][conv]["all"] for r in records if r["miou"][conv]["all"] is not None]
-        out[conv] = sum(values) / len(values) if values else None
-    return out

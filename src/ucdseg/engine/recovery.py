@@ -17,13 +17,13 @@ import sys
 
 from .. import io
 from ..config import to_dict
+from ..stats import average_over_steps
 from . import build
+from .build import RunContext, data_record, planned_iterations, step_memory
 from .evaluation import evaluate_step
 from .memory import memory_path
-from .metrics import average_over_steps
 from .process_group import barrier
 from .run_folder import RunFolder, config_differences
-from .build import RunContext, data_record, planned_iterations, step_memory
 
 
 def _warn(message: str) -> None:

@@ -278,12 +278,13 @@ class RunLog:
                     "(or with the next steps) to continue")
         else:
             head = f"finished: {num_steps} of {num_steps} step(s) done ({format_seconds(elapsed)} this session)"
+        folder = self.path.parent if self.path else None
+        files = [n for n in ("results.json", "summary.md", "forgetting.png") if folder and (folder / n).is_file()]
         self.info(f"{head}\n"
                   f"after step {last['step']}: {format_miou(last['miou'])}\n"
                   f"avg (mean over the steps of mIoU all): {_pct(avg.get('without_background'))} (without bg), "
                   f"{_pct(avg.get('with_background'))} (with bg)\n"
-                  f"results in {self.path.parent if self.path else '?'} (results.json, summary.md, "
-                  f"forgetting.png, {LOG_FILE})")
+                  f"results in {folder or '?'} ({', '.join(files + [LOG_FILE])})")
 
     def failed(self, exc: BaseException) -> None:
         """The error that ended the run, in ``log.txt`` (the terminal gets it from the command)."""

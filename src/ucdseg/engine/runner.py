@@ -15,27 +15,26 @@ from __future__ import annotations
 import platform
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-import ucdseg
-
 from .. import io
-from ..code_version import code_version
+from ..code_version import __version__, code_version
 from ..config import RunConfig, to_dict
 from ..data.identity import identity_difference
 from ..methods import RunShape
+from ..stats import average_over_steps
 from ..step_range import parse_steps
 from . import build, runlog, step0, tensorboard_log
+from .build import RunContext, StepPlan, checkpoint_state, plan_step, save_step
 from .evaluation import evaluate_step
 from .loop import NonFiniteLossError, run_plan
-from .metrics import average_over_steps
 from .plan import OverallBar, step_plan
 from .process_group import Dist, barrier, setup
 from .recovery import Recovery
 from .run_folder import RESUMABLE_KEYS, RunFolder, config_differences  # noqa: F401  (re-exported)
-from .build import RunContext, StepPlan, checkpoint_state, plan_step, save_step
 
 
 def versions() -> dict:
@@ -43,7 +42,7 @@ def versions() -> dict:
     thread count (reductions split across threads add in another order)."""
     import torchvision
 
-    return {"ucdseg": ucdseg.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"ucdseg": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "torch_threads": torch.get_num_threads()}
 
@@ -83,11 +82,14 @@ def new_results(ctx: RunContext) -> dict:
 
 
 class Run:
-    """Runs every step of ``cfg``'s task and writes the run folder."""
+    """Runs every step of ``cfg``'s task and writes the run folder. ``reports``: called on rank 0
+    with the results and the run folder when the steps are done, before the summary
+    (``ucdseg.reporting.write_run_reports`` from ``ucdseg run`` and ``ucdseg.run``)."""
 
-    def __init__(self, cfg: RunConfig, progress: bool = True):
+    def __init__(self, cfg: RunConfig, progress: bool = True, reports: Callable[[dict, Path], None] | None = None):
         self.cfg = cfg
         self.progress = progress
+        self.reports = reports
         self.dist: Dist = setup(cfg.device)
         self.device = self.dist.device
         per_process, accumulate = cfg.train.batch_size // self.dist.world_size, cfg.train.accumulate
@@ -178,9 +180,8 @@ class Run:
                 barrier()
                 self._step_finished(step)
             if self.dist.is_main:
-                from .. import reporting
-
-                reporting.write_run_reports(self.results, self.folder.path)
+                if self.reports is not None:
+                    self.reports(self.results, self.folder.path)
                 if self._overall is not None:  # the summary below the finished bar
                     self._overall.close()
                 self.log.summary(self.results, self.train_task.num_steps, last)
@@ -278,6 +279,7 @@ class Run:
                                                    "no checkpoint of this run was written yet")) from None
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict:
-    """Run (or continue) every step of ``cfg``'s task; returns the results dictionary."""
-    return Run(cfg, progress=progress).run()
+def run(cfg: RunConfig, progress: bool = True, reports: Callable[[dict, Path], None] | None = None) -> dict:
+    """Run (or continue) every step of ``cfg``'s task; returns the results dictionary. ``reports``
+    writes the run's reports from its results and folder (:class:`Run`)."""
+    return Run(cfg, progress=progress, reports=reports).run()

@@ -10,7 +10,8 @@ also carry their values.
 
 :func:`forgetting_matrix` reads one run's ``results.json`` content; :func:`mean_matrix` averages
 seeds of one experiment; :func:`plot_forgetting` draws one panel per run or method
-(``forgetting.png`` of a run, ``report_forgetting.png`` of ``ucdseg report``).
+(``forgetting.png`` of a run); :func:`write_forgetting_maps` writes ``ucdseg report``'s, one per
+benchmark (``report_forgetting.png``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["ForgettingMatrix", "forgetting_matrix", "mean_matrix", "plot_forgetting", "ANNOTATE_MAX_CLASSES"]
+from .. import figures
+from .pooling import group_runs
+from .results import benchmark
+
+__all__ = ["ForgettingMatrix", "forgetting_matrix", "mean_matrix", "plot_forgetting", "ANNOTATE_MAX_CLASSES",
+           "forgetting_map_names", "write_forgetting_maps"]
 
 ANNOTATE_MAX_CLASSES = 40  # cells carry their value up to this many classes
 
@@ -96,7 +102,6 @@ def plot_forgetting(panels: Sequence[tuple[str, ForgettingMatrix]], path: str | 
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.patches import Rectangle
 
-    from .reporting import _save_figure
 
     if not panels:
         raise ValueError("no run to draw")
@@ -174,4 +179,38 @@ def plot_forgetting(panels: Sequence[tuple[str, ForgettingMatrix]], path: str | 
     fig.text(0.01, 0.12 / height, note, fontsize=7, ha="left", va="bottom", color="#444444")
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.2 / height, va="top")
-    _save_figure(fig, Path(path))
+    figures.save_figure(fig, Path(path))
+
+
+def forgetting_map_names(results_list: Sequence[dict]) -> dict[tuple[str, str, str], str]:
+    """The file of each benchmark's forgetting map in a report: ``report_forgetting.png`` for one
+    benchmark, ``report_forgetting_<dataset>-<task>-<setting>.png`` for several."""
+    benchmarks = sorted({benchmark(r) for r in results_list})
+    if len(benchmarks) == 1:
+        return {benchmarks[0]: "report_forgetting.png"}
+    return {b: f"report_forgetting_{'-'.join(b)}.png" for b in benchmarks}
+
+
+def write_forgetting_maps(results_list: Sequence[dict], out_dir: Path) -> list[Path]:
+    """Per benchmark, the forgetting map (:func:`plot_forgetting`) with one panel per row of the
+    report (method, weights and config), averaged over its seeds; one-step runs (joint training)
+    are left out of a benchmark of several steps: they forget nothing."""
+    panels: dict[tuple, list] = {}
+    for (dataset, task, setting, label), runs in group_runs(results_list).items():
+        panels.setdefault((dataset, task, setting), []).append((label, runs))
+    written = []
+    for bench, name in forgetting_map_names(results_list).items():
+        steps = max(len(r["steps"]) for _, runs in panels[bench] for r in runs)
+        drawn = []
+        for label, runs in panels[bench]:
+            if steps > 1 and len(runs[0]["steps"]) == 1:
+                continue
+            try:
+                drawn.append((f"{label} (n={len(runs)})", mean_matrix([forgetting_matrix(r) for r in runs])))
+            except (KeyError, TypeError, ValueError):  # results without per-class IoU (written by hand)
+                continue
+        if drawn:
+            plot_forgetting(drawn, out_dir / name, title=f"{' '.join(bench)}: per-class IoU (%) after each step, "
+                                                          "mean over the seeds")
+            written.append(out_dir / name)
+    return written

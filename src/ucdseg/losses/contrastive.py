@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .device_generic import full_precision
+
 IGNORE_INDEX = 255
 FORMULATIONS = ("reference", "supcon")
 DEFAULT_BLOCK_SIZE = 1024
@@ -521,6 +523,8 @@ def contrastive_distillation_flat(
     gradient path to ``anchors`` when there is none), ``"sum"``, or ``"none"`` (per-anchor
     ``(N,)``, 0 for anchors without positives). A distributed caller can sum ``"sum"`` results
     and divide by the global count of anchors with positives.
+
+    Computed in float32 (float64 for float64 anchors) even under autocast.
     """
     _check_options(temperature, formulation, block_size)
     if reduction not in FLAT_REDUCTIONS:
@@ -546,21 +550,22 @@ def contrastive_distillation_flat(
         zero = anchors.flatten()[:0].sum()  # exactly 0, with a grad path to the anchors
         return zero if reduction != "none" else anchors[:, 0] * 0
 
-    per_anchor = _SortedContrastive.apply(
-        anchors,
-        contrast.detach().to(dtype),
-        a_labels,
-        c_labels,
-        anchor_probs.detach().to(dtype),
-        contrast_probs.detach().to(dtype),
-        anchor_is_gt.bool(),
-        contrast_is_gt.bool(),
-        self_index,
-        num_pos,
-        1.0 / float(temperature),
-        formulation == "reference",
-        block_size,
-    )
+    with full_precision(anchors):  # autocast would run the similarity products in bfloat16 / float16
+        per_anchor = _SortedContrastive.apply(
+            anchors,
+            contrast.detach().to(dtype),
+            a_labels,
+            c_labels,
+            anchor_probs.detach().to(dtype),
+            contrast_probs.detach().to(dtype),
+            anchor_is_gt.bool(),
+            contrast_is_gt.bool(),
+            self_index,
+            num_pos,
+            1.0 / float(temperature),
+            formulation == "reference",
+            block_size,
+        )
     if reduction == "none":
         return per_anchor
     if reduction == "sum":
@@ -604,7 +609,7 @@ def contrastive_distillation(
     """
     _check_options(temperature, formulation, block_size)
     # autocast would run the similarity matmuls in bfloat16/float16: docs/protocol.md §3 wants float32
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with full_precision(features):
         inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels, void=void)
         if stats is not None:
             from .contrastive_stats import contrastive_input_stats

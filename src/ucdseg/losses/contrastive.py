@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .device_generic import full_precision
+from .device_generic import any_true, full_precision
 
 IGNORE_INDEX = 255
 FORMULATIONS = ("reference", "supcon")
@@ -142,7 +142,7 @@ def _check_maps(
         raise ValueError(f"labels must be an integer tensor of shape (B, H, W), got {got}")
     if labels.shape[0] != b:
         raise ValueError(f"labels have batch size {labels.shape[0]}, features have {b}")
-    if bool((labels < 0).any()):
+    if any_true(labels < 0):
         raise ValueError(f"labels contain {int(labels.min())}, expected ids >= 0 or {IGNORE_INDEX}")
 
 
@@ -489,10 +489,10 @@ def _check_flat(anchors, anchor_labels, anchor_probs, anchor_is_gt, contrast, co
             f"anchor_probs {tuple(anchor_probs.shape)} and contrast_probs "
             f"{tuple(contrast_probs.shape)} must be ({n}, C_old) and ({k}, C_old)"
         )
-    if bool(((self_index < -1) | (self_index >= k)).any()):
+    if any_true((self_index < -1) | (self_index >= k)):
         raise ValueError(f"self_index must be in [-1, {k}), got values {self_index.tolist()[:8]}...")
-    has_copy = self_index >= 0
-    if bool((contrast_labels[self_index[has_copy]] != anchor_labels[has_copy]).any()):
+    own_labels = contrast_labels[self_index.clamp(min=0)] if k else anchor_labels
+    if any_true((self_index >= 0) & (own_labels != anchor_labels)):
         raise ValueError("self_index points to contrast elements whose label differs from the anchor's")
 
 

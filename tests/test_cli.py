@@ -39,7 +39,7 @@ from ucdseg import cli
 
 #: Every command of ``ucdseg --help`` and of ``ucdseg data --help``; each has a test below.
 COMMANDS = ("run", "demo", "eval", "predict", "report", "methods", "configs", "runs", "tasks", "index", "data",
-            "prepare-embedded")
+            "device-check", "prepare-embedded")
 DATA_COMMANDS = ("check", "prepare")
 
 #: The embedded benchmark's classes: background, then Fashion-MNIST's ten labels in their order.
@@ -591,6 +591,20 @@ def test_runs_lists_the_runs_with_their_state(tiny_run, demo, base):
     last = json.loads((run_dir / "results.json").read_text())["steps"][-1]["miou"]["without_background"]["all"]
     assert rows["runs/tiny"] == ["runs/tiny", "embedded", TASK, "mib", "0", "2/2", pct(last), "done"]
     assert rows["demo/mib"][3:6] == ["mib", "1", "2/2"]
+
+
+# ------------------------------------------------------------------------------ device-check
+def test_device_check_runs_the_checks_it_is_given(tmp_path):
+    """One quick check through the command line (the whole CPU mode: tests/e2e/test_device_check.py)."""
+    listed = ucdseg("device-check", "--list")
+    assert listed.code == 0 and "ucd kernel" in listed.out.splitlines()
+    result = ucdseg("device-check", "--device", "cpu", "--only", "ucd kernel", "--keep", tmp_path / "work")
+    assert result.code == 0, result.out + result.err
+    row = next(line for line in result.out.splitlines() if line.startswith("| ucd kernel"))
+    assert "| pass   |" in row and "vs CPU fp64" in row
+    assert "1 check: 1 pass, 0 skip, 0 fail" in result.out
+    bad = ucdseg("device-check", "--device", "cpu", "--only", "nothing")
+    assert bad.code == 2 and bad.err.startswith("ucdseg device-check: unknown check 'nothing'")
 
 
 # ------------------------------------------------------------------------------ index

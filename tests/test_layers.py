@@ -35,6 +35,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("config",),  # RunConfig, checked against the registries when it is read
     ("engine",),  # a run
     ("reporting", "predict", "runs_list"),  # what reads results and checkpoints
+    ("device_check",),  # the GPU path's checks (ucdseg device-check, scripts/device_check.sh)
     ("cli", "api"),  # the commands and the Python entry point
     ("__init__",),  # ucdseg.run
 )

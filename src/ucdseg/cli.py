@@ -222,6 +222,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_check(args: argparse.Namespace) -> int:
+    from .device_check import execute
+
+    return execute(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ucdseg", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quiet", action="store_true",
@@ -322,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-checksums", action="store_true", help="do not verify the archives (says so)")
     p.add_argument("--limit", type=int, default=None, help="the final data check reads N pairs per split")
     p.set_defaults(func=cmd_data_prepare)
+
+    from .device_check import add_arguments as device_check_arguments  # standard library only: cheap
+
+    p = sub.add_parser("device-check", help="check the GPU (or --device cpu) path: a tiny torchrun task, AMP, SyncBN, "
+                                            "UCD, PLOP, eval, predict; one pass/fail table",
+                       description="Run the device check (docs/distributed.md, \"Device check\"): one table of "
+                                   "pass/fail with timings; exit code 1 if a check failed.")
+    device_check_arguments(p)
+    p.set_defaults(func=cmd_device_check)
 
     p = sub.add_parser("prepare-embedded", help="generate the embedded Fashion-MNIST benchmark")
     p.add_argument("--root", default=None)

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .device_generic import any_true, full_precision
+
 IGNORE_INDEX = 255
 FORMULATIONS = ("reference", "supcon")
 DEFAULT_BLOCK_SIZE = 1024
@@ -140,7 +142,7 @@ def _check_maps(
         raise ValueError(f"labels must be an integer tensor of shape (B, H, W), got {got}")
     if labels.shape[0] != b:
         raise ValueError(f"labels have batch size {labels.shape[0]}, features have {b}")
-    if bool((labels < 0).any()):
+    if any_true(labels < 0):
         raise ValueError(f"labels contain {int(labels.min())}, expected ids >= 0 or {IGNORE_INDEX}")
 
 
@@ -487,10 +489,10 @@ def _check_flat(anchors, anchor_labels, anchor_probs, anchor_is_gt, contrast, co
             f"anchor_probs {tuple(anchor_probs.shape)} and contrast_probs "
             f"{tuple(contrast_probs.shape)} must be ({n}, C_old) and ({k}, C_old)"
         )
-    if bool(((self_index < -1) | (self_index >= k)).any()):
+    if any_true((self_index < -1) | (self_index >= k)):
         raise ValueError(f"self_index must be in [-1, {k}), got values {self_index.tolist()[:8]}...")
-    has_copy = self_index >= 0
-    if bool((contrast_labels[self_index[has_copy]] != anchor_labels[has_copy]).any()):
+    own_labels = contrast_labels[self_index.clamp(min=0)] if k else anchor_labels
+    if any_true((self_index >= 0) & (own_labels != anchor_labels)):
         raise ValueError("self_index points to contrast elements whose label differs from the anchor's")
 
 
@@ -521,6 +523,8 @@ def contrastive_distillation_flat(
     gradient path to ``anchors`` when there is none), ``"sum"``, or ``"none"`` (per-anchor
     ``(N,)``, 0 for anchors without positives). A distributed caller can sum ``"sum"`` results
     and divide by the global count of anchors with positives.
+
+    Computed in float32 (float64 for float64 anchors) even under autocast.
     """
     _check_options(temperature, formulation, block_size)
     if reduction not in FLAT_REDUCTIONS:
@@ -546,21 +550,22 @@ def contrastive_distillation_flat(
         zero = anchors.flatten()[:0].sum()  # exactly 0, with a grad path to the anchors
         return zero if reduction != "none" else anchors[:, 0] * 0
 
-    per_anchor = _SortedContrastive.apply(
-        anchors,
-        contrast.detach().to(dtype),
-        a_labels,
-        c_labels,
-        anchor_probs.detach().to(dtype),
-        contrast_probs.detach().to(dtype),
-        anchor_is_gt.bool(),
-        contrast_is_gt.bool(),
-        self_index,
-        num_pos,
-        1.0 / float(temperature),
-        formulation == "reference",
-        block_size,
-    )
+    with full_precision(anchors):  # autocast would run the similarity products in bfloat16 / float16
+        per_anchor = _SortedContrastive.apply(
+            anchors,
+            contrast.detach().to(dtype),
+            a_labels,
+            c_labels,
+            anchor_probs.detach().to(dtype),
+            contrast_probs.detach().to(dtype),
+            anchor_is_gt.bool(),
+            contrast_is_gt.bool(),
+            self_index,
+            num_pos,
+            1.0 / float(temperature),
+            formulation == "reference",
+            block_size,
+        )
     if reduction == "none":
         return per_anchor
     if reduction == "sum":
@@ -604,7 +609,7 @@ def contrastive_distillation(
     """
     _check_options(temperature, formulation, block_size)
     # autocast would run the similarity matmuls in bfloat16/float16: docs/protocol.md §3 wants float32
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with full_precision(features):
         inputs = prepare_contrastive_inputs(features, old_features, old_logits, labels, void=void)
         if stats is not None:
             from .contrastive_stats import contrastive_input_stats

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .device_generic import any_true
+
 REDUCTIONS = ("mean", "sum", "none")
 
 __all__ = [
@@ -101,7 +103,7 @@ def check_labels(
     check_label_shape(labels, logits, name)
     num_classes = logits.shape[1]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
+    if any_true(bad):
         value = int(labels[bad][0])
         raise ValueError(
             f"{name} contain {value}, expected class ids in [0, {num_classes}) "

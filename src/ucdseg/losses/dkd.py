@@ -21,6 +21,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .device_generic import any_true
 from .distillation import check_label_shape, check_logits, compute_dtype, upcast
 
 __all__ = [
@@ -60,7 +61,7 @@ def _check_fg_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
         raise ValueError(f"labels must be an integer tensor of shape {expected}, got {got}")
     c_fg = logits.shape[1]
     bad = (labels != VOID) & ((labels < 0) | (labels > c_fg))
-    if bool(bad.any()):
+    if any_true(bad):
         raise ValueError(f"labels contain {int(labels[bad][0])}, expected model-space ids in [0, {c_fg}] or 255 (void)")
 
 
@@ -107,7 +108,7 @@ def dkd_mbce(
     ids = torch.tensor([c + 1 for c in channels], device=labels.device).view(1, -1, *([1] * (labels.dim() - 1)))
     targets = (labels.unsqueeze(1) == ids).to(dtype)
     pw = torch.as_tensor(pos_weight, dtype=dtype, device=z.device)
-    if pw.dim() > 1 or (pw.dim() == 1 and pw.numel() != len(channels)) or bool((pw < 0).any()):
+    if pw.dim() > 1 or (pw.dim() == 1 and pw.numel() != len(channels)) or any_true(pw < 0):
         raise ValueError(f"pos_weight must be a non-negative float or one value per new class ({len(channels)}), got {pos_weight!r}")
     pw = pw.reshape(-1, *([1] * (z.dim() - 2))) if pw.dim() == 1 else pw
     loss = F.binary_cross_entropy_with_logits(z, targets, pos_weight=pw, reduction="none")

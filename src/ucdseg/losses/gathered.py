@@ -46,6 +46,7 @@ from .contrastive import (
     contrastive_distillation_flat,
     prepare_contrastive_inputs,
 )
+from .device_generic import full_precision
 
 __all__ = ["all_gather_rows", "gathered_contrastive_distillation", "is_distributed"]
 
@@ -114,11 +115,11 @@ def gathered_contrastive_distillation(
     _check_options(temperature, formulation, block_size)
     _check_void(void)
     if not is_distributed():
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with full_precision(features):
             return contrastive_distillation(features, old_features, old_logits, labels, temperature=temperature,
                                             formulation=formulation, block_size=block_size, void=void, stats=stats)
 
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with full_precision(features):
         local = prepare_contrastive_inputs(features, old_features, old_logits, labels, void=void)
         if stats is not None:
             stats.update(contrastive_input_stats(local))

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .device_generic import full_precision
+
 __all__ = [
     "PLOP_POD_FACTOR",
     "PLOP_LAST_POD_FACTOR",
@@ -231,7 +233,7 @@ def local_pod(
                 "must have the same shape"
             )
         # float32 even under autocast: squared activations overflow float16.
-        with torch.autocast(device_type=new.device.type, enabled=False):
+        with full_precision(new):
             diff = new.float().pow(2) - old.detach().float().pow(2)
             # E is linear, so E(x^2) - E(y^2) = E(x^2 - y^2).
             distance = torch.linalg.vector_norm(pod_embedding(diff, scales), dim=1).mean()
@@ -292,6 +294,10 @@ class EntropyThresholds:
     first bin (it can then return a wrong or infinite threshold); we use the correct cumulative
     count. The release also never sums histograms across GPUs (each process got its own
     thresholds); :meth:`all_reduce` does.
+
+    ``device``: where the histogram is kept, the old logits' device (by default it moves there at the
+    first :meth:`update`; give it when a process may see no batch before :meth:`all_reduce`, which
+    NCCL needs on the GPU).
     """
 
     def __init__(
@@ -302,6 +308,7 @@ class EntropyThresholds:
         bins: int = PLOP_ENTROPY_BINS,
         min_threshold: float = PLOP_MIN_THRESHOLD,
         convention: Literal["release", "normalized"] = "release",
+        device: torch.device | str | None = None,
     ) -> None:
         if num_old_classes < 2:
             raise ValueError(
@@ -325,7 +332,9 @@ class EntropyThresholds:
         self.bins = bins
         self.min_threshold = float(min_threshold)
         self.convention = convention
-        self.histogram = torch.zeros(num_old_classes, bins, dtype=torch.long)
+        # on the logits' device (``device``; else moved there by the first update): under NCCL the
+        # all-reduce needs it on the GPU even on a process that saw no batch
+        self.histogram = torch.zeros(num_old_classes, bins, dtype=torch.long, device=device)
 
     @torch.no_grad()
     def update(self, old_logits: Tensor, labels: Tensor) -> None:
@@ -340,15 +349,13 @@ class EntropyThresholds:
                 f"labels {tuple(labels.shape)} must be (B, H, W) matching old_logits "
                 f"{tuple(old_logits.shape)}; pass full-resolution logits, as PLOP does"
             )
-        mask = labels == 0
-        values = normalized_entropy(old_logits)[mask] / self.scale
-        classes = old_logits.argmax(dim=1)[mask]
+        # every pixel gets its (class, bin) cell and adds 1 if it is labelled 0: no selection of the
+        # masked pixels, so no host synchronisation and no shape that depends on the values
+        values = normalized_entropy(old_logits) / self.scale
         bin_index = (values * self.bins).long().clamp(0, self.bins - 1)
-        counts = torch.bincount(
-            classes * self.bins + bin_index, minlength=self.num_old_classes * self.bins
-        )
-        self.histogram = self.histogram.to(counts.device)
-        self.histogram += counts.view(self.num_old_classes, self.bins)
+        cells = old_logits.argmax(dim=1) * self.bins + bin_index
+        self.histogram = self.histogram.to(old_logits.device)
+        self.histogram.view(-1).scatter_add_(0, cells.flatten(), (labels == 0).flatten().long())
 
     def all_reduce(self) -> None:
         """Sum the histograms over processes when ``torch.distributed`` is initialised."""
@@ -420,9 +427,7 @@ def entropy_pseudo_labels(
     uncertainty = normalized_entropy(old_logits)
     background = labels == 0
     confident = background & (uncertainty < thresholds.to(uncertainty.device)[predicted])
-    pseudo = labels.clone()
-    pseudo[background] = 255
-    pseudo[confident] = predicted[confident].to(labels.dtype)
+    pseudo = torch.where(confident, predicted.to(labels.dtype), torch.where(background, 255, labels))
     num_background = background.sum(dim=(1, 2))
     num_confident = confident.sum(dim=(1, 2))
     fraction = torch.where(

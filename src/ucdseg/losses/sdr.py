@@ -128,6 +128,8 @@ def _check_fit(prototypes: Tensor, features: Tensor, labels: Tensor, ignore_inde
             f"prototypes of shape {got} do not fit features of shape {tuple(features.shape)}: "
             f"expected (C, {features.shape[1]})"
         )
+    if labels.device.type == "meta":  # no values to check
+        return
     values = labels if ignore_index is None else labels[labels != ignore_index]
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= prototypes.shape[0]):
         bad = int(values.max()) if int(values.max()) >= prototypes.shape[0] else int(values.min())

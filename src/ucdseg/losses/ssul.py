@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device_generic import any_true
 from .distillation import check_label_shape, check_logits, check_reduction, compute_dtype, reduce_pixels, upcast
 
 __all__ = [
@@ -67,7 +68,7 @@ def ssul_train_labels(labels: Labels, saliency: Optional[Labels]) -> Labels:
     is_numpy = isinstance(labels, np.ndarray)
     y = torch.from_numpy(np.asarray(labels)) if is_numpy else labels
     bad = (y != VOID) & ((y < 0) | (y >= VOID - 1))
-    if bool(bad.any()):
+    if any_true(bad):
         raise ValueError(f"labels contain {int(y[bad][0])}, expected model-space ids in [0, 254) or 255 (void)")
     shifted = torch.where(y == VOID, y, y + 1)
     if saliency is None:
@@ -123,7 +124,7 @@ def ssul_bce(
         got = f"{targets.dtype} {tuple(targets.shape)}" if torch.is_tensor(targets) else type(targets).__name__
         raise ValueError(f"targets must be an integer tensor of shape {expected}, got {got}")
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= c_all))
-    if bool(bad.any()):
+    if any_true(bad):
         raise ValueError(
             f"targets contain {int(targets[bad][0])}, expected channel ids in [0, {c_all}) "
             f"or ignore_index={ignore_index}"

@@ -120,7 +120,7 @@ class PlopStepState:
 @torch.no_grad()
 def plop_thresholds(setup: StepSetup) -> PlopStepState:
     """PLOP's per-class entropy thresholds: one pass of the old model over the step's images."""
-    acc = plop.EntropyThresholds(setup.num_old, setup.num_old + setup.num_new)
+    acc = plop.EntropyThresholds(setup.num_old, setup.num_old + setup.num_new, device=setup.device)
     for images, labels in tqdm(setup.loader(), desc="PLOP thresholds", leave=False, disable=not setup.progress):
         acc.update(setup.old_model(images.to(setup.device)).logits.float(), labels.to(setup.device))
     acc.all_reduce()

@@ -260,7 +260,7 @@ class IncrementalDeepLab(nn.Module):
         n_new = new.out_channels
         bias = background.bias[0] - math.log(n_new + 1)
         new.weight.copy_(background.weight[0:1].expand_as(new.weight))
-        new.bias.fill_(bias.item())
+        new.bias.copy_(bias.expand_as(new.bias))  # on the device, no host read
         background.bias[0] = bias
 
 

@@ -31,6 +31,7 @@ from ..methods import RunShape, StepSetup, get_method
 from ..models import load_previous_step
 from ..step_range import parse_steps
 from . import build, runlog, tensorboard_log
+from .config_change import EVALUATED_KEYS, changed_config_error, has_finished_step
 from .evaluation import evaluate_step
 from .loop import Criterion, NonFiniteLossError, Trainee, shares_trunk, train_iterations
 from .memory import choose_memory, load_memory, memory_checksum, memory_path
@@ -197,10 +198,11 @@ class RunFolder:
             if not isinstance(saved, dict):
                 raise io.FileError(f"{self.config} is corrupt (not a mapping of config keys); restore it, or give "
                                    "this run another name=")
-            diff = config_differences(saved, to_dict(cfg))
+            # a finished step was evaluated with the saved eval.num_images: config.yaml must keep saying so
+            keep = EVALUATED_KEYS if has_finished_step(self.checkpoints) else frozenset()
+            diff = config_differences(saved, to_dict(cfg), RESUMABLE_KEYS - keep)
             if diff:
-                raise ValueError(f"run directory {self.path} was started with a different config "
-                                 f"(differing keys: {', '.join(diff)}); use another name= or the saved config")
+                raise changed_config_error(self.path, saved, to_dict(cfg), diff)
         io.write_text(self.config, to_yaml(cfg))
 
     def load_results(self, warn: bool = True) -> dict | None:

@@ -55,13 +55,14 @@ def config_overrides(overrides: Mapping[str, Any]) -> list[str]:
 def run(config: str | Path | Any | None = None, progress: bool = True, **overrides: Any) -> dict:
     """Run (or continue) every step of ``config`` with ``overrides``; returns the results
     (``results.json``'s content). See the module docstring."""
-    from .config import RunConfig, from_dict, load_config, resolve_config, to_dict
+    from .config import RunConfig, check_run_config, from_dict, load_config, resolve_config, to_dict
 
     items = config_overrides(overrides)
     if isinstance(config, RunConfig):
         from omegaconf import OmegaConf
 
         merged = OmegaConf.merge(OmegaConf.create(to_dict(config)), OmegaConf.from_dotlist(items))
+        check_run_config(OmegaConf.to_container(merged))  # before from_dict, whose migrate reads saved configs
         cfg = from_dict(OmegaConf.to_container(merged))
     else:
         cfg = load_config(None if config is None else resolve_config(config), items)

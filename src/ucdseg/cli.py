@@ -108,7 +108,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
     rows = predict(args.checkpoint, args.inputs, args.output, batch_size=args.batch_size, device=args.device,
-                   size=args.size, overlays=not args.no_overlays, progress=not args.quiet)
+                   size=args.size, overlays=not args.no_overlays, progress=not args.quiet, max_pixels=args.max_pixels)
     out = Path(args.output)
     images = len({row["image"] for row in rows})
     print(f"{images} image(s) segmented: masks in {out / 'masks'}"
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None,
                    help="resize the shorter side to this for the model (default: the image's own size)")
     p.add_argument("--no-overlays", action="store_true", help="write only the masks and the summary")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="the most pixels the model segments at once (default 4096x4096, ucdseg.predict.MAX_PIXELS); "
+                        "a larger image is refused with the --size that fits")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="one table (mean and std over seeds) and plot from several runs")
@@ -360,8 +363,33 @@ def error_line(exc: BaseException) -> str:
     return " ".join(text.split("\n")[0].split()) if "\n" in text else text
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit, torchrun stopping its workers), raised where the
+    process is, so that it ends as Ctrl-C does: the run folder released, its log closed, the
+    checkpoints kept (a ``KeyboardInterrupt``, so every handler of an interrupt handles it)."""
+
+    def __init__(self):
+        super().__init__("SIGTERM")
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; the previous one (None where signals cannot be set: not the
+    main thread, no SIGTERM)."""
+    import signal
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, AttributeError, OSError):
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _on_sigterm(_terminate)
     try:
         return args.func(args)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
@@ -369,9 +397,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ucdseg: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("ucdseg: terminated (SIGTERM); run the same command again to continue", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as the shell reports a process SIGTERM ended
     except KeyboardInterrupt:
         print("ucdseg: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            _on_sigterm(previous)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,13 @@ def migrate(data: dict) -> dict:
     method options of older configs move into ``method.options`` (defaults dropped), and a ResNet
     config without ``model.first_block_dilation`` gets ``"previous"``, the layout it was trained
     with (a missing key would otherwise take today's default, ``"release"``, and rebuild an old
-    checkpoint with another network). Only for saved configs: YAML files take the default."""
+    checkpoint with another network). A config holding both ``task.order`` and ``task.order_seed``
+    (saved before they were refused together) keeps ``task.order``, the order it was trained with.
+    Only for saved configs: YAML files take the default."""
+    task = data.get("task") if isinstance(data, dict) else None
+    if isinstance(task, dict) and task.get("order") is not None and task.get("order_seed") is not None:
+        # saved before both were refused together (issue 23): task.order was the order trained
+        data = {**data, "task": {**task, "order_seed": None}}
     model = data.get("model") if isinstance(data, dict) else None
     if (isinstance(model, dict) and "first_block_dilation" not in model
             and model.get("backbone") in FIRST_BLOCK_DILATION_BACKBONES):
@@ -192,7 +198,11 @@ _CHOICES = {
 
 
 def _first_line(exc: OmegaConfBaseException) -> str:
-    return str(getattr(exc, "msg", exc)).splitlines()[0]
+    return _clip(str(getattr(exc, "msg", exc)).splitlines()[0], 200)
+
+
+def _clip(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 4] + " ..."
 
 
 def _merge(*configs: Any) -> DictConfig:
@@ -324,6 +334,22 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def check_run_config(cfg: RunConfig | dict) -> None:
+    """What the config of a new command must hold besides its values' ranges (a saved config, read
+    by :func:`from_dict`, is not checked again): ``name`` names a folder inside ``output_dir``, and
+    at most one of ``task.order`` and ``task.order_seed`` is set (``cfg``: a RunConfig or its dict)."""
+    raw = _lookup(cfg, "name")
+    name = Path(str(raw))
+    if not str(raw).strip() or name.is_absolute() or ".." in name.parts or not name.parts:
+        raise ConfigError(f"config key 'name' is {raw!r}; expected the name of the run folder inside output_dir "
+                          "(e.g. name=mib-seed0, or name=ablation/mib), not an absolute path, '.', or a path with "
+                          "'..'; output_dir= chooses where runs are written")
+    order, seed = _lookup(cfg, "task.order"), _lookup(cfg, "task.order_seed")
+    if order not in (None, _MISSING) and seed not in (None, _MISSING):
+        raise ConfigError(f"config key 'task.order_seed' is {seed} but task.order is set too ({list(order)}); "
+                          "expected one of them: task.order gives the class order, task.order_seed draws one")
+
+
 def _yaml_error(path: Path, exc: Exception) -> ConfigError:
     """One line naming the file, and the line and column of a YAML syntax error (1-based)."""
     import yaml
@@ -339,9 +365,23 @@ def _yaml_error(path: Path, exc: Exception) -> ConfigError:
     return ConfigError(f"config file {path} is not valid YAML: {first}")
 
 
+def _yaml_named(path: Path) -> bool:
+    """Whether ``path`` is named as a YAML file: only then may an error quote what it holds (a file
+    of any other name given as a config may be anything, and its content is not printed)."""
+    return path.suffix.lower() in (".yaml", ".yml")
+
+
+def _not_a_config(path: Path, where: str = "") -> ConfigError:
+    """The error for a file not named .yaml whose content is no config: nothing of it is quoted."""
+    return ConfigError(f"config file {path}{where} is not a ucdseg config (it is not named .yaml and does not read "
+                       "as a mapping of config keys; nothing of it is shown); expected a YAML file of keys such as "
+                       "'train: {lr: 0.01}'")
+
+
 def _parse_yaml(path: Path) -> DictConfig:
     """The mapping of a YAML config file; a syntax error, a file that is not UTF-8 text or a top level
-    that is not a mapping is a one-line :class:`ConfigError`."""
+    that is not a mapping is a one-line :class:`ConfigError` (quoting the file only when it is
+    named .yaml or .yml)."""
     import yaml
 
     try:
@@ -355,13 +395,22 @@ def _parse_yaml(path: Path) -> DictConfig:
         if node is None:  # an empty file (or only comments): no key changed
             return OmegaConf.create({})
         if not isinstance(node, yaml.MappingNode):
-            kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the single value {node.value!r}"
+            if not _yaml_named(path):
+                raise _not_a_config(path)
+            short = isinstance(node, yaml.ScalarNode) and len(text.strip().splitlines()) == 1 and len(node.value) <= 40
+            kind = ("a list" if isinstance(node, yaml.SequenceNode) else f"the single value {node.value!r}" if short
+                    else f"text of {len(text.strip().splitlines())} line(s)")
             raise ConfigError(f"config file {path} holds {kind} at its top level; expected a mapping of keys "
                               "such as 'train: {lr: 0.01}'")
         data = OmegaConf.create(text)
     except yaml.YAMLError as exc:
+        if not _yaml_named(path):
+            mark = getattr(exc, "problem_mark", None)
+            raise _not_a_config(path, f" (line {mark.line + 1} column {mark.column + 1})" if mark else "") from None
         raise _yaml_error(path, exc) from None
     except OmegaConfBaseException as exc:
+        if not _yaml_named(path):
+            raise _not_a_config(path) from None
         raise ConfigError(f"config file {path}: {_first_line(exc)}") from None
     if not isinstance(data, DictConfig):  # OmegaConf read it otherwise than PyYAML's composer
         raise ConfigError(f"config file {path}: expected a mapping of keys at its top level")
@@ -382,7 +431,12 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
         bases = OmegaConf.to_container(bases)
     bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
-        raise ConfigError(f"config file {path}: _base_ is {bases!r}; expected a file name or a list of file names")
+        raise ConfigError(f"config file {path}: _base_ is {_clip(repr(bases), 60)}; expected a file name or a list of "
+                          "file names")
+    try:  # its keys, checked here so that an error names this file (of a _base_ chain)
+        _merge(OmegaConf.structured(RunConfig), data)
+    except ConfigError as exc:
+        raise (ConfigError(f"config file {path}: {exc}") if _yaml_named(path) else _not_a_config(path)) from None
     layers: list[DictConfig] = []
     for base in bases:
         base_path = path.parent / base
@@ -435,6 +489,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg: RunConfig = OmegaConf.to_object(_merge(*layers))  # type: ignore[assignment]
     try:
         _validate(cfg)
+        check_run_config(cfg)
     except ConfigError as exc:  # a bad value that came from the file: name the file too
         key = re.match(r"config key '([^']+)'", str(exc))
         given = {item.split("=", 1)[0] for item in overrides}

@@ -63,6 +63,27 @@ def make_dirs(path: PathLike) -> Path:
     return path
 
 
+def env_folder(variable: str, what: str) -> Path | None:
+    """The folder the environment ``variable`` names (None when it is unset or empty), checked
+    before anything is written there: a file at its place or on its path, or a folder that cannot
+    be written, is one line saying what the variable is for (``what``) and what was expected."""
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    expected = f"expected a folder ucdseg can create and write; point {variable} at one, or unset it"
+    # the nearest part of it that exists (a root or "." at worst): a folder, or what stands in the way
+    existing = next(p for p in (path, *path.parents, Path(".")) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        whose = "it" if existing == path else f"{existing}, on its path,"
+        state = "a file" if existing.exists() else "a broken symbolic link"
+        raise FileError(f"{variable}={value} ({what}): {whose} is {state}; {expected}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        whose = "it" if existing == path else f"{existing}, where it would be created,"
+        raise FileError(f"{variable}={value} ({what}): {whose} is not writable; {expected}")
+    return path
+
+
 @contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, it replaces ``path``.

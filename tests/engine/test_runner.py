@@ -266,7 +266,7 @@ def test_changed_config_in_existing_run_dir_is_refused(make_config):
     Run(make_config("cfg", "eval.num_images=0", "eval.batch_size=3", "train.checkpoint_every=5", "train.log_every=7"),
         progress=False).writer.close()
     with pytest.raises(ValueError, match=r"differing keys: method\.name, train\.lr_next\)") as err:
-        Run(make_config("cfg", "train.lr_next=0.5", "method.name=mib"), progress=False)
+        Run(make_config("cfg", "eval.num_images=0", "train.lr_next=0.5", "method.name=mib"), progress=False)
     assert "cfg" in str(err.value) and "\n" not in str(err.value)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..label_maps import SETTINGS, select_images
-from ..io import write_bytes
+from ..io import env_folder, write_bytes
 from .base import DataFileError
 from ..tasks import Task
 
@@ -72,10 +72,13 @@ class StepIndex:
 
 
 # ---------------------------------------------------------------------- small helpers
+#: What ``$UCDSEG_CACHE`` is, in its errors.
+CACHE_VARIABLE_ROLE = "the folder of ucdseg's caches: image indexes and the embedded benchmark"
+
+
 def default_cache_dir() -> Path:
-    """``$UCDSEG_CACHE`` if set, else ``~/.cache/ucdseg``."""
-    env = os.environ.get("UCDSEG_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ucdseg"
+    """``$UCDSEG_CACHE`` if set (checked: :func:`ucdseg.io.env_folder`), else ``~/.cache/ucdseg``."""
+    return env_folder("UCDSEG_CACHE", CACHE_VARIABLE_ROLE) or Path.home() / ".cache" / "ucdseg"
 
 
 def _dataset_dir(dataset: MaskDataset, cache_dir: PathLike) -> Path:

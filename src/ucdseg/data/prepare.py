@@ -205,6 +205,28 @@ def safe_members(archive: Path) -> list[str]:
     return names
 
 
+def _check_links(dest: Path, rels: Iterable[str]) -> None:
+    """Refuse, before anything is written, to extract through a symbolic link in ``dest`` (a folder or
+    file of the layout, e.g. ``JPEGImages``) that leads outside ``dest``: tarfile's ``data`` filter
+    refuses such a path mid-extraction, and a zip member would be written through it."""
+    real = dest.resolve()
+    seen: set[tuple[str, ...]] = set()
+    for rel in rels:
+        parts = PurePosixPath(rel).parts
+        for k in range(1, len(parts) + 1):
+            if parts[:k] in seen:
+                continue
+            seen.add(parts[:k])
+            path = dest.joinpath(*parts[:k])
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if target != real and real not in target.parents:
+                raise ValueError(f"{path} is a symbolic link to {target}, outside {dest}; data prepare writes only "
+                                 f"inside --root: remove the link (or move what it points to into {dest}), or give "
+                                 "--root the folder the data should be in")
+
+
 Selector = Callable[[str], Optional[str]]
 
 
@@ -236,6 +258,7 @@ def _extract(archive: Path, dest: Path, select: Selector, expect: str, progress:
     if not any(not n.endswith("/") for n in chosen):
         raise ValueError(f"{archive}: no member under {expect}: expected the official archive "
                          f"(its members start with {expect})")
+    _check_links(dest, chosen.values())
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
     bar = tqdm(total=len(chosen), desc=f"extracting {archive.name}", unit="file", disable=not progress)
@@ -268,7 +291,11 @@ def _extract(archive: Path, dest: Path, select: Selector, expect: str, progress:
                     bar.update(1)  # extracted by an earlier, interrupted prepare
                     continue
                 if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
-                    tar.extract(renamed, dest, filter="data")
+                    try:
+                        tar.extract(renamed, dest, filter="data")
+                    except tarfile.FilterError as exc:  # what _check_links did not foresee (a link made meanwhile)
+                        raise ValueError(f"{archive}: member {member.name!r} refused by tarfile's data filter when "
+                                         f"extracting into {dest}: {exc}") from None
                 else:  # every member was checked by safe_members above
                     tar.extract(renamed, dest)
                 count += member.isfile()

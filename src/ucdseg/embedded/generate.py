@@ -77,8 +77,9 @@ def default_root() -> Path:
     ``$UCDSEG_CACHE/embedded``, else ``~/.cache/ucdseg/embedded``."""
     if os.environ.get(EMBEDDED_ENV):
         return Path(os.environ[EMBEDDED_ENV]).expanduser()
-    cache = os.environ.get("UCDSEG_CACHE")
-    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "ucdseg") / "embedded"
+    from ..data.index import default_cache_dir  # $UCDSEG_CACHE, checked
+
+    return default_cache_dir() / "embedded"
 
 
 def read_idx(path: PathLike) -> np.ndarray:

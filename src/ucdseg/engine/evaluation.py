@@ -76,6 +76,22 @@ def evaluate_step(model: torch.nn.Module, cfg: RunConfig, task: Task, num_base: 
     return record
 
 
+def _check_same_classes(path: Path, state: dict, saved: dict, val_set) -> None:
+    """Refuse to score a checkpoint on a dataset of other classes (``data.dataset`` or ``data.root``
+    overridden): its output channels are its own classes, named here by their count."""
+    theirs = state.get("class_names")
+    ours = list(val_set.meta.class_names)
+    if theirs is None or list(theirs) == ours:
+        return
+    dataset = saved.get("data", {}).get("dataset", "?")
+    def shown(names) -> str:
+        return f"{len(names) - 1} classes (" + ", ".join(map(str, names[1:4])) + (", ...)" if len(names) > 4 else ")")
+
+    raise ValueError(f"checkpoint {path} was trained on {dataset} with {shown(list(theirs))}; the dataset given here "
+                     f"({val_set.name} at {val_set.root}) has {shown(ours)}: evaluate it on the classes it was "
+                     "trained on (its own data.dataset and data.root)")
+
+
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), progress: bool = True,
                         save_predictions: str | Path | None = None) -> dict:
     """Rebuild the model of the step checkpoint ``path`` from the config saved in it and evaluate
@@ -103,10 +119,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), progres
     saved = OmegaConf.create(migrate(state["config"]))
     cfg = from_dict(OmegaConf.to_container(OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))))
     dist = setup(cfg.device)
+    val_set = build.open_dataset(cfg, "val", prepare=False)
+    _check_same_classes(path, state, migrate(state["config"]), val_set)
     task = build.build_task(cfg)
     model = build.step_model(cfg, state["classes_per_step"], dist.device)
     model.load_state_dict(state["model"])
-    val_set = build.open_dataset(cfg, "val", prepare=False)
     trained = build.training_task(cfg, task)
     record = evaluate_step(model, cfg, trained, len(task.steps[0]), val_set, int(state["step"]), dist, progress)
     if save_predictions is not None and dist.is_main:

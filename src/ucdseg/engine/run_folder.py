@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import io
 from ..config import RunConfig, migrate, to_dict, to_yaml
+from .config_change import EVALUATED_KEYS, changed_config_error, has_finished_step
 
 # Keys that may change between a run and its resumption without changing its results.
 # The paths only locate the run and its inputs (a moved dataset or run directory may resume).
@@ -134,10 +135,11 @@ class RunFolder:
             if not isinstance(saved, dict):
                 raise io.FileError(f"{self.config} is corrupt (not a mapping of config keys); restore it, or give "
                                    "this run another name=")
-            diff = config_differences(saved, to_dict(cfg))
+            # a finished step was evaluated with the saved eval.num_images: config.yaml must keep saying so
+            keep = EVALUATED_KEYS if has_finished_step(self.checkpoints) else frozenset()
+            diff = config_differences(saved, to_dict(cfg), RESUMABLE_KEYS - keep)
             if diff:
-                raise ValueError(f"run directory {self.path} was started with a different config "
-                                 f"(differing keys: {', '.join(diff)}); use another name= or the saved config")
+                raise changed_config_error(self.path, saved, to_dict(cfg), diff)
 
     def write_config(self, cfg: RunConfig) -> None:
         """``config.yaml``: the config of the command that continues the run (written once every

@@ -290,7 +290,8 @@ class RunLog:
         """The error that ended the run, in ``log.txt`` (the terminal gets it from the command)."""
         if self.enabled:
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}: {text}"
+            interrupted = "interrupted" + (f" ({exc})" if str(exc) else "")  # (SIGTERM): ucdseg.cli.Terminated
+            what = interrupted if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}: {text}"
             self.logger.error(f"run {what}", extra={"file_only": True})
 
 

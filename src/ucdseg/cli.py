@@ -342,6 +342,10 @@ def error_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "demo") and not getattr(args, "dry_run", False):
+        from .threads import set_wait_policy
+
+        set_wait_policy()  # PASSIVE on a busy machine, unless set: OpenMP reads it when torch loads, below
     try:
         return args.func(args)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:

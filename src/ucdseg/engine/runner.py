@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ucdseg
 
-from .. import io
+from .. import io, threads
 from ..code_version import code_version
 from ..config import RunConfig, from_dict, migrate, to_dict, to_yaml
 from ..methods import RunShape, StepSetup, get_method
@@ -43,10 +43,11 @@ from .process_group import Dist, barrier, setup
 # train.channels_last and train.compile only choose how the same computation is laid out in
 # memory and which kernels run it: like ``device`` they can change the last bits of the floats,
 # never what is computed, so a run may be resumed with them switched (e.g. on a machine without
-# a C++ compiler for torch.compile). train.steps only says where a command stops.
+# a C++ compiler for torch.compile). train.steps only says where a command stops. train.threads
+# may change the last bits too (a resume says so, ucdseg.threads); results.json records each count.
 RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every", "eval.batch_size",
                   "eval.num_images", "train.checkpoint_every", "name", "output_dir", "data.root",
-                  "model.pretrained", "train.channels_last", "train.compile", "train.steps"}
+                  "model.pretrained", "train.channels_last", "train.compile", "train.steps", "train.threads"}
 
 # Settings a reused step 0 must share with this run (the method may differ: step 0 is plain CE).
 STEP0_TRAIN_KEYS = {f"train.{k}" for k in ("batch_size", "epochs", "iterations", "lr", "momentum", "nesterov",
@@ -259,6 +260,7 @@ class Run:
         self.task = build.build_task(cfg)  # the benchmark's task; old/new are reported against its step 0
         self.train_task = build.training_task(cfg, self.task)
         parse_steps(cfg.train.steps, self.train_task.num_steps)  # a bad train.steps fails before the folder is touched
+        threads.env_threads()  # and so does a bad UCDSEG_THREADS
         self.folder = RunFolder(cfg.run_dir)
         self.log = runlog.RunLog(echo=progress, enabled=self.dist.is_main)  # banner, step lines, log.txt
         self.log.start_capture()
@@ -341,9 +343,10 @@ class Run:
 
     # ----------------------------------------------------------------- the steps
     def run(self) -> dict:
-        self._overall = None
+        self._overall = self.threads = None
         try:
             self.log.start_capture()
+            self.threads = threads.start(self.cfg, self.results)  # torch's threads for this segment
             done = {s["step"] for s in self.results["steps"]}
             last = self._last_step(done)
             self._announce(done, last)
@@ -371,6 +374,8 @@ class Run:
             self.log.failed(exc)
             raise
         finally:
+            if self.threads is not None:
+                self.threads.restore_previous()
             if self._overall is not None:
                 self._overall.close()
             if self.writer is not None:
@@ -396,7 +401,7 @@ class Run:
             return
         plan = step_plan(self.cfg, self.train_task, self.train_set)
         self.log.banner(self.cfg, self.train_task, self.results, self.options, self.train_set, self.val_set,
-                        self.dist, plan)
+                        self.dist, plan, threads=self.threads)
         if self.progress and any(s not in done for s in range(last + 1)):
             self._overall = OverallBar(plan, done, last, label=self.cfg.name)
 
@@ -475,6 +480,8 @@ class Run:
         total = self._iterations(step, index, memory)
         criterion = self._criterion(step, model, old_model, len(index.indices), train_data, carried)
         trainee, start = self._trainee(step, model, old_model, opts, total, criterion.step_state)
+        if threads.begin_segment(self.threads, self.results, step, start, dist):  # rank 0, once per process
+            io.write_json(self.folder.results, self.results)  # a segment killed before its first step is on record
         sampler = build.batch_sampler(cfg, step, len(index.indices), total, dist, start, memory=len(memory or []))
         loader = build.train_loader(cfg, train_data, sampler, self.device)
 

@@ -129,13 +129,14 @@ def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_case(module: str, args: dict, timeout: float = 1800.0) -> dict:
+def run_case(module: str, args: dict, timeout: float = 1800.0, env: dict | None = None) -> dict:
     """Run ``python benchmarks/<module>.py --case '<json args>'`` in a fresh process; return its result.
 
-    A fresh interpreter per case keeps peak-memory figures independent of earlier cases.
+    A fresh interpreter per case keeps peak-memory figures independent of earlier cases; ``env``:
+    its environment (default: this process's).
     """
     cmd = [sys.executable, str(HERE / f"{module}.py"), "--case", json.dumps(args)]
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     for line in reversed(proc.stdout.splitlines()):

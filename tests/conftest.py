@@ -10,7 +10,11 @@ Runs use one torch thread: on a shared 2-core machine two threads are several ti
 
 from __future__ import annotations
 
+import signal
 import struct
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +40,11 @@ TINY = "tiny"  #: the tests' backbone (model.backbone=tiny)
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Nothing a test runs may read or write ``~/.cache/ucdseg``."""
+    """Nothing a test runs may read or write ``~/.cache/ucdseg``; runs use one torch thread
+    (``UCDSEG_THREADS=1``: ``train.threads=auto`` would follow the machine's load, and two runs a
+    test compares bit for bit must not differ by it)."""
     monkeypatch.setenv("UCDSEG_CACHE", str(tmp_path_factory.mktemp("ucdseg-cache")))
+    monkeypatch.setenv("UCDSEG_THREADS", "1")
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -139,6 +146,25 @@ def base_overrides(root: Path, out: Path) -> list[str]:
         "train.batch_size=4", "train.iterations=2", "train.iterations_next=2", "train.log_every=1",
         "method.name=mib+ucd", "eval.batch_size=16", "eval.num_images=1",
     ]
+
+
+def sigkill_when(args: Sequence[str], env: dict, path: Path, timeout: float = 240) -> None:
+    """Run ``python -m ucdseg.cli *args`` and kill it with SIGKILL as soon as ``path`` exists (a
+    mid-step checkpoint, written atomically); fails if the run ends first or ``timeout`` passes."""
+    proc = subprocess.Popen([sys.executable, "-m", "ucdseg.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not path.exists():
+            assert proc.poll() is None, f"the run ended before {path.name} was written: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, f"no {path.name} after {timeout:g} s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 #: The floors, bottom first: the top-level modules and packages of ``ucdseg`` on each (``__init__``
 #: is ``ucdseg/__init__.py``, the package's face: ``ucdseg.run`` and ``__version__``).
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("io", "step_range", "code_version", "stats", "paper", "tasks", "configs_index"),  # pure, or files only
+    ("io", "step_range", "code_version", "stats", "paper", "tasks", "configs_index", "threads"),  # pure, or files only
     ("label_maps",),  # a step's label tables, over a Task
     ("losses", "models"),  # tensors in, tensors out
     ("data",),  # readers, per-step views and image lists, exemplar sampling

@@ -389,6 +389,10 @@ def _on_sigterm(handler):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "demo") and not getattr(args, "dry_run", False):
+        from .threads import set_wait_policy
+
+        set_wait_policy()  # PASSIVE on a busy machine, unless set: OpenMP reads it when torch loads, below
     previous = _on_sigterm(_terminate)
     try:
         return args.func(args)

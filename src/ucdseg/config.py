@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .configs_index import SUFFIX, list_configs, packaged
+from .threads import parse_threads
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,10 @@ class TrainConfig:
     # train only these steps, then stop: N, A-B, A- or -B (ucdseg.step_range; `ucdseg run --steps`);
     # running again without it continues. None: every step
     steps: Optional[str] = None
+    # torch's CPU threads: auto or N (docs/performance.md "Threads on a busy machine"); the
+    # environment variable UCDSEG_THREADS counts when this is auto. auto: a resumed run keeps
+    # its previous segment's count, else OMP_NUM_THREADS, else the cores other processes leave free
+    threads: Optional[str] = "auto"
 
 
 @dataclass
@@ -309,6 +314,10 @@ def _validate(cfg: RunConfig) -> None:
         _check_range(cfg, dotted, expected)
     for name in cfg.method.weights:
         _check_range(cfg, f"method.weights.{name}", _Range(0))
+    try:
+        parse_threads(cfg.train.threads, "config key 'train.threads'")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(f"config keys 'data.scale_min' and 'data.scale_max' are {cfg.data.scale_min} and "
                           f"{cfg.data.scale_max}; expected scale_min <= scale_max")

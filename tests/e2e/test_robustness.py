@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,24 +52,12 @@ def cli_args(root: Path, out: Path, name: str) -> list[str]:
 
 
 def test_sigkill_mid_step_then_rerun_matches_uninterrupted_run(tiny_benchmark, tmp_path, one_thread, capsys):
+    from conftest import sigkill_when
+
     killed = tmp_path / "runs" / "killed"
     args = cli_args(tiny_benchmark, tmp_path, "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ucdseg.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
     partial = killed / "checkpoints" / "step1-last.pt"
-    deadline = time.monotonic() + 240
-    try:
-        while not partial.exists():
-            assert proc.poll() is None, f"the run ended before its mid-step checkpoint: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no mid-step checkpoint after 240 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(args, {**os.environ, "OMP_NUM_THREADS": "1"}, partial)
     # it died inside step 1: step 0 finished, step 1 only has its partial checkpoint
     assert not (killed / "checkpoints" / "step1.pt").exists()
     assert [s["step"] for s in json.loads((killed / "results.json").read_text())["steps"]] == [0]

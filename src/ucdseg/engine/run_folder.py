@@ -18,10 +18,11 @@ from .config_change import EVALUATED_KEYS, changed_config_error, has_finished_st
 # train.channels_last and train.compile only choose how the same computation is laid out in
 # memory and which kernels run it: like ``device`` they can change the last bits of the floats,
 # never what is computed, so a run may be resumed with them switched (e.g. on a machine without
-# a C++ compiler for torch.compile). train.steps only says where a command stops.
+# a C++ compiler for torch.compile). train.steps only says where a command stops. train.threads
+# may change the last bits too (a resume says so, ucdseg.threads); results.json records each count.
 RESUMABLE_KEYS = {"device", "data.workers", "data.cache_dir", "train.log_every", "eval.batch_size",
                   "eval.num_images", "train.checkpoint_every", "name", "output_dir", "data.root",
-                  "model.pretrained", "train.channels_last", "train.compile", "train.steps"}
+                  "model.pretrained", "train.channels_last", "train.compile", "train.steps", "train.threads"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

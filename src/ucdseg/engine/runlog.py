@@ -194,9 +194,10 @@ class RunLog:
 
     # ---------------------------------------------------------------------------- what is said
     def banner(self, cfg, task, results: dict, options: Mapping[str, Any], train_set, val_set, dist,
-               plan: list[dict] | None = None) -> None:
+               plan: list[dict] | None = None, threads=None) -> None:
         """Task, steps (with their images and iterations, :func:`.plan.step_plan`), method, data,
-        device and world size, output folder, new or resumed."""
+        device and world size, torch's threads (``threads``: this segment's
+        :class:`~ucdseg.threads.ThreadChoice`), output folder, new or resumed."""
         if not self.enabled:
             return
         from ..code_version import describe
@@ -209,8 +210,7 @@ class RunLog:
             f"resumed: {len(done)} of {task.num_steps} step(s) done ({_steps_text(done)})")
         names = results.get("class_names", [])
         lines = [
-            f"ucdseg {describe(results.get('code'))}, torch {versions.get('torch', '?')}, "
-            f"{versions.get('torch_threads', '?')} torch thread(s)",
+            f"ucdseg {describe(results.get('code'))}, torch {versions.get('torch', '?')}",
             f"run:     {cfg.run_dir} ({state})",
             f"task:    {task.dataset} {task.name} ({cfg.data.setting}), {task.num_steps} step(s), classes per step "
             f"{task.classes_per_step}",
@@ -230,6 +230,8 @@ class RunLog:
             f"device:  {dist.device}, world size {dist.world_size}, global batch {cfg.train.batch_size} "
             f"({cfg.train.batch_size // dist.world_size} per process, accumulate {cfg.train.accumulate}), "
             f"seed {cfg.seed}",
+            "threads: " + (threads.describe() if threads is not None else
+                           f"{versions.get('torch_threads', '?')} torch thread(s)"),
         ]
         if getattr(cfg.train, "steps", None) is not None:
             from ..step_range import parse_steps

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import io
+from .. import io, threads
 from ..code_version import __version__, code_version
 from ..config import RunConfig, to_dict
 from ..data.identity import identity_difference
@@ -81,6 +81,18 @@ def new_results(ctx: RunContext) -> dict:
     }
 
 
+def last_step(cfg: RunConfig, folder: RunFolder, num_steps: int, done: set[int]) -> int:
+    """The last step this command trains (``train.steps``); the steps before the range must be
+    finished (or be taken from a checkpoint or another run)."""
+    first, last = parse_steps(cfg.train.steps, num_steps)
+    missing = [s for s in range(first) if s not in done and not (s == 0 and cfg.train.step0_from)
+               and not folder.final(s).is_file()]
+    if missing:
+        raise ValueError(f"train.steps={cfg.train.steps}: step {missing[0]} is not finished in {folder.path}; "
+                         f"train it first (train.steps={missing[0]}-{last}, or no train.steps)")
+    return last
+
+
 class Run:
     """Runs every step of ``cfg``'s task and writes the run folder. ``reports``: called on rank 0
     with the results and the run folder when the steps are done, before the summary
@@ -102,6 +114,7 @@ class Run:
         self.task = build.build_task(cfg)  # the benchmark's task; old/new are reported against its step 0
         self.train_task = build.training_task(cfg, self.task)
         parse_steps(cfg.train.steps, self.train_task.num_steps)  # a bad train.steps fails before the folder is touched
+        threads.env_threads()  # and so does a bad UCDSEG_THREADS
         self.folder = RunFolder(cfg.run_dir)
         self.log = runlog.RunLog(echo=progress, enabled=self.dist.is_main)  # banner, step lines, log.txt
         self.log.start_capture()
@@ -165,11 +178,12 @@ class Run:
 
     # ----------------------------------------------------------------- the steps
     def run(self) -> dict:
-        self._overall = None
+        self._overall = self.threads = None
         try:
             self.log.start_capture()
+            self.threads = threads.start(self.cfg, self.results)  # torch's threads for this segment
             done = {s["step"] for s in self.results["steps"]}
-            last = self._last_step(done)
+            last = last_step(self.cfg, self.folder, self.train_task.num_steps, done)
             self._announce(done, last)
             for step in range(self.train_task.num_steps):
                 if step in done:
@@ -190,6 +204,8 @@ class Run:
             self.log.failed(exc)
             raise
         finally:
+            if self.threads is not None:
+                self.threads.restore_previous()
             if self._overall is not None:
                 self._overall.close()
             if self.writer is not None:
@@ -208,25 +224,13 @@ class Run:
         self.recovery.retrain(self.ctx, step, self.results)
         return self.train_step(step)
 
-    def _last_step(self, done: set[int]) -> int:
-        """The last step this command trains (``train.steps``); the steps before the range must be
-        finished (or be taken from a checkpoint or another run)."""
-        first, last = parse_steps(self.cfg.train.steps, self.train_task.num_steps)
-        missing = [s for s in range(first) if s not in done and not (s == 0 and self.cfg.train.step0_from)
-                   and not self.folder.final(s).is_file()]
-        if missing:
-            raise ValueError(f"train.steps={self.cfg.train.steps}: step {missing[0]} is not finished in "
-                             f"{self.folder.path}; train it first (train.steps={missing[0]}-{last}, or no "
-                             "train.steps)")
-        return last
-
     def _announce(self, done: set[int], last: int) -> None:
         """The banner with each step's images and iterations, and the overall bar (rank 0)."""
         if not self.dist.is_main:
             return
         plan = step_plan(self.cfg, self.train_task, self.train_set)
         self.log.banner(self.cfg, self.train_task, self.results, self.options, self.train_set, self.val_set,
-                        self.dist, plan)
+                        self.dist, plan, threads=self.threads)
         if self.progress and any(s not in done for s in range(last + 1)):
             self._overall = OverallBar(plan, done, last, label=self.cfg.name)
 
@@ -243,6 +247,8 @@ class Run:
         its record."""
         cfg, dist = self.cfg, self.dist
         plan = plan_step(self.ctx, step)
+        if threads.begin_segment(self.threads, self.results, step, plan.start, dist):  # rank 0, once per process
+            io.write_json(self.folder.results, self.results)  # a segment killed before its first step is on record
         train_seconds = self._train(plan)
         model = plan.trainee.model
         if plan.opts.channels_last:  # evaluate and save in the default layout, as without the option

@@ -101,7 +101,8 @@ def test_invalid_names_list_what_is_valid(dataset, name, reason):
 
 
 def test_unknown_dataset():
-    with pytest.raises(ValueError, match="unknown dataset 'coco'.*voc, ade, cityscapes, embedded"):
+    with pytest.raises(ValueError, match="^unknown dataset 'coco': expected one of ade, cityscapes, embedded, folder, "
+                                         "voc$"):
         get_task("coco", "15-5")
     with pytest.raises(ValueError, match="unknown dataset"):
         list_tasks("coco")

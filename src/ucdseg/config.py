@@ -296,9 +296,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(f"config keys 'data.scale_min' and 'data.scale_max' are {cfg.data.scale_min} and "
                           f"{cfg.data.scale_max}; expected scale_min <= scale_max")
-    from .models.backbones import BACKBONE_OUTPUT_STRIDES
+    from .models.backbones import BACKBONES  # the backbone registry, with the built-in backbones
 
-    strides = BACKBONE_OUTPUT_STRIDES.get(cfg.model.backbone)
+    strides = BACKBONES.get(cfg.model.backbone).output_strides if cfg.model.backbone in BACKBONES else None
     if strides is not None and cfg.model.output_stride not in strides:
         raise ConfigError(f"config key 'model.output_stride' is {cfg.model.output_stride}; backbone "
                           f"{cfg.model.backbone} takes {' or '.join(map(str, strides))}")

@@ -16,7 +16,7 @@ Task names:
 
 The built-in datasets' class counts are in :data:`DATASETS`. Any other dataset (a folder dataset,
 a dataset registered by user code) gets its count from its class names
-(:func:`ucdseg.data.dataset_meta`, which may read ``root``), or from ``num_classes``; it has no
+(its registered reader's ``read_meta(root)``, :data:`ucdseg.registry.DATASETS`), or from ``num_classes``; it has no
 named task, and the ``N-M`` / ``a-b-c...`` forms work for any count.
 """
 
@@ -28,11 +28,13 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
+from . import registry
+
 __all__ = ["DATASETS", "NAMED_TASKS", "ALIASES", "Task", "TaskError", "get_task", "list_tasks", "parse_task_name",
            "num_foreground"]
 
 #: Number of foreground classes of each dataset (background 0 comes on top).
-#: Foreground classes of the built-in datasets, as their class tables (``ucdseg.data.meta``) say;
+#: Foreground classes of the built-in datasets, as their readers' class tables (``VOCSegmentation.meta``, ...) say;
 #: a test keeps the two equal. Read here so that tasks stay a pure module (no torch import).
 DATASETS: dict[str, int] = {"voc": 20, "ade": 150, "cityscapes": 19, "embedded": 10}
 
@@ -159,21 +161,19 @@ def num_foreground(dataset: str, root=None, num_classes: int | None = None) -> i
         return int(num_classes)
     if dataset in DATASETS:
         return DATASETS[dataset]
-    from .data import dataset_meta  # the data package registers the other datasets
-
-    try:
-        return dataset_meta(dataset, root).num_classes - 1
+    try:  # the registered reader's class names (a folder dataset's, from root)
+        return registry.DATASETS.get(dataset).read_meta(root).num_classes - 1
     except (ValueError, FileNotFoundError) as exc:
         raise TaskError(str(exc)) from None
 
 
 def list_tasks(dataset: str) -> list[str]:
     """The named tasks of ``dataset`` (aliases not included)."""
-    if dataset not in DATASETS:
-        from .data import dataset_names
-
-        if dataset not in dataset_names():
-            raise TaskError(f"unknown dataset {dataset!r}: expected one of {', '.join(dataset_names())}")
+    if dataset not in DATASETS and dataset not in registry.DATASETS:
+        try:
+            registry.DATASETS.get(dataset)
+        except registry.UnknownName as exc:  # the registry's one-line error
+            raise TaskError(str(exc)) from None
     return list(NAMED_TASKS.get(dataset, ()))
 
 

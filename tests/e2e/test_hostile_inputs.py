@@ -561,7 +561,7 @@ RUN_CASES = [
          ("bench", "not a folder")),
     Case("tasks-unknown-dataset", lambda w, d: ["tasks", "coco"], ("unknown dataset 'coco'",)),
     Case("index-unknown-dataset", lambda w, d: ["index", "--dataset", "coco", "--task", "1-1"],
-         ("'data.dataset' is 'coco'", "expected one of", "voc")),
+         ("config key 'data.dataset': unknown dataset 'coco': expected one of", "expected one of", "voc")),
     Case("demo-unknown-method", lambda w, d: ["demo", "--methods", "ft,mibb", "--output-dir", str(d / "demo")],
          ("unknown method 'mibb'",)),
 ]

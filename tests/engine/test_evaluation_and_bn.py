@@ -21,7 +21,7 @@ from ucdseg.engine.build import build_task, open_dataset, val_data
 from ucdseg.engine.evaluation import confusion_matrix
 from ucdseg.engine.runner import Run, config_differences, distributed_notes, freeze_batchnorm
 from ucdseg.methods import LossContext, Method
-from ucdseg.methods.registry import _METHODS, register
+from ucdseg.methods.registry import register, unregister
 
 CONVENTIONS = list(itertools.product(("all", "seen"), ("ignore", "background")))
 UNSEEN = {9, 10}  # embedded 8-2: classes of step 1, unseen after step 0
@@ -211,7 +211,7 @@ def diagnostic_method():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Method, "losses", losses)
         yield recorded
-    del _METHODS["test-diagnostics"]
+    unregister("test-diagnostics")
 
 
 def test_method_diagnostics_are_logged_like_loss_terms(make_config, tiny_model, diagnostic_method):

@@ -175,3 +175,13 @@ def test_the_registry_and_the_command_line_parser_import_nothing_heavy():
     modules = loaded_by("from ucdseg.cli import build_parser\nbuild_parser()")
     assert "torch" not in modules and "numpy" not in modules and "ucdseg.data" not in modules
 
+
+def test_listing_the_methods_imports_no_torch():
+    """``ucdseg methods`` reads the method declarations only: their losses and models (torch) are
+    imported when a term or hook first runs (issue 25, item 6)."""
+    modules = loaded_by("import contextlib, io\nfrom ucdseg.cli import main\n"
+                        "with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['methods']) == 0")
+    assert "ucdseg.methods.builtin" in modules and "ucdseg.methods.frozen" in modules
+    assert not {m for m in modules if m.split(".")[0] in ("torch", "torchvision", "numpy")}
+    assert not {m for m in modules if m.startswith(("ucdseg.losses.", "ucdseg.models.")) and
+                m not in ("ucdseg.losses.defaults", "ucdseg.models.spec")}

@@ -40,10 +40,11 @@ def all_pixel_cross_entropy(ctx):
 def register_method(base: str = "plop+ucd") -> str:
     """Registers ``base`` with the all-pixel cross-entropy at step 0 as ``{base}-exact``; its name."""
     from ucdseg.methods import get_method
-    from ucdseg.methods.registry import _METHODS, register
+    from ucdseg.methods.registry import register
+    from ucdseg.registry import METHODS
 
     name = f"{base}-exact"
-    if name not in _METHODS:
+    if name not in METHODS:
         register(dataclasses.replace(get_method(base), name=name, description=f"{base}, all-pixel CE at step 0",
                                      first_step_terms={"ce": (all_pixel_cross_entropy, 1.0)}))
     return name
@@ -52,14 +53,14 @@ def register_method(base: str = "plop+ucd") -> str:
 @contextmanager
 def registered(*bases: str) -> Iterator[list[str]]:
     """The ``-exact`` variants of ``bases`` registered while active (the registry is left as it was)."""
-    from ucdseg.methods.registry import _METHODS
+    from ucdseg.methods.registry import unregister
 
     names = [register_method(base) for base in bases]
     try:
         yield names
     finally:
         for name in names:
-            _METHODS.pop(name, None)
+            unregister(name)
 
 
 def launch() -> int:

@@ -287,7 +287,8 @@ def test_data_check_embedded(bench, tmp_path):
 
     missing = ucdseg("--quiet", "data", "check", "--dataset", "embedded", "--root", tmp_path / "nowhere")
     assert missing.code == 1
-    assert "does not exist" in missing.out and missing.out.strip().splitlines()[-1].startswith("verdict: FAILED")
+    assert f"{tmp_path / 'nowhere'}: root folder not found" in missing.out
+    assert missing.out.strip().splitlines()[-1].startswith("verdict: FAILED")
 
 
 def test_data_check_folder(tmp_path):

@@ -95,7 +95,7 @@ def test_output_stride_must_suit_the_backbone():
     (["method.name=mib+ucd", "method.options.formulation=dense"], ["method.options.formulation", "supcon"]),
     (["method.name=mib+ucd", "method.options.gather=3"], ["method.options.gather", "bool"]),
     (["method.name=plop", "method.options.pod_factor=-1"], ["method.options.pod_factor", "> 0"]),
-    (["method.ucd_temperature=0.1"], ["method.ucd_temperature", "method.options.temperature"]),
+    (["method.ucd_temperature=0.1"], ["invalid config key 'method.ucd_temperature'", "not in 'MethodConfig'"]),
 ])
 def test_method_weights_and_options_are_checked_when_the_config_is_read(overrides, words):
     with pytest.raises(ConfigError) as info:
@@ -103,13 +103,13 @@ def test_method_weights_and_options_are_checked_when_the_config_is_read(override
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
-def test_saved_configs_of_older_versions_move_method_options_into_method_options():
-    old = to_dict(load_config(None, ["method.name=plop+ucd"]))
-    old["method"].pop("options")
-    old["method"].update(ucd_temperature=0.2, ucd_formulation="reference", ucd_gather=False, pod_factor=0.001,
-                         pod_last_factor=0.0005)
-    cfg = from_dict(old)
-    assert cfg.method.options == {"temperature": 0.2, "pod_factor": 0.001}  # defaults are dropped
+def test_a_saved_config_with_a_key_of_no_release_is_refused_by_name():
+    """0.1 reads the configs it writes: a method key outside method.options is no key of it."""
+    saved = to_dict(load_config(None, ["method.name=plop+ucd"]))
+    saved["method"]["ucd_temperature"] = 0.2
+    with pytest.raises(ConfigError, match=r"^invalid config key 'method.ucd_temperature': Key 'ucd_temperature' "
+                                          r"not in 'MethodConfig'$"):
+        from_dict(saved)
 
 
 def test_first_block_dilation_follows_the_releases_unless_a_saved_resnet_config_predates_it():

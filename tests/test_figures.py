@@ -15,9 +15,12 @@ import pytest
 from PIL import Image
 
 from ucdseg import figures, reporting
-from ucdseg.data.meta import ADE_META, VOC_META
+from ucdseg.data.ade import ADE20KSegmentation
+from ucdseg.data.voc import VOCSegmentation
 from ucdseg.reporting.heatmap import forgetting_matrix, mean_matrix, plot_forgetting
 from ucdseg.tasks import get_task
+
+ADE_META, VOC_META = ADE20KSegmentation.meta, VOCSegmentation.meta
 
 DPI = 110  # figures.save_figure
 

@@ -24,41 +24,35 @@ import torch.nn.functional as F
 import ucdseg
 from ucdseg import plugins
 from ucdseg.cli import main
-from ucdseg.data import base as data_base
 from ucdseg.data import dataset_meta, dataset_names
 from ucdseg.methods import LossContext, Method, get_method
-from ucdseg.methods import registry as methods_base
 from ucdseg.config import load_config
 from ucdseg.engine.build import build_task
+from ucdseg.registry import DATASETS, METHODS
 
 from conftest import BENCH
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cosine_distillation"
 
 TILES = '''
-from pathlib import Path
-from ucdseg.data import DatasetMeta, SegmentationDataset
+from ucdseg.data import DatasetMeta, PairedFolders, SegmentationDataset
 
 
 class TileSegmentation(SegmentationDataset):
     meta = DatasetMeta("tiles", ("background", "red", "green", "blue"),
                        ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
-
-    def __init__(self, root, split):
-        images = sorted((Path(root) / split).glob("*.jpg"))
-        super().__init__("tiles", root, split, self.meta, images, [p.with_suffix(".png") for p in images])
+    layout = PairedFolders(images="{split}", masks="{split}", image_suffix=".jpg", mask_suffix=".png")
 '''
 
 
 @pytest.fixture
 def clean_registries():
     """Undo every method, dataset and module user code registers during the test."""
-    methods, datasets = dict(methods_base._METHODS), dict(data_base._REGISTRY)
+    before = {registry: set(registry) for registry in (METHODS, DATASETS)}
     yield
-    methods_base._METHODS.clear()
-    methods_base._METHODS.update(methods)
-    data_base._REGISTRY.clear()
-    data_base._REGISTRY.update(datasets)
+    for registry, names in before.items():
+        for name in set(registry) - names:
+            registry.unregister(name)
     for name in [m for m in sys.modules if m.split(".")[0] in ("ucdseg_cosine", "my_tiles")]:
         del sys.modules[name]
     plugins._loaded_entry_points = False

@@ -22,7 +22,7 @@ from PIL import Image
 import ucdseg
 from ucdseg.cli import main
 from ucdseg.config import load_config, to_dict
-from ucdseg.data.meta import VOC_CLASSES, VOC_PALETTE
+from ucdseg.data.voc import VOCSegmentation
 from ucdseg.io import save_checkpoint
 from ucdseg.models import build_model
 from ucdseg.predict import checkpoint_classes, overlay_figure, predict
@@ -100,7 +100,7 @@ def test_predict_a_folder_from_the_command_line(setup, voc_model, tmp_path, one_
         source = images / f"{name}{suffix}"
         with Image.open(out / "masks" / f"{name}.png") as png:
             assert png.mode == "P" and png.size == Image.open(source).size
-            assert png.getpalette()[: 3 * 21] == [v for color in VOC_PALETTE for v in color]
+            assert png.getpalette()[: 3 * 21] == [v for color in VOCSegmentation.meta.palette for v in color]
             mask = np.array(png)
         expected = reference_mask(voc_model, source)
         assert (mask == expected).mean() > 0.999, name  # batched vs one at a time: last-bit differences
@@ -112,7 +112,7 @@ def test_predict_a_folder_from_the_command_line(setup, voc_model, tmp_path, one_
         assert [int(r["class_id"]) for r in mine] == present
         for r in mine:
             c = int(r["class_id"])
-            assert r["class_name"] == VOC_CLASSES[c]
+            assert r["class_name"] == VOCSegmentation.meta.class_names[c]
             assert int(r["pixels"]) == counts[c]
             assert float(r["share"]) == pytest.approx(counts[c] / mask.size, abs=1e-6)
             assert (int(r["width"]), int(r["height"])) == Image.open(source).size
@@ -130,14 +130,15 @@ def test_overlay_legend_names_the_classes_present_by_share(setup, voc_model):
     legend = fig.axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["person (50.0%)", "background (37.5%)", "dog (12.5%)"]
     colors = [tuple(round(255 * v) for v in h.get_facecolor()[:3]) for h in legend.legend_handles]
-    assert colors == [VOC_PALETTE[15], VOC_PALETTE[0], VOC_PALETTE[12]]
+    palette = VOCSegmentation.meta.palette
+    assert colors == [palette[15], palette[0], palette[12]]
 
 
 def test_checkpoint_classes_follow_the_class_order_and_carried_names(setup):
     checkpoint, _ = setup
     state = torch.load(checkpoint, weights_only=True)
     classes = checkpoint_classes(state, checkpoint)
-    assert classes.ids == channel_to_class() and classes.class_names == list(VOC_CLASSES)
+    assert classes.ids == channel_to_class() and classes.class_names == list(VOCSegmentation.meta.class_names)
     # a checkpoint that carries its class names and palette is taken at its word
     names = [f"thing{k}" for k in range(21)]
     carried = checkpoint_classes({**state, "class_names": names, "palette": [(k, k, k) for k in range(21)]},

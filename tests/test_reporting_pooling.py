@@ -65,18 +65,24 @@ def test_a_config_saved_before_a_key_existed_pools_with_its_default():
     assert set(rows) == {"mib (train.accumulate=1)", "mib (train.accumulate=2)"}
 
 
-def test_a_config_with_the_method_options_of_old_releases_pools_with_todays():
+def test_a_resnet_config_saved_before_first_block_dilation_pools_as_the_layout_it_was_trained_with():
+    """docs/protocol.md §2.1: such a run is compared as ``previous`` (torchvision's layout)."""
+    resnet = ("model.backbone=resnet101", "model.output_stride=16")
+    old = results_of("mib", 0, 0.2, *resnet)
+    del old["config"]["model"]["first_block_dilation"]
+    (row,) = aggregate([old, results_of("mib", 1, 0.4, *resnet, "model.first_block_dilation=previous")])
+    assert row["seeds"] == [0, 1]
+    rows = rows_by_method([old, results_of("mib", 1, 0.4, *resnet)])  # today's default: release
+    assert set(rows) == {"mib (model.first_block_dilation=previous)", "mib (model.first_block_dilation=release)"}
+
+
+def test_a_method_key_outside_method_options_is_a_key_of_its_own():
+    """0.1 does not rewrite configs older than its method options: such a key is compared as written."""
     old = results_of("mib+ucd", 0, 0.2)
-    old["config"]["method"] = {"name": "mib+ucd", "weights": {}, "ucd_temperature": 0.07, "pod_factor": 0.01}
-    assert [row["seeds"] for row in aggregate([old, results_of("mib+ucd", 1, 0.4)])] == [[0, 1]]
-    old["config"]["method"]["ucd_temperature"] = 0.2  # not the default: method.options.temperature=0.2
-    rows = rows_by_method([old, results_of("mib+ucd", 1, 0.4), results_of("mib+ucd", 2, 0.4,
-                                                                         "method.options.temperature=0.2")])
-    assert {m: r["seeds"] for m, r in rows.items()} == {"mib+ucd (method.options.temperature=0.07)": [1],
-                                                        "mib+ucd (method.options.temperature=0.2)": [0, 2]}
-    # an option set to its default is the same run as one left unset
-    assert len(aggregate([results_of("mib+ucd", 0, 0.2, "method.options.temperature=0.07"),
-                          results_of("mib+ucd", 1, 0.4)])) == 1
+    old["config"]["method"]["ucd_temperature"] = 0.07
+    rows = rows_by_method([old, results_of("mib+ucd", 1, 0.4)])
+    assert {m: r["seeds"] for m, r in rows.items()} == {"mib+ucd (method.ucd_temperature=0.07)": [0],
+                                                        "mib+ucd (method.ucd_temperature=None)": [1]}
 
 
 def test_pretrained_weights_count_but_not_where_their_file_is():

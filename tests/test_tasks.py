@@ -101,6 +101,8 @@ def test_invalid_names_list_what_is_valid(dataset, name, reason):
 
 
 def test_unknown_dataset():
+    """tasks knows the built-in datasets' class counts only (another dataset comes with num_classes;
+    the dataset registry's wording is tests/test_registry.py's)."""
     with pytest.raises(ValueError, match="unknown dataset 'coco'.*voc, ade, cityscapes, embedded"):
         get_task("coco", "15-5")
     with pytest.raises(ValueError, match="unknown dataset"):

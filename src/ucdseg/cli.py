@@ -1,7 +1,8 @@
 """The ucdseg command line: class-incremental semantic segmentation (UCD, MiB, PLOP and baselines).
 
 Torch is imported only by the commands that need it, so that listing commands (configs, runs,
-tasks, --help) answer at once.
+methods, --help) answer at once: the parser names the datasets from the registry
+(:mod:`ucdseg.registry`), which imports none of them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
+
+from .registry import DATASETS  # the standard library only: the listing commands stay torch-free
 
 DEMO_METHODS = ("ft", "mib", "mib+ucd")
 
@@ -192,14 +195,12 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .data.check import run_check
+    from .data import dataset_class
+    from .plugins import load_plugins
 
-    if args.dataset == "folder":
-        from .data.folder import run_check_folder
-
-        return run_check_folder(args.root, limit=args.limit, saliency=args.saliency)
-
-    return run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet, saliency=args.saliency)
+    load_plugins()  # datasets of installed packages
+    return dataset_class(args.dataset).run_check(args.dataset, args.root, limit=args.limit, progress=not args.quiet,
+                                                 saliency=args.saliency)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -230,6 +231,7 @@ def cmd_device_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ucdseg", description=__doc__.split("\n\n")[0])
+    datasets_help = f"a registered dataset: {', '.join(DATASETS.names())} or your own"  # named, not imported
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars, no run log on the terminal (runs still write log.txt)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("tasks", help="list the named tasks of a dataset")
-    p.add_argument("dataset", help="a registered dataset: voc, ade, cityscapes, embedded, folder or your own")
+    p.add_argument("dataset", help=datasets_help)
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("index", help="per-step image counts and checksums of a task")
-    p.add_argument("--dataset", required=True, help="a registered dataset: voc, ade, cityscapes, embedded, folder or your own")
+    p.add_argument("--dataset", required=True, help=datasets_help)
     p.add_argument("--root", default=None)
     p.add_argument("--task", required=True)
     p.add_argument("--setting", default="overlapped", choices=("overlapped", "disjoint", "partitioned"))
@@ -312,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="verify a dataset's layout, lists, images and masks")
-    p.add_argument("--dataset", required=True, help="a registered dataset: voc, ade, cityscapes, embedded, folder or your own")
+    p.add_argument("--dataset", required=True, help=datasets_help)
     p.add_argument("--root", required=True)
     p.add_argument("--limit", type=int, default=None,
                    help="read N evenly spaced image/mask pairs per split; every entry is still checked for existence")

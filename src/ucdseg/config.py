@@ -119,24 +119,16 @@ class MethodConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
-#: Keys of configs written before the methods owned their options (issue 13): where each went, and
-#: its old default (a saved config holding the default value means "not set").
-LEGACY_METHOD_KEYS = {"ucd_temperature": ("temperature", 0.07), "ucd_formulation": ("formulation", "reference"),
-                      "ucd_gather": ("gather", False), "pod_factor": ("pod_factor", 0.01),
-                      "pod_last_factor": ("pod_last_factor", 0.0005)}
-
-
 #: Backbones whose layout ``model.first_block_dilation`` sets. Their saved configs written before the
 #: key existed (issue 21) were trained with torchvision's layout: :func:`migrate` reads them as "previous".
 FIRST_BLOCK_DILATION_BACKBONES = ("resnet18", "resnet50", "resnet101")
 
 
 def migrate(data: dict) -> dict:
-    """A saved config (``config.yaml``, ``results.json``, a checkpoint) in today's keys: the
-    method options of older configs move into ``method.options`` (defaults dropped), and a ResNet
+    """A saved config (``config.yaml``, ``results.json``, a checkpoint) in today's keys: a ResNet
     config without ``model.first_block_dilation`` gets ``"previous"``, the layout it was trained
     with (a missing key would otherwise take today's default, ``"release"``, and rebuild an old
-    checkpoint with another network). A config holding both ``task.order`` and ``task.order_seed``
+    checkpoint with another network; docs/protocol.md §2.1). A config holding both ``task.order`` and ``task.order_seed``
     (saved before they were refused together) keeps ``task.order``, the order it was trained with.
     Only for saved configs: YAML files take the default."""
     task = data.get("task") if isinstance(data, dict) else None
@@ -147,18 +139,7 @@ def migrate(data: dict) -> dict:
     if (isinstance(model, dict) and "first_block_dilation" not in model
             and model.get("backbone") in FIRST_BLOCK_DILATION_BACKBONES):
         data = {**data, "model": {**model, "first_block_dilation": "previous"}}
-    method = data.get("method") if isinstance(data, dict) else None
-    if not isinstance(method, dict) or not any(k in method for k in LEGACY_METHOD_KEYS):
-        return data
-    method = dict(method)
-    options = dict(method.get("options") or {})
-    for old, (new, default) in LEGACY_METHOD_KEYS.items():
-        if old in method:
-            value = method.pop(old)
-            if value != default:
-                options[new] = value
-    method["options"] = options
-    return {**data, "method": method}
+    return data
 
 
 @dataclass
@@ -321,9 +302,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(f"config keys 'data.scale_min' and 'data.scale_max' are {cfg.data.scale_min} and "
                           f"{cfg.data.scale_max}; expected scale_min <= scale_max")
-    from .models.backbones import BACKBONE_OUTPUT_STRIDES
+    from .models.backbones import BACKBONES  # the backbone registry, with the built-in backbones
 
-    strides = BACKBONE_OUTPUT_STRIDES.get(cfg.model.backbone)
+    strides = BACKBONES.get(cfg.model.backbone).output_strides if cfg.model.backbone in BACKBONES else None
     if strides is not None and cfg.model.output_stride not in strides:
         raise ConfigError(f"config key 'model.output_stride' is {cfg.model.output_stride}; backbone "
                           f"{cfg.model.backbone} takes {' or '.join(map(str, strides))}")
@@ -487,10 +468,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if key.startswith("method.") and key[len("method."):] in LEGACY_METHOD_KEYS:
-            raise ConfigError(f"config key {key!r} is now 'method.options.{LEGACY_METHOD_KEYS[key[7:]][0]}'")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:

@@ -11,7 +11,9 @@ Two ways to load user code (``docs/extending.md`` walks through an example):
 
   They are loaded the first time a config is read, or by ``ucdseg methods``. An entry point that
   names a :class:`~ucdseg.methods.Method` registers it; one that names a
-  :class:`~ucdseg.data.SegmentationDataset` subclass registers it under the entry point's name.
+  :class:`~ucdseg.data.SegmentationDataset` subclass registers it under the entry point's name
+  (in :mod:`ucdseg.registry`, whose policy holds for duplicates: a name taken by another object is
+  an error naming its module).
 * the **config key** ``imports: [module, ...]``: modules imported when the config is read (so a
   package on ``PYTHONPATH`` needs no installation). The key is saved with the run, so
   ``ucdseg eval`` and ``ucdseg predict`` import the same modules.
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
+from types import ModuleType
 from typing import Iterable
+
+from .registry import DATASETS, METHODS
 
 __all__ = ["GROUPS", "PluginError", "load_plugins", "load_entry_points", "import_modules"]
 
@@ -39,23 +44,19 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _register(group: str, name: str, obj) -> None:
-    from .data.base import SegmentationDataset, _REGISTRY, register_dataset
-    from .methods import Method, get_method, register
-
-    if isinstance(obj, Method):
-        try:
-            if get_method(obj.name) is obj:
-                return
-        except KeyError:
-            pass
-        register(obj)
-    elif isinstance(obj, type) and issubclass(obj, SegmentationDataset):
-        if _REGISTRY.get(name) is not obj:
-            if name in _REGISTRY:
-                raise PluginError(f"entry point {name!r} ({group}): dataset {name!r} is already registered by "
-                                  f"{_REGISTRY[name].__module__}")
-            register_dataset(name)(obj)
+def _register(group: str, name: str, obj, module: str) -> None:
+    """Register what an entry point names: a module has registered its objects when imported; a
+    Method goes in under its own name, a reader class under the entry point's (the registries'
+    duplicate policy: the same object again is nothing, another one under a taken name an error)."""
+    if isinstance(obj, ModuleType):
+        return
+    try:
+        if group == "ucdseg.methods":
+            METHODS.register(getattr(obj, "name", name), obj, by=module)
+        else:
+            DATASETS.register(name, obj, by=module)
+    except ValueError as exc:
+        raise PluginError(f"entry point {name!r} ({group}): {exc}") from None
 
 
 def load_entry_points(force: bool = False) -> None:
@@ -72,7 +73,7 @@ def load_entry_points(force: bool = False) -> None:
                 dist = getattr(getattr(entry, "dist", None), "name", "?")
                 raise PluginError(f"entry point {entry.name!r} = {entry.value!r} ({group}, package {dist}) failed to "
                                   f"load: {_first_line(exc)}") from exc
-            _register(group, entry.name, obj)
+            _register(group, entry.name, obj, entry.value.partition(":")[0])
 
 
 def import_modules(modules: Iterable[str]) -> None:

@@ -29,11 +29,12 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
+
 __all__ = ["DATASETS", "NAMED_TASKS", "ALIASES", "Task", "TaskError", "get_task", "list_tasks", "parse_task_name",
            "num_foreground"]
 
 #: Number of foreground classes of each dataset (background 0 comes on top).
-#: Foreground classes of the built-in datasets, as their class tables (``ucdseg.data.meta``) say;
+#: Foreground classes of the built-in datasets, as their readers' class tables (``VOCSegmentation.meta``, ...) say;
 #: a test keeps the two equal. Read here so that tasks stay a pure module (no torch import).
 DATASETS: dict[str, int] = {"voc": 20, "ade": 150, "cityscapes": 19, "embedded": 10}
 

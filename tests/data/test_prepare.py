@@ -25,7 +25,7 @@ import ucdseg
 from ucdseg.cli import main
 from ucdseg.data import build_dataset
 from ucdseg.data import prepare as prep
-from ucdseg.data.meta import VOC_PALETTE
+from ucdseg.data.voc import VOCSegmentation
 
 scipy_io = pytest.importorskip("scipy.io")
 
@@ -41,7 +41,7 @@ def png_bytes(array: np.ndarray, palette: bool = False) -> bytes:
     image = Image.fromarray(array.astype(np.uint8), mode="P" if palette else "L")
     if palette:
         colors = np.zeros((256, 3), dtype=np.uint8)
-        colors[:21] = VOC_PALETTE
+        colors[:21] = VOCSegmentation.meta.palette
         colors[255] = (224, 224, 192)
         image.putpalette(colors.ravel().tolist())
     buffer = io.BytesIO()

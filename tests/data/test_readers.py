@@ -11,7 +11,17 @@ from PIL import Image
 
 from ucdseg.config import DataConfig
 from ucdseg.data import StepDataset, build_dataset, colorize, dataset_names, open_dataset_split
-from ucdseg.data.meta import ADE_META, CITYSCAPES_META, EMBEDDED_META, METAS, VOC_META, VOID_COLOR
+from ucdseg.data import dataset_meta
+from ucdseg.data.ade import ADE20KSegmentation
+from ucdseg.data.cityscapes import CityscapesSegmentation
+from ucdseg.data.meta import VOID_COLOR
+from ucdseg.data.voc import VOCSegmentation
+from ucdseg.embedded.reader import EmbeddedSegmentation
+
+# each dataset's class names and palette are class data of its reader
+VOC_META, ADE_META = VOCSegmentation.meta, ADE20KSegmentation.meta
+CITYSCAPES_META, EMBEDDED_META = CityscapesSegmentation.meta, EmbeddedSegmentation.meta
+METAS = {name: dataset_meta(name) for name in ("voc", "ade", "cityscapes", "embedded")}
 
 
 # ------------------------------------------------------------------------------------ helpers

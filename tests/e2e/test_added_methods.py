@@ -47,7 +47,7 @@ from conftest import BENCH, TINY, base_overrides
 from ucdseg import cli
 from ucdseg.config import load_config
 from ucdseg.data import open_dataset_split
-from ucdseg.data.meta import EMBEDDED_META
+from ucdseg.embedded.reader import EmbeddedSegmentation
 from ucdseg.embedded.saliency import SALIENCY_VERSION, saliency_from_mask
 from ucdseg.engine.sampling import StepBatchSampler
 from ucdseg.methods import StepSetup, get_method
@@ -432,7 +432,7 @@ def test_predict_and_eval_use_the_methods_inference_rule(method, reference, tiny
     union = confusion.sum(0) + confusion.sum(1) - tp
     want = [["-" if union[c] == 0 else f"{100 * tp[c] / union[c]:.1f}"] for c in range(11)]
     assert [line.split()[-1:] for line in lines[1:]] == want
-    assert [" ".join(line.split()[:-1]) for line in lines[1:]] == list(EMBEDDED_META.class_names)
+    assert [" ".join(line.split()[:-1]) for line in lines[1:]] == list(EmbeddedSegmentation.meta.class_names)
 
 
 # ------------------------------------------------------------------------------ 3. bad input
@@ -471,7 +471,7 @@ def test_ssul_on_a_folder_dataset_without_saliency_is_one_line(tiny_benchmark, t
             shutil.copy(tiny_benchmark / "JPEGImages" / f"{i}.jpg", folder / "images")
             shutil.copy(tiny_benchmark / "SegmentationClassAug" / f"{i}.png", folder / "masks")
         (folder / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    (folder / "classes.yaml").write_text(yaml.safe_dump({"classes": list(EMBEDDED_META.class_names)}))
+    (folder / "classes.yaml").write_text(yaml.safe_dump({"classes": list(EmbeddedSegmentation.meta.class_names)}))
     err = one_line_error(ucdseg_cli(*run_args(folder, tmp_path, "ssul", "folder", "data.dataset=folder")),
                          f"saliency map not found: {folder / 'saliency'}", "expected root/saliency/<image stem>.png")
     assert not Path(err.split("not found: ")[1].split(";")[0]).exists()

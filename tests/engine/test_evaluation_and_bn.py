@@ -22,7 +22,7 @@ from ucdseg.engine.evaluation import confusion_matrix
 from ucdseg.engine.runner import Run, config_differences, distributed_notes
 from ucdseg.engine.build import freeze_batchnorm
 from ucdseg.methods import LossContext, Method
-from ucdseg.methods.registry import _METHODS, register
+from ucdseg.methods.registry import register, unregister
 
 CONVENTIONS = list(itertools.product(("all", "seen"), ("ignore", "background")))
 UNSEEN = {9, 10}  # embedded 8-2: classes of step 1, unseen after step 0
@@ -212,7 +212,7 @@ def diagnostic_method():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Method, "losses", losses)
         yield recorded
-    del _METHODS["test-diagnostics"]
+    unregister("test-diagnostics")
 
 
 def test_method_diagnostics_are_logged_like_loss_terms(make_config, tiny_model, diagnostic_method):

@@ -29,11 +29,13 @@ import ucdseg
 from ucdseg import cli
 from ucdseg.api import config_overrides
 from ucdseg.config import load_config, to_yaml
-from ucdseg.data.meta import EMBEDDED_META
+from ucdseg.embedded.reader import EmbeddedSegmentation
 from ucdseg.engine import run
 from ucdseg.engine.runlog import RunLog
 from ucdseg.engine.runner import Run
 from ucdseg.reporting import write_run_reports
+
+EMBEDDED_META = EmbeddedSegmentation.meta
 
 NAMES = ("background", "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
          "bag", "ankle boot")

@@ -14,70 +14,83 @@ it, as PLOP does. A mask value 151..254 (255 is void) is an error naming the mas
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from .base import CheckRules, PathLike, SegmentationDataset, check_split, register_dataset, require_dir
-from .meta import ADE_META
-from .check import ERROR, Pair, Problem, Rules, match_pairs, missing_dir, nested_hint
+from .base import CheckRules, PathLike, SegmentationDataset
+from .layout import PairedFolders
+from .meta import DatasetMeta
 
-__all__ = ["ADE20KSegmentation", "ADE_LAYOUT"]
-
-ADE_LAYOUT = ("root = ADEChallengeData2016 holding images/{training,validation}/*.jpg and "
-              "annotations/{training,validation}/*.png")
-_FOLDERS = {"train": "training", "val": "validation"}
+__all__ = ["ADE20KSegmentation"]
 
 
-# ------------------------------------------------------------------ `ucdseg data check`
-def check_layout(root: Path, rules: Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
-    """``ucdseg data check``'s walk of the ADE20K layout: image/annotation pairs, and what is missing."""
-    problems: list[Problem] = []
-    pairs: dict[str, list[Pair]] = {}
-    entries: dict[str, int] = {}
-    hint = nested_hint(root, "ADEChallengeData2016")
-    for split, folder in _FOLDERS.items():
-        image_dir, mask_dir = root / "images" / folder, root / "annotations" / folder
-        bad = False
-        for d, what in ((image_dir, f"{split} images"), (mask_dir, f"{split} annotations")):
-            if not d.is_dir():
-                problems.append(missing_dir(d, what, rules.missing_fix + hint))
-                bad = True
-        if bad:
-            continue
-        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg"}
-        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-        entries[split] = len(images)
-        if not images:
-            problems.append(Problem(ERROR, image_dir, "no .jpg image in the folder", rules.missing_fix, "no-images"))
-        pairs[split] = match_pairs(images, masks, image_dir, mask_dir, ".jpg", ".png", problems, rules)
-    return problems, pairs, entries
-
-
-@register_dataset("ade")
 class ADE20KSegmentation(SegmentationDataset):
     """ADE20K, 151 classes (0 = "other"/background, 1..150)."""
 
+    meta = DatasetMeta(
+        "ade",
+        # the ADEChallengeData2016 (SceneParsing) class names; id 0 is "other", used as background
+        class_names=(
+            "background",
+            "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+            "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+            "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+            "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+            "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
+            "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+            "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+            "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island",
+            "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+            "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+            "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman",
+            "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy",
+            "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
+            "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot",
+            "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce",
+            "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+            "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+        ),
+        # the standard ADE20K colours of the 150 classes, preceded by black for "other"
+        palette=(
+            (0, 0, 0),
+            (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
+            (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
+            (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
+            (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255),
+            (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255),
+            (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
+            (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+            (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
+            (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
+            (153, 255, 0), (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
+            (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133),
+            (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255), (51, 255, 0),
+            (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153),
+            (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+            (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194),
+            (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255),
+            (0, 255, 163), (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255),
+            (163, 255, 0), (255, 235, 0), (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255),
+            (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112), (92, 255, 0), (0, 224, 255),
+            (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0), (255, 0, 163),
+            (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+            (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255),
+            (255, 255, 0), (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0),
+            (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255),
+            (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
+        ),
+        ignore_background_in_eval=True,
+    )
+    layout = PairedFolders(images="images/{split}", masks="annotations/{split}", image_suffix=".jpg",
+                           mask_suffix=".png", splits={"train": "training", "val": "validation"},
+                           root_name="ADEChallengeData2016")
     check_rules = CheckRules(
-        layout=check_layout, official={"train": 20210, "val": 2000},
+        official={"train": 20210, "val": 2000},
         missing_fix="download ADEChallengeData2016.zip (MIT Scene Parsing) and unzip it so that {root} is the "
                     "ADEChallengeData2016 folder; see docs/datasets.md",
         values_fix="use ADEChallengeData2016 (annotations 0..150); the full ADE20K release (thousands of classes) "
                    "is a different dataset; see docs/datasets.md",
         mode_fix="annotations must be the grayscale PNGs of ADEChallengeData2016/annotations")
-
     config_keys = ("score_background",)  # data.score_background -> the keyword option of that name
 
     def __init__(self, root: PathLike, split: str, score_background: bool = False):
-        check_split("ade", split)
-        root = Path(root).expanduser()
-        require_dir(root, "ade", ADE_LAYOUT)
-        image_dir = require_dir(root / "images" / _FOLDERS[split], "ade", ADE_LAYOUT)
-        mask_dir = require_dir(root / "annotations" / _FOLDERS[split], "ade", ADE_LAYOUT)
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg")
-        available = {p.stem for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-        missing = [p for p in images if p.stem not in available]
-        if missing:
-            raise FileNotFoundError(f"ade: {len(missing)} image(s) have no annotation, e.g. "
-                                    f"{mask_dir / (missing[0].stem + '.png')}; expected layout: {ADE_LAYOUT}")
-        masks = [mask_dir / f"{p.stem}.png" for p in images]
-        meta = dataclasses.replace(ADE_META, ignore_background_in_eval=not bool(score_background))
-        super().__init__("ade", root, split, meta, images, masks)
+        super().__init__(root, split)
+        self.meta = dataclasses.replace(self.meta, ignore_background_in_eval=not bool(score_background))

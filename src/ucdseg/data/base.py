@@ -1,9 +1,11 @@
 """The raw dataset reader shared by every dataset, and :func:`build_dataset`.
 
-A :class:`SegmentationDataset` is a list of (image file, mask file) pairs plus a
-:class:`~ucdseg.data.meta.DatasetMeta`. It reads in *dataset space*: ``load_mask`` returns the
-class ids of the dataset (0 background, 255 void), after any dataset-specific id mapping
-(:meth:`SegmentationDataset.convert_mask`, e.g. Cityscapes label ids -> train ids).
+A dataset is one :class:`SegmentationDataset` subclass (its class names, palette and layout as
+class data; hooks with defaults), registered in :data:`~ucdseg.registry.DATASETS`. A reader is
+a list of (image file, mask file) pairs plus a :class:`~ucdseg.data.meta.DatasetMeta`. It reads
+in *dataset space*: ``load_mask`` returns the class ids of the dataset (0 background, 255 void),
+after any dataset-specific id mapping (:meth:`SegmentationDataset.convert_mask`, e.g. Cityscapes
+label ids -> train ids).
 Label look-up tables and transforms are applied later, by :class:`~ucdseg.data.StepDataset`.
 
 Every fault of a file is a :class:`DataFileError` (a ``ValueError``: the CLI prints it as one
@@ -19,96 +21,73 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..registry import DATASETS, UnknownName
+from .layout import Layout, Pair, raise_first
 from .meta import DatasetMeta
 
-__all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "build_dataset", "dataset_names", "dataset_meta",
-           "register_dataset", "open_dataset_split", "CheckRules", "dataset_class", "DataFileError",
-           "read_mask", "read_image", "check_mask_ids", "check_sizes", "require_dir", "require_file", "check_split"]
+__all__ = ["SegmentationDataset", "StepDataset", "SPLITS", "DATASETS", "build_dataset", "dataset_names",
+           "dataset_meta", "register_dataset", "open_dataset_split", "CheckRules", "dataset_class", "DataFileError",
+           "read_mask", "read_image", "check_mask_ids", "check_sizes", "check_split"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 SPLITS = ("train", "val")
 
-_REGISTRY: dict[str, Callable[..., "SegmentationDataset"]] = {}
-
 
 @dataclass(frozen=True)
 class CheckRules:
-    """What ``ucdseg data check`` needs to know of a dataset, declared beside its reader
-    (``check_rules`` class attribute): which folder layout it has, the mask values it allows
-    (default: its class ids and 255), how to fix the usual mistakes, the official split sizes."""
+    """What the messages about a dataset's files say (``check_rules`` class attribute): how to get
+    the data, the mask values it allows (default: its class ids and 255), how to fix the usual
+    mistakes, the official split sizes. ``ucdseg data check`` uses all of it, the reader
+    ``missing_fix`` (``{root}`` is replaced by the folder read)."""
 
-    layout: Callable  # (root, rules) -> (problems, pairs per split, entries per split): walks its folder layout
-    missing_fix: str  # how to get the data (``{root}`` is replaced by the folder checked)
-    values_fix: str  # what to do about mask values that are not class ids
-    mode_fix: str  # what to do about masks that are not palette/grayscale PNGs
+    missing_fix: str = "restore the dataset's files as its layout says"  # how to get the data
+    values_fix: str = "masks must hold the dataset's class ids"  # mask values that are not class ids
+    mode_fix: str = "masks must be palette (P) or grayscale (L) PNGs of class ids"  # other mask modes
     allowed: frozenset[int] | None = None  # None: 0..num_classes-1 and 255
     values_text: str | None = None  # the allowed values, for messages (None: derived)
     official: Optional[dict[str, int]] = None  # images per split in the official release
 
 
 def register_dataset(name: str) -> Callable:
-    """Class decorator: make a reader available to :func:`build_dataset` under ``name``."""
+    """Class decorator: make a reader class available to :func:`build_dataset` under ``name``
+    (:data:`~ucdseg.registry.DATASETS`: a name taken by another class is an error)."""
 
     def wrap(cls):
-        _REGISTRY[name] = cls
-        return cls
+        return DATASETS.register(name, cls)
 
     return wrap
 
 
-def dataset_class(name: str):
+def dataset_class(name: str) -> type["SegmentationDataset"]:
     """The reader class registered as ``name`` (a one-line error naming the registered ones)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return DATASETS.get(name)
 
 
 def dataset_names() -> tuple[str, ...]:
-    """The names :func:`build_dataset` accepts."""
-    return tuple(_REGISTRY)
+    """The names :func:`build_dataset` accepts (without importing their readers)."""
+    return DATASETS.names()
 
 
 def dataset_meta(name: str, root: Optional[PathLike] = None) -> DatasetMeta:
-    """Class names and palette of dataset ``name`` without opening a split.
-
-    Built-in datasets have fixed tables; a reader may declare a class attribute ``meta`` (a
-    :class:`DatasetMeta`) or, when its classes live in its folder (the folder dataset), a
-    ``read_meta(root)`` static method.
-    """
-    from .meta import METAS
-
-    if name in METAS:
-        return METAS[name]
-    if name not in _REGISTRY:
-        known = list(METAS) + [n for n in _REGISTRY if n not in METAS]
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(known)}")
-    cls = _REGISTRY[name]
-    if hasattr(cls, "read_meta"):
-        if root is None:
-            raise ValueError(f"dataset {name!r} reads its class names from its folder: data.root is not set")
-        return cls.read_meta(root)
-    meta = getattr(cls, "meta", None)
-    if not isinstance(meta, DatasetMeta):
-        raise ValueError(f"dataset {name!r} ({cls.__module__}.{cls.__qualname__}) declares no class names: expected "
-                         "a class attribute meta = DatasetMeta(...) or a static method read_meta(root)")
-    return meta
+    """Class names and palette of dataset ``name`` without opening a split (its reader's
+    :meth:`~SegmentationDataset.read_meta`: the class's ``meta``, or the folder's for a folder dataset)."""
+    return dataset_class(name).read_meta(root)
 
 
 def build_dataset(name: str, root: PathLike, split: str, **options) -> "SegmentationDataset":
-    """The raw reader of dataset ``name`` ("voc", "ade", "cityscapes", "embedded") for ``split``.
+    """The raw reader of dataset ``name`` (``dataset_names()``: voc, ade, cityscapes, embedded, folder
+    and yours) for ``split``.
 
     ``options`` are the reader's keyword options (e.g. ``score_background=True`` for ADE20K and
     Cityscapes); an unknown name or option raises a ``ValueError`` that lists the valid ones.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
+    cls = dataset_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "root", "split")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -118,26 +97,21 @@ def build_dataset(name: str, root: PathLike, split: str, **options) -> "Segmenta
 
 
 def open_dataset_split(data, split: str, prepare: bool = True, progress: bool = True) -> "SegmentationDataset":
-    """The reader of ``data.dataset`` (a :class:`~ucdseg.config.DataConfig`) for ``split``.
-
-    A reader may declare, at class level, so no caller needs to know which dataset it is:
-    ``default_root()`` (the folder used when ``data.root`` is unset), ``prepare(root, data,
-    progress)`` (make the data on first use, e.g. generate the embedded benchmark) and
-    ``config_keys`` (the ``data.*`` keys passed to it as keyword options of the same name, e.g.
-    ADE20K's ``score_background``).
-    """
-    if data.dataset not in _REGISTRY:
-        raise ValueError(f"config key 'data.dataset' is {data.dataset!r}: expected one of {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[data.dataset]
-    root = data.root
+    """The reader of ``data.dataset`` (a :class:`~ucdseg.config.DataConfig`) for ``split``, through the
+    reader's hooks: ``default_root()`` when ``data.root`` is unset, ``prepare(root, data, progress)``
+    (the embedded benchmark generates itself) and ``config_keys`` (the ``data.*`` keys passed as its
+    keyword options, e.g. ADE20K's ``score_background``)."""
+    try:
+        cls = dataset_class(data.dataset)
+    except UnknownName as exc:
+        raise ValueError(f"config key 'data.dataset': {exc}") from None
+    root = data.root if data.root is not None else cls.default_root()
     if root is None:
-        if not hasattr(cls, "default_root"):
-            raise ValueError(f"data.root is not set; give the {data.dataset} dataset directory (data.root=DIR)")
-        root = str(cls.default_root())
-    if prepare and hasattr(cls, "prepare"):
-        cls.prepare(root, data, progress)
-    options = {key: getattr(data, key) for key in getattr(cls, "config_keys", ())}
-    return build_dataset(data.dataset, root, split, **options)
+        raise ValueError(f"data.root is not set; give the {data.dataset} dataset directory (data.root=DIR)")
+    if prepare:
+        cls.prepare(str(root), data, progress)
+    options = {key: getattr(data, key) for key in cls.config_keys}
+    return build_dataset(data.dataset, str(root), split, **options)
 
 
 # ------------------------------------------------------------------------------- small helpers
@@ -145,20 +119,6 @@ def check_split(dataset: str, split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for dataset {dataset!r}: expected one of {', '.join(SPLITS)}")
     return split
-
-
-def require_dir(path: Path, dataset: str, layout: str) -> Path:
-    """``path`` if it is a directory, else a FileNotFoundError naming it and the expected layout."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{dataset}: folder not found: {path}; expected layout: {layout}")
-    return path
-
-
-def require_file(path: Path, dataset: str, layout: str) -> Path:
-    """``path`` if it is a file, else a FileNotFoundError naming it and the expected layout."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{dataset}: file not found: {path}; expected layout: {layout}")
-    return path
 
 
 class DataFileError(ValueError):
@@ -252,22 +212,105 @@ def check_sizes(image: Image.Image, mask: np.ndarray, image_path: Path, mask_pat
 class SegmentationDataset(torch.utils.data.Dataset):
     """Pairs of (image, mask) files of one split of a dataset, read in dataset id space.
 
-    ``dataset[i]`` is ``(PIL RGB image, uint8 mask)``. Subclasses find the files of their
-    official layout and may override :meth:`convert_mask` to map the stored ids.
+    ``dataset[i]`` is ``(PIL RGB image, uint8 mask)``. A dataset is one subclass; it declares, as
+    class data, what the reader and ``ucdseg data check`` both use:
+
+    * ``meta``: its class names and palette (:class:`~ucdseg.data.meta.DatasetMeta`, whose ``name``
+      is the dataset's);
+    * ``layout``: where the pairs of a split are (:class:`~ucdseg.data.layout.ListedPairs`,
+      :class:`~ucdseg.data.layout.PairedFolders`, or a :class:`~ucdseg.data.layout.Layout` of its own);
+    * ``check_rules``: what the messages say about its files (:class:`CheckRules`);
+
+    and overrides, when it needs them, the hooks below, each with a default: ``config_keys``,
+    :meth:`read_meta`, :meth:`default_root`, :meth:`prepare`, :meth:`convert_mask` and
+    :attr:`stored_ids`, :meth:`saliency_path` and ``saliency_layout``, :meth:`run_check`.
+    Keyword options of ``__init__`` (after ``root`` and ``split``) are the reader's options.
     """
 
-    def __init__(self, name: str, root: PathLike, split: str, meta: DatasetMeta,
-                 images: Sequence[Path], masks: Sequence[Path]):
-        if len(images) != len(masks):
-            raise ValueError(f"{name}: {len(images)} images but {len(masks)} masks")
-        if not images:
-            raise ValueError(f"{name}: no images found for split {split!r} under {root}")
-        self.name = name
+    meta: ClassVar[Optional[DatasetMeta]] = None
+    layout: ClassVar[Optional[Layout]] = None
+    check_rules: ClassVar[CheckRules] = CheckRules()
+    #: The ``data.*`` config keys passed to the reader as keyword options of the same name.
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    #: Where a dataset keeps its per-image saliency maps, for messages (None: it has none).
+    saliency_layout: ClassVar[Optional[str]] = None
+
+    def __init__(self, root: PathLike, split: str):
+        root = Path(root).expanduser()
+        meta = self.read_meta(root)
+        check_split(meta.name, split)
+        self._open(root, split, meta, self.find_pairs(root, split, meta.name))
+
+    def _open(self, root: Path, split: str, meta: DatasetMeta, pairs: Sequence[Pair]) -> None:
+        if not pairs:
+            raise ValueError(f"{meta.name}: no images found for split {split!r} under {root}")
         self.split = split
         self.root = Path(root)
         self.meta = meta
-        self._images = [Path(p) for p in images]
-        self._masks = [Path(p) for p in masks]
+        self._images = [Path(p[0]) for p in pairs]
+        self._masks = [Path(p[1]) for p in pairs]
+
+    @property
+    def name(self) -> str:
+        """The dataset's name (its meta's), in messages, index caches and a run's data identity."""
+        return self.meta.name
+
+    # ------------------------------------------------------------------ hooks with defaults
+    @classmethod
+    def read_meta(cls, root: Optional[PathLike] = None) -> DatasetMeta:
+        """Class names and palette: the class's ``meta`` (a dataset whose classes live in its folder
+        reads them from ``root``, as the folder dataset does)."""
+        if not isinstance(cls.meta, DatasetMeta):
+            raise ValueError(f"dataset class {cls.__module__}.{cls.__qualname__} declares no class names: expected a "
+                             "class attribute meta = DatasetMeta(...) or a read_meta(root) class method")
+        return cls.meta
+
+    @classmethod
+    def default_root(cls) -> Optional[Path]:
+        """The folder read when ``data.root`` is not set (None: it must be set)."""
+        return None
+
+    @classmethod
+    def prepare(cls, root: PathLike, data, progress: bool = True) -> None:
+        """Make the data at ``root`` on first use, before a run opens it (the embedded benchmark
+        generates itself); by default the data must be there."""
+        return None
+
+    @classmethod
+    def find_pairs(cls, root: Path, split: str, name: str) -> list[Pair]:
+        """The (image, mask) files of ``split`` in the dataset's ``layout``; the layout's first error
+        (a missing folder, list or mask, a bad list line) as one line naming the file."""
+        layout = cls.declared_layout()
+        found = layout.find(root, split)
+        raise_first(name, root, found, layout.describe(), cls.check_rules.missing_fix.format(root=root) +
+                    layout.hint(root))
+        return found.pairs
+
+    @classmethod
+    def declared_layout(cls) -> Layout:
+        if not isinstance(cls.layout, Layout):
+            raise ValueError(f"dataset class {cls.__module__}.{cls.__qualname__} declares no layout: expected a class "
+                             "attribute layout = ListedPairs(...), PairedFolders(...) or a Layout of its own")
+        return cls.layout
+
+    @classmethod
+    def of_pairs(cls, root: PathLike, split: str, pairs: Sequence[Pair], meta: Optional[DatasetMeta] = None
+                 ) -> "SegmentationDataset":
+        """A reader of the given (image, mask) files, without walking the layout (``ucdseg data
+        check`` reads the pairs of a layout that has faults)."""
+        self = cls.__new__(cls)
+        root = Path(root).expanduser()
+        SegmentationDataset._open(self, root, split, meta or cls.read_meta(root), pairs)
+        return self
+
+    @classmethod
+    def run_check(cls, name: str, root: PathLike, limit: Optional[int] = None, progress: bool = True,
+                  saliency: bool = False) -> int:
+        """``ucdseg data check --dataset name``: print the report, return the exit code (0: no error).
+        By default the checks of :mod:`ucdseg.data.check` on the dataset's layout and masks."""
+        from .check import run_check  # the check reads the readers: it imports this module
+
+        return run_check(name, root, limit=limit, progress=progress, saliency=saliency)
 
     @property
     def num_classes(self) -> int:
@@ -308,9 +351,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def convert_mask(self, raw: np.ndarray) -> np.ndarray:
         """Stored pixel values -> dataset class ids (identity unless a dataset overrides it)."""
         return raw
-
-    #: Where a dataset keeps its per-image saliency maps, for messages (None: it has none).
-    saliency_layout: Optional[str] = None
 
     def saliency_path(self, i: int) -> Optional[Path]:
         """The saliency map of image ``i`` (a grayscale PNG of the image's size, > 0 = salient), or

@@ -1,14 +1,15 @@
 """Check a dataset folder before training: ``ucdseg data check --dataset voc --root DIR``.
 
-:func:`check_dataset` verifies the official layout read by :func:`ucdseg.data.build_dataset`
-(see ``docs/datasets.md``) and returns a list of :class:`Problem`, each naming the path, what is
-wrong and how to fix it:
+:func:`check_dataset` walks the layout the dataset's class declares, as its reader does
+(``layout``, :mod:`ucdseg.data.layout`; see ``docs/datasets.md``), and returns a list of
+:class:`Problem`, each naming the path, what is wrong and how to fix it:
 
-* missing root, folders and list files (VOC: ``JPEGImages``, ``SegmentationClassAug``,
-  ``ImageSets/Segmentation/{train_aug,val}.txt``; ADE20K: ``images`` / ``annotations``
-  ``/{training,validation}``; Cityscapes: ``leftImg8bit`` / ``gtFine`` ``/{train,val}``);
-* malformed or duplicate list lines, list entries (or images) without an image or a mask, masks
-  without an image;
+* what the layout finds: missing root, folders and list files (VOC: ``JPEGImages``,
+  ``SegmentationClassAug``, ``ImageSets/Segmentation/{train_aug,val}.txt``; ADE20K: ``images`` /
+  ``annotations`` ``/{training,validation}``; Cityscapes: ``leftImg8bit`` / ``gtFine``
+  ``/{train,val}``), malformed or duplicate list lines, images without a mask, masks without an
+  image;
+* every listed file that does not exist;
 * per (image, mask) pair: unreadable image, unreadable or non-class-id mask (not a palette /
   grayscale PNG), mask values that are not class ids of the dataset (VOC 0..20, ADE20K 0..150,
   embedded 0..10, plus 255 void; Cityscapes: the official label ids 0..33 of ``*_labelIds.png``),
@@ -25,6 +26,7 @@ reads only ``N`` evenly spaced pairs per split (existence checks still cover eve
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,33 +38,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .base import CheckRules, dataset_class, dataset_meta
+from .base import SPLITS, dataset_class
+from .layout import ERROR, WARNING, Found, Pair, Problem
 from .meta import VOID
 
 __all__ = ["Problem", "CheckResult", "SplitSummary", "check_dataset", "check", "format_report", "run_check",
-           "saliency_problems",
-           "ERROR", "WARNING", "Rules", "Pair", "missing_dir", "nested_hint", "existing_pairs",
-           "match_pairs"]
+           "saliency_problems", "ERROR", "WARNING", "Rules", "Pair", "existing_pairs"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-ERROR = "error"
-WARNING = "warning"
-
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset folder."""
-
-    severity: str  # ERROR (training would fail or use wrong data) | WARNING
-    path: Path  # the offending (or missing) file or folder
-    what: str  # what is wrong
-    fix: str  # how to fix it
-    kind: str = "other"  # machine-readable category, e.g. "missing-mask" (groups the report)
-
-    def __str__(self) -> str:
-        return f"{self.severity}: {self.path}: {self.what} (fix: {self.fix})"
 
 
 @dataclass
@@ -70,7 +53,7 @@ class SplitSummary:
     """What was found for one split."""
 
     split: str
-    entries: int = 0  # list entries (VOC) or images found (ADE20K, Cityscapes)
+    entries: int = 0  # the pairs the layout names (VOC: list entries; ADE20K, Cityscapes: images)
     read: int = 0  # (image, mask) pairs whose content was read
     official: Optional[int] = None
 
@@ -93,7 +76,7 @@ class CheckResult:
 # ----------------------------------------------------------------------------- dataset rules
 @dataclass(frozen=True)
 class Rules:
-    """What a dataset's masks may hold and how to fix the usual mistakes."""
+    """What a dataset's masks may hold and how to fix the usual mistakes, for the folder checked."""
 
     allowed: frozenset[int]
     values_text: str  # the expected values, for messages
@@ -102,51 +85,19 @@ class Rules:
     missing_fix: str  # how to get the data
 
 
-def _rules(name: str, root: Path) -> Rules:
-    """The check rules the dataset's reader declares (``check_rules``), for the folder ``root``."""
-    spec = _spec(name)
-    classes = dataset_meta(name).num_classes
+def _rules(cls, root: Path) -> Rules:
+    """The check rules the dataset's class declares (``check_rules``), for the folder ``root``."""
+    spec = cls.check_rules
+    classes = cls.read_meta(root).num_classes
     allowed = spec.allowed if spec.allowed is not None else frozenset(range(classes)) | {VOID}
     values_text = spec.values_text or f"class ids 0..{classes - 1} and {VOID} (void)"
     return Rules(allowed, values_text, spec.values_fix.format(root=root), spec.mode_fix.format(root=root),
-                  spec.missing_fix.format(root=root))
+                 spec.missing_fix.format(root=root) + cls.declared_layout().hint(root))
 
 
-def _spec(name: str) -> CheckRules:
-    spec = getattr(dataset_class(name), "check_rules", None)
-    if not isinstance(spec, CheckRules) or not callable(spec.layout):
-        raise ValueError(f"dataset {name!r} declares no check rules for `ucdseg data check`")
-    return spec
-
-
-# ------------------------------------------------------------------------------- small helpers
-def missing_dir(path: Path, what: str, fix: str) -> Problem:
-    return Problem(ERROR, path, f"folder not found ({what})", fix, "missing-folder")
-
-
-def _root_problem(name: str, root: Path, rules: Rules) -> Optional[Problem]:
-    if not root.exists():
-        return Problem(ERROR, root, f"{name} root folder does not exist", rules.missing_fix, "missing-root")
-    if not root.is_dir():
-        return Problem(ERROR, root, f"{name} root is not a folder", rules.missing_fix, "missing-root")
-    return None
-
-
-def nested_hint(root: Path, inner: str) -> str:
-    """' (did you mean ROOT/inner?)' when ``root`` holds ``inner``, else ''."""
-    candidates = [root / inner, *(root.glob(f"*/{inner}"))] if root.is_dir() else []
-    for cand in candidates:
-        if cand.is_dir():
-            return f"; {root} holds {cand}: pass that folder as the root"
-    return ""
-
-
-# ---------------------------------------------------------------------------------- layouts
-Pair = tuple[Path, Path]
-
-
+# ---------------------------------------------------------------------------------- the files
 def existing_pairs(found: Sequence[Pair], source: Path, rules: Rules, problems: list[Problem],
-                    missing_dirs: set[Path]) -> list[Pair]:
+                   missing_dirs: set[Path]) -> list[Pair]:
     """Pairs whose two files exist; reports the others (once per missing folder, else per file)."""
     pairs: list[Pair] = []
     for image, mask in found:
@@ -159,7 +110,8 @@ def existing_pairs(found: Sequence[Pair], source: Path, rules: Rules, problems: 
                 continue
             if not path.parent.is_dir():
                 missing_dirs.add(path.parent)
-                problems.append(missing_dir(path.parent, f"named by {source.name}", rules.missing_fix))
+                problems.append(Problem(ERROR, path.parent, f"folder not found (named by {source.name})",
+                                        rules.missing_fix, "missing-folder"))
                 continue
             problems.append(Problem(ERROR, path, f"{role} file not found for the entry {image.stem!r} of "
                                     f"{source.name}", f"restore the file, or remove the entry from {source}"
@@ -169,17 +121,20 @@ def existing_pairs(found: Sequence[Pair], source: Path, rules: Rules, problems: 
     return pairs
 
 
-def match_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path, image_ext: str,
-           mask_ext: str, problems: list[Problem], rules: Rules) -> list[Pair]:
-    """Pairs of same-key images and masks; images without a mask and masks without an image are errors."""
-    for key in sorted(set(images) - set(masks)):
-        problems.append(Problem(ERROR, mask_dir / f"{key}{mask_ext}", f"image {images[key].name} has no mask",
-                                f"restore the mask or remove the image ({rules.missing_fix})", "missing-mask"))
-    for key in sorted(set(masks) - set(images)):
-        problems.append(Problem(ERROR, image_dir / f"{key}{image_ext}", f"mask {masks[key].name} has no image",
-                                f"restore the image (an incomplete download?) or remove the mask ({rules.missing_fix})",
-                                "missing-image"))
-    return [(images[k], masks[k]) for k in sorted(set(images) & set(masks))]
+def _layout_problems(cls, root: Path, rules: Rules) -> tuple[list[Problem], dict[str, Found]]:
+    """The problems of the layout over both splits (each once; a fix left empty is the dataset's
+    ``missing_fix``) and what the layout finds per split, as the reader walks it."""
+    layout = cls.declared_layout()
+    problems: dict[tuple, Problem] = {}
+    pairs: dict[str, Found] = {}
+    for split in SPLITS:
+        found = layout.find(root, split)
+        for p in found.problems:  # a missing folder is one problem, whichever split needs it
+            key = (p.severity, p.kind, p.path) + (() if p.kind in ("missing-folder", "missing-root") else (p.what,))
+            problems.setdefault(key, p if p.fix else dataclasses.replace(p, fix=rules.missing_fix))
+        if found.pairs:
+            pairs[split] = found
+    return list(problems.values()), pairs
 
 
 # --------------------------------------------------------------------------------- contents
@@ -262,26 +217,26 @@ def check(name: str, root: PathLike, limit: Optional[int] = None, progress: bool
     ``limit``: read at most this many evenly spaced (image, mask) pairs per split (None: all).
     ``workers``: reader threads (default: the number of CPUs, at most 8).
     """
-    spec = _spec(name)  # a one-line error for an unknown dataset or one without check rules
+    cls = dataset_class(name)  # a one-line error for an unknown dataset
+    cls.declared_layout()  # ... and for one without a layout
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     root = Path(root).expanduser()
-    rules = _rules(name, root)
+    rules = _rules(cls, root)
     result = CheckResult(name, root)
-    root_problem = _root_problem(name, root, rules)
-    if root_problem is not None:
-        result.problems.append(root_problem)
-        return result
-    problems, pairs, entries = spec.layout(root, rules)
+    problems, pairs = _layout_problems(cls, root, rules)
     result.problems += problems
-    for split in ("train", "val"):
+    missing_dirs = {p.path for p in problems if p.kind in ("missing-folder", "missing-root")}
+    for split in SPLITS:
         if split not in pairs:
             continue
-        sample = _sample(pairs[split], limit)
+        found = pairs[split]
+        existing = existing_pairs(found.pairs, found.source or root, rules, result.problems, missing_dirs)
+        sample = _sample(list(dict.fromkeys(existing)), limit)  # a repeated entry is read once
         result.problems += _scan(name, split, sample, rules, progress, workers)
-        result.splits.append(SplitSummary(split, entries.get(split, 0), len(sample),
-                                          (spec.official or {}).get(split)))
+        result.splits.append(SplitSummary(split, len(found.pairs), len(sample),
+                                          (cls.check_rules.official or {}).get(split)))
     return result
 
 

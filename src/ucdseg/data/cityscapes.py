@@ -16,18 +16,15 @@ label id: an error naming the mask.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
-from .base import CheckRules, PathLike, SegmentationDataset, check_split, register_dataset, require_dir
-from .meta import CITYSCAPES_META
-from .check import ERROR, Pair, Problem, Rules, match_pairs, missing_dir
+from .base import CheckRules, PathLike, SegmentationDataset
+from .layout import PairedFolders
+from .meta import DatasetMeta
 
-__all__ = ["CityscapesSegmentation", "CITYSCAPES_LAYOUT", "LABEL_TO_TRAIN_ID", "label_id_lut"]
+__all__ = ["CityscapesSegmentation", "LABEL_TO_TRAIN_ID", "label_id_lut"]
 
-CITYSCAPES_LAYOUT = ("root holding leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
-                     "gtFine/{train,val}/<city>/*_gtFine_labelIds.png")
 IGNORE = 255
 
 #: The standard Cityscapes table (cityscapesScripts ``labels.py``): label id -> train id,
@@ -82,72 +79,41 @@ def label_id_lut() -> np.ndarray:
 _LUT = label_id_lut()
 
 
-# ------------------------------------------------------------------ `ucdseg data check`
-IMAGE_SUFFIX = "_leftImg8bit.png"
-MASK_SUFFIX = "_gtFine_labelIds.png"
-
-
-def check_layout(root: Path, rules: Rules) -> tuple[list[Problem], dict[str, list[Pair]], dict[str, int]]:
-    """``ucdseg data check``'s walk of the Cityscapes layout: image/label-id pairs, and what is missing."""
-    problems: list[Problem] = []
-    pairs: dict[str, list[Pair]] = {}
-    entries: dict[str, int] = {}
-    for split in ("train", "val"):
-        image_dir, mask_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-        bad = False
-        for d, what in ((image_dir, f"{split} images, leftImg8bit_trainvaltest.zip"),
-                        (mask_dir, f"{split} masks, gtFine_trainvaltest.zip")):
-            if not d.is_dir():
-                problems.append(missing_dir(d, what, rules.missing_fix))
-                bad = True
-        if bad:
-            continue
-        images = {str(p.relative_to(image_dir))[: -len(IMAGE_SUFFIX)]: p
-                  for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}")}
-        masks = {str(p.relative_to(mask_dir))[: -len(MASK_SUFFIX)]: p
-                 for p in mask_dir.glob(f"*/*{MASK_SUFFIX}")}
-        entries[split] = len(images)
-        if not images:
-            problems.append(Problem(ERROR, image_dir, f"no <city>/*{IMAGE_SUFFIX} image in the folder",
-                                    rules.missing_fix, "no-images"))
-        elif not masks:
-            problems.append(Problem(ERROR, mask_dir, f"no <city>/*{MASK_SUFFIX} mask in the folder",
-                                    rules.missing_fix, "no-masks"))
-            continue
-        pairs[split] = match_pairs(images, masks, image_dir, mask_dir, IMAGE_SUFFIX, MASK_SUFFIX, problems, rules)
-    return problems, pairs, entries
-
-
-@register_dataset("cityscapes")
 class CityscapesSegmentation(SegmentationDataset):
     """Cityscapes, 20 classes (0 = void as background, 1..19 = the train-id classes)."""
 
+    meta = DatasetMeta(
+        "cityscapes",
+        # 0 = void (every ignored label id), then the 19 train-id classes
+        class_names=(
+            "background", "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+            "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+            "motorcycle", "bicycle",
+        ),
+        # the standard Cityscapes colours of the 19 train-id classes, preceded by black for void
+        palette=(
+            (0, 0, 0), (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+            (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180),
+            (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230),
+            (119, 11, 32),
+        ),
+        ignore_background_in_eval=True,
+    )
+    layout = PairedFolders(images="leftImg8bit/{split}", masks="gtFine/{split}", image_suffix="_leftImg8bit.png",
+                           mask_suffix="_gtFine_labelIds.png", depth=1)
     check_rules = CheckRules(
-        layout=check_layout, official={"train": 2975, "val": 500},
+        official={"train": 2975, "val": 500},
         allowed=frozenset(LABEL_TO_TRAIN_ID), values_text="the official Cityscapes label ids 0..33",
         missing_fix="download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from cityscapes-dataset.com "
                     "and unzip both into {root}; see docs/datasets.md",
         values_fix="use the gtFine *_gtFine_labelIds.png files (label ids 0..33); *_labelTrainIds.png (0..18 and "
                    "255) and *_color.png are not read by ucdseg",
         mode_fix="use *_gtFine_labelIds.png (grayscale label ids), not *_gtFine_color.png")
-
     config_keys = ("score_background",)  # data.score_background -> the keyword option of that name
 
     def __init__(self, root: PathLike, split: str, score_background: bool = False):
-        check_split("cityscapes", split)
-        root = Path(root).expanduser()
-        require_dir(root, "cityscapes", CITYSCAPES_LAYOUT)
-        image_dir = require_dir(root / "leftImg8bit" / split, "cityscapes", CITYSCAPES_LAYOUT)
-        mask_dir = require_dir(root / "gtFine" / split, "cityscapes", CITYSCAPES_LAYOUT)
-        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
-        masks = [mask_dir / p.parent.name / p.name.replace(IMAGE_SUFFIX, MASK_SUFFIX)
-                 for p in images]
-        missing = [m for m in masks if not m.is_file()]
-        if missing:
-            raise FileNotFoundError(f"cityscapes: {len(missing)} image(s) have no gtFine labelIds mask, e.g. "
-                                    f"{missing[0]}; expected layout: {CITYSCAPES_LAYOUT}")
-        meta = dataclasses.replace(CITYSCAPES_META, ignore_background_in_eval=not bool(score_background))
-        super().__init__("cityscapes", root, split, meta, images, masks)
+        super().__init__(root, split)
+        self.meta = dataclasses.replace(self.meta, ignore_background_in_eval=not bool(score_background))
 
     @property
     def stored_ids(self) -> int:

@@ -26,6 +26,7 @@ never moves the others.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Optional
@@ -34,11 +35,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from .base import (_PIL_ERRORS, DataFileError, PathLike, SegmentationDataset, _unreadable, check_split,
-                   register_dataset, require_dir)
+from .base import _PIL_ERRORS, CheckRules, DataFileError, PathLike, SegmentationDataset, _unreadable
+from .layout import ERROR, WARNING, Found, Layout, Problem
 from .meta import VOID, VOID_COLOR, DatasetMeta, default_palette
 
-__all__ = ["FolderSegmentation", "FOLDER_LAYOUT", "CLASSES_FILE", "read_classes", "split_ids", "check_folder",
+__all__ = ["FolderSegmentation", "FolderLayout", "FOLDER_LAYOUT", "CLASSES_FILE", "read_classes", "check_folder",
            "run_check_folder"]
 
 CLASSES_FILE = "classes.yaml"
@@ -71,7 +72,10 @@ def _load_yaml(root: Path) -> tuple[Path, dict]:
 
 def read_classes(root: PathLike) -> DatasetMeta:
     """The :class:`DatasetMeta` of the folder dataset at ``root``, from its ``classes.yaml``."""
-    path, data = _load_yaml(Path(root).expanduser())
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder: root folder not found: {root}; expected layout: {FOLDER_LAYOUT}")
+    path, data = _load_yaml(root)
     names = data.get("classes")
     if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
         raise _fail(path, "'classes' must be a list of class names (non-empty strings), background first")
@@ -101,8 +105,7 @@ def read_classes(root: PathLike) -> DatasetMeta:
     return DatasetMeta("folder", tuple(names), tuple(colors), ignore_background_in_eval=ignore)
 
 
-def _val_fraction(root: Path) -> float:
-    path, data = _load_yaml(root)
+def _val_fraction(data: dict, path: Path) -> float:
     value = data.get("val_fraction", _DEFAULT_VAL_FRACTION)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise _fail(path, f"'val_fraction' must be a number strictly between 0 and 1, got {value!r}")
@@ -113,107 +116,159 @@ def _in_val(image_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
 
-def _read_list(path: Path, images: dict[str, Path]) -> list[str]:
-    ids: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        entry = line.strip()
-        if not entry:
-            continue
-        image_id = Path(entry).stem if Path(entry).suffix.lower() in IMAGE_SUFFIXES else entry
-        if image_id not in images:
-            raise _fail(path, f"line {number}: no image {image_id!r} in {path.parent / 'images'}")
-        if image_id in ids:
-            raise _fail(path, f"line {number}: {image_id!r} is listed twice")
-        ids.append(image_id)
-    if not ids:
-        raise _fail(path, "names no image; expected one image id per line")
-    return ids
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def split_ids(root: PathLike) -> tuple[dict[str, Path], dict[str, Path], dict[str, list[str]]]:
-    """``(images by id, masks by id, ids by split)`` of the folder dataset at ``root``."""
-    root = Path(root).expanduser()
-    require_dir(root, "folder", FOLDER_LAYOUT)
-    image_dir = require_dir(root / "images", "folder", FOLDER_LAYOUT)
-    mask_dir = require_dir(root / "masks", "folder", FOLDER_LAYOUT)
-    images: dict[str, Path] = {}
-    for p in sorted(image_dir.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            if p.stem in images:
-                raise _fail(p, f"two images share the id {p.stem!r} ({images[p.stem].name}); rename one")
-            images[p.stem] = p
-    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and p.suffix.lower() == ".png"}
-    if not images:
-        raise FileNotFoundError(f"folder: no image in {image_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    lists = {split: root / f"{split}.txt" for split in ("train", "val")}
-    present = [s for s, p in lists.items() if p.is_file()]
-    if len(present) == 1:
-        other = "val" if present[0] == "train" else "train"
-        raise FileNotFoundError(f"folder: {lists[present[0]]} exists but {lists[other]} does not; give both split "
-                                "lists or neither (then val_fraction of classes.yaml splits the images)")
-    if present:
-        splits = {split: _read_list(path, images) for split, path in lists.items()}
-        both = sorted(set(splits["train"]) & set(splits["val"]))
-        if both:
-            raise _fail(lists["val"], f"{len(both)} id(s) are also in train.txt, e.g. {both[0]!r}")
-    else:
-        fraction = _val_fraction(root)
-        unmasked = [i for i in images if i not in masks]
-        if unmasked:
-            raise FileNotFoundError(f"folder: image {images[unmasked[0]]} has no mask {mask_dir / (unmasked[0] + '.png')}"
-                                    f" ({len(unmasked)} image(s) without a mask); add the masks or list the "
-                                    "annotated images in train.txt / val.txt")
-        splits = {"val": [i for i in images if _in_val(i, fraction)]}
-        splits["train"] = [i for i in images if not _in_val(i, fraction)]
-        for split, ids in splits.items():
-            if not ids:
-                raise ValueError(f"folder: the {len(images)} images of {image_dir} leave {split} empty with "
-                                 f"val_fraction {fraction}; write train.txt and val.txt in {root}")
-    for split, ids in splits.items():
-        missing = [i for i in ids if i not in masks]
-        if missing:
-            raise FileNotFoundError(f"folder: image {images[missing[0]]} ({split}) has no mask "
-                                    f"{mask_dir / (missing[0] + '.png')}")
-    return images, masks, splits
+_LIST_FIX = "one image id (or file name) per line, each image in one list"
 
 
-@register_dataset("folder")
+class FolderLayout(Layout):
+    """``root/images``, ``root/masks``, optional ``train.txt`` / ``val.txt`` (else ``val_fraction``
+    of ``classes.yaml`` splits the images by the hash of their ids): the module docstring."""
+
+    def describe(self) -> str:
+        return FOLDER_LAYOUT
+
+    def walk(self, root: Path, split: str) -> Found:
+        images, masks, splits, problems = self.walk_all(root)
+        return Found([(images[i], masks[i]) for i in splits[split]], problems)
+
+    @staticmethod
+    def _read_list(path: Path, images: dict[str, Path], problems: list[Problem]) -> list[str]:
+        """The ids of a split list; each bad line is a problem (the ids that are valid are kept)."""
+        ids: list[str] = []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(ERROR, path, f"cannot be read ({_first_line(exc)})", _LIST_FIX, "bad-list"))
+            return ids
+        for number, line in enumerate(lines, start=1):
+            entry = line.strip()
+            if not entry:
+                continue
+            image_id = Path(entry).stem if Path(entry).suffix.lower() in IMAGE_SUFFIXES else entry
+            if image_id not in images:
+                problems.append(Problem(ERROR, path, f"line {number}: no image {image_id!r} in images/",
+                                        "add the image, or remove the line", "list-entry-without-image"))
+            elif image_id in ids:
+                problems.append(Problem(ERROR, path, f"line {number}: {image_id!r} is listed twice",
+                                        "remove the repeated line", "repeated-list-entry"))
+            else:
+                ids.append(image_id)
+        if not ids and not any(p.path == path for p in problems):
+            problems.append(Problem(ERROR, path, "names no image", _LIST_FIX, "bad-list"))
+        return ids
+
+    def walk_all(self, root: Path) -> tuple[dict[str, Path], dict[str, Path], dict[str, list[str]], list[Problem]]:
+        """Images and masks by id, the ids of each split that have both, and every structural fault."""
+        problems: list[Problem] = []
+        image_dir, mask_dir = root / "images", root / "masks"
+        for folder in (image_dir, mask_dir):
+            if not folder.is_dir():
+                problems.append(Problem(ERROR, folder, "folder not found", f"expected layout: {FOLDER_LAYOUT}",
+                                        "missing-folder"))
+        images: dict[str, Path] = {}
+        if image_dir.is_dir():
+            for p in sorted(image_dir.iterdir()):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                    if p.stem in images:
+                        problems.append(Problem(ERROR, p, f"shares the id {p.stem!r} with {images[p.stem].name}",
+                                                "rename one of the two images (an id names one image)", "repeated-id"))
+                        continue
+                    images[p.stem] = p
+            if not images:
+                problems.append(Problem(ERROR, image_dir, f"holds no image (looked for {', '.join(IMAGE_SUFFIXES)})",
+                                        f"expected layout: {FOLDER_LAYOUT}", "no-images"))
+        masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and p.suffix.lower() == ".png"} \
+            if mask_dir.is_dir() else {}
+        lists = {split: root / f"{split}.txt" for split in ("train", "val")}
+        present = [s for s, p in lists.items() if p.is_file()]
+        splits: dict[str, list[str]] = {"train": [], "val": []}
+        if len(present) == 1:
+            other = "val" if present[0] == "train" else "train"
+            problems.append(Problem(ERROR, lists[other], f"not found, but {lists[present[0]].name} exists",
+                                    "give both split lists or neither (then val_fraction of classes.yaml splits the "
+                                    "images)", "missing-list"))
+        fraction = _DEFAULT_VAL_FRACTION
+        try:
+            path, data = _load_yaml(root)
+        except (ValueError, FileNotFoundError):  # classes.yaml's own faults are read_classes'
+            pass
+        else:
+            try:
+                fraction = _val_fraction(data, path)
+            except ValueError as exc:
+                problems.append(Problem(ERROR, path, _first_line(exc).replace(f"{path}: ", ""),
+                                        "val_fraction: a number between 0 and 1", "classes-yaml"))
+        if present:
+            for split in present:
+                splits[split] = self._read_list(lists[split], images, problems)
+            for image_id in sorted(set(splits["train"]) & set(splits["val"])):
+                problems.append(Problem(ERROR, lists["val"], f"{image_id!r} is also in train.txt",
+                                        "keep each id in one of the two lists", "in-both-lists"))
+        elif images:
+            splits = {"train": [i for i in images if not _in_val(i, fraction)],
+                      "val": [i for i in images if _in_val(i, fraction)]}
+            for split, ids in splits.items():
+                if not ids:
+                    problems.append(Problem(ERROR, image_dir, f"its {len(images)} images leave {split} empty with "
+                                            f"val_fraction {fraction}", f"write train.txt and val.txt in {root}",
+                                            "empty-split"))
+        listed = set(splits["train"]) | set(splits["val"]) if present else set(images)
+        if mask_dir.is_dir():
+            for split, ids in splits.items():
+                for image_id in ids:
+                    if image_id not in masks:
+                        problems.append(Problem(ERROR, mask_dir / f"{image_id}.png", f"not found: image "
+                                                f"{images[image_id].name} ({split}) has no mask", "add the mask, or "
+                                                "remove the image" + (" from its list" if present else ""),
+                                                "missing-mask"))
+            for mask_id in sorted(set(masks) - set(images)):
+                problems.append(Problem(WARNING, masks[mask_id], "has no image in images/ (not used)",
+                                        "remove the mask, or add its image", "mask-without-image"))
+        splits = {split: [i for i in ids if i in masks and i in listed] for split, ids in splits.items()}
+        return images, masks, splits, problems
+
+
 class FolderSegmentation(SegmentationDataset):
     """A dataset of your own: ``root/images``, ``root/masks`` and ``root/classes.yaml`` (module docstring)."""
 
-    read_meta = staticmethod(read_classes)
+    layout = FolderLayout()
+    check_rules = CheckRules(missing_fix="see docs/own_dataset.md")
     saliency_layout = "root/saliency/<image stem>.png (optional; grayscale, > 0 = salient)"
+
+    @classmethod
+    def read_meta(cls, root: Optional[PathLike] = None) -> DatasetMeta:
+        """The classes of ``root/classes.yaml``."""
+        if root is None:
+            raise ValueError("dataset 'folder' reads its class names from its folder: data.root is not set")
+        return read_classes(root)
+
+    @classmethod
+    def run_check(cls, name: str, root: PathLike, limit: Optional[int] = None, progress: bool = True,
+                  saliency: bool = False) -> int:
+        """Every fault of the folder in one pass (:mod:`.folder_check`)."""
+        return run_check_folder(root, limit=limit, saliency=saliency)
 
     def saliency_path(self, i: int) -> Path:
         return self.root / "saliency" / f"{self.image_path(i).stem}.png"
 
-    def __init__(self, root: PathLike, split: str):
-        check_split("folder", split)
-        root = Path(root).expanduser()
-        require_dir(root, "folder", FOLDER_LAYOUT)
-        meta = read_classes(root)
-        images, masks, splits = split_ids(root)
-        ids = splits[split]
-        super().__init__("folder", root, split, meta, [images[i] for i in ids], [masks[i] for i in ids])
-        self._read_palette(root, meta)
+    @functools.cached_property
+    def _classes_file(self) -> Path:
+        return self.root / CLASSES_FILE
 
-    @classmethod
-    def of_pairs(cls, root: PathLike, split: str, meta: DatasetMeta, pairs: list[tuple[Path, Path]]
-                 ) -> "FolderSegmentation":
-        """A reader of the given (image, mask) files, without the checks of the layout (``ucdseg data
-        check`` reads the pairs of a folder whose layout has faults: :mod:`.folder_check`)."""
-        self = cls.__new__(cls)
-        SegmentationDataset.__init__(self, "folder", Path(root), split, meta, [p[0] for p in pairs],
-                                     [p[1] for p in pairs])
-        self._read_palette(Path(root), meta)
-        return self
+    @functools.cached_property
+    def _color_codes(self) -> dict[int, int]:
+        """RGB colour (as one int) -> class id, for masks painted with the palette; VOC's void colour is void."""
+        colors = np.asarray(self.meta.palette, dtype=np.int64)
+        codes = {int(c): k for k, c in enumerate(colors[:, 0] << 16 | colors[:, 1] << 8 | colors[:, 2])}
+        codes.setdefault(VOID_COLOR[0] << 16 | VOID_COLOR[1] << 8 | VOID_COLOR[2], VOID)
+        return codes
 
-    def _read_palette(self, root: Path, meta: DatasetMeta) -> None:
-        self._classes_file = root / CLASSES_FILE
-        colors = np.asarray(meta.palette, dtype=np.int64)
-        self._color_codes = {int(c): k for k, c in enumerate(colors[:, 0] << 16 | colors[:, 1] << 8 | colors[:, 2])}
-        self._color_codes.setdefault(VOID_COLOR[0] << 16 | VOID_COLOR[1] << 8 | VOID_COLOR[2], VOID)
-        self._has_palette = "palette" in _load_yaml(root)[1]
+    @functools.cached_property
+    def _has_palette(self) -> bool:
+        return "palette" in _load_yaml(self.root)[1]
 
     def load_mask(self, i: int) -> np.ndarray:
         """Mask ``i`` as class ids; RGB masks through the palette; every id checked against classes.yaml."""

@@ -1,8 +1,9 @@
 """``ucdseg data check --dataset folder``: every fault of a folder dataset in one pass.
 
-The reader (:class:`~ucdseg.data.folder.FolderSegmentation`) stops at the first structural fault,
-as a run must; the check walks on and collects them all as :class:`~ucdseg.data.check.Problem`,
-so that one run of the check lists everything to fix (docs/own_dataset.md):
+The reader (:class:`~ucdseg.data.folder.FolderSegmentation`) and the check walk the same layout
+(:class:`~ucdseg.data.folder.FolderLayout`); the reader stops at its first structural fault, as
+a run must, the check reports them all as :class:`~ucdseg.data.layout.Problem`, so that one run
+of the check lists everything to fix (docs/own_dataset.md):
 
 * the root, ``classes.yaml`` (its keys, class names, palette, options), ``images/``, ``masks/``;
 * images sharing an id, a folder without images, one split list without the other, list lines
@@ -25,105 +26,11 @@ import numpy as np
 from PIL import Image
 
 from .base import PathLike
-from .check import ERROR, WARNING, Problem, format_report
-from .folder import (CLASSES_FILE, FOLDER_LAYOUT, IMAGE_SUFFIXES, FolderSegmentation, _in_val, _val_fraction,
-                     read_classes)
+from .check import format_report
+from .folder import CLASSES_FILE, FOLDER_LAYOUT, FolderSegmentation, _first_line, read_classes
+from .layout import ERROR, Problem
 
 __all__ = ["folder_problems", "run_check_folder"]
-
-_LIST_FIX = "one image id (or file name) per line, each image in one list"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _read_list(path: Path, images: dict[str, Path], problems: list[Problem]) -> list[str]:
-    """The ids of a split list; each bad line is a problem (the ids that are valid are kept)."""
-    ids: list[str] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(Problem(ERROR, path, f"cannot be read ({_first_line(exc)})", _LIST_FIX, "bad-list"))
-        return ids
-    for number, line in enumerate(lines, start=1):
-        entry = line.strip()
-        if not entry:
-            continue
-        image_id = Path(entry).stem if Path(entry).suffix.lower() in IMAGE_SUFFIXES else entry
-        if image_id not in images:
-            problems.append(Problem(ERROR, path, f"line {number}: no image {image_id!r} in images/",
-                                    "add the image, or remove the line", "list-entry-without-image"))
-        elif image_id in ids:
-            problems.append(Problem(ERROR, path, f"line {number}: {image_id!r} is listed twice",
-                                    "remove the repeated line", "repeated-list-entry"))
-        else:
-            ids.append(image_id)
-    if not ids and not any(p.path == path for p in problems):
-        problems.append(Problem(ERROR, path, "names no image", _LIST_FIX, "bad-list"))
-    return ids
-
-
-def _layout(root: Path, problems: list[Problem]) -> tuple[dict[str, Path], dict[str, Path], dict[str, list[str]]]:
-    """Images, masks and split ids of ``root``, every structural fault added to ``problems``."""
-    image_dir, mask_dir = root / "images", root / "masks"
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            problems.append(Problem(ERROR, folder, "folder not found", f"expected layout: {FOLDER_LAYOUT}",
-                                    "missing-folder"))
-    images: dict[str, Path] = {}
-    if image_dir.is_dir():
-        for p in sorted(image_dir.iterdir()):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                if p.stem in images:
-                    problems.append(Problem(ERROR, p, f"shares the id {p.stem!r} with {images[p.stem].name}",
-                                            "rename one of the two images (an id names one image)", "repeated-id"))
-                    continue
-                images[p.stem] = p
-        if not images:
-            problems.append(Problem(ERROR, image_dir, f"holds no image (looked for {', '.join(IMAGE_SUFFIXES)})",
-                                    f"expected layout: {FOLDER_LAYOUT}", "no-images"))
-    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and p.suffix.lower() == ".png"} \
-        if mask_dir.is_dir() else {}
-    lists = {split: root / f"{split}.txt" for split in ("train", "val")}
-    present = [s for s, p in lists.items() if p.is_file()]
-    splits: dict[str, list[str]] = {"train": [], "val": []}
-    if len(present) == 1:
-        other = "val" if present[0] == "train" else "train"
-        problems.append(Problem(ERROR, lists[other], f"not found, but {lists[present[0]].name} exists",
-                                "give both split lists or neither (then val_fraction of classes.yaml splits the "
-                                "images)", "missing-list"))
-    if present:
-        for split in present:
-            splits[split] = _read_list(lists[split], images, problems)
-        for image_id in sorted(set(splits["train"]) & set(splits["val"])):
-            problems.append(Problem(ERROR, lists["val"], f"{image_id!r} is also in train.txt",
-                                    "keep each id in one of the two lists", "in-both-lists"))
-    elif images:
-        try:
-            fraction = _val_fraction(root)
-        except (ValueError, FileNotFoundError):  # reported with classes.yaml's other faults
-            fraction = 0.2
-        splits = {"train": [i for i in images if not _in_val(i, fraction)],
-                  "val": [i for i in images if _in_val(i, fraction)]}
-        for split, ids in splits.items():
-            if not ids:
-                problems.append(Problem(ERROR, image_dir, f"its {len(images)} images leave {split} empty with "
-                                        f"val_fraction {fraction}", f"write train.txt and val.txt in {root}",
-                                        "empty-split"))
-    listed = set(splits["train"]) | set(splits["val"]) if present else set(images)
-    if mask_dir.is_dir():
-        for split, ids in splits.items():
-            for image_id in ids:
-                if image_id not in masks:
-                    problems.append(Problem(ERROR, mask_dir / f"{image_id}.png", f"not found: image "
-                                            f"{images[image_id].name} ({split}) has no mask",
-                                            "add the mask, or remove the image" + (" from its list" if present else ""),
-                                            "missing-mask"))
-        for mask_id in sorted(set(masks) - set(images)):
-            problems.append(Problem(WARNING, masks[mask_id], "has no image in images/ (not used)",
-                                    "remove the mask, or add its image", "mask-without-image"))
-    return images, masks, {split: [i for i in ids if i in masks and i in listed] for split, ids in splits.items()}
 
 
 def _mask_kind(message: str) -> str:
@@ -180,21 +87,15 @@ def _check(root: PathLike, limit: Optional[int] = None) -> tuple[list[Problem], 
         text = _first_line(exc).replace(f"{root / CLASSES_FILE}: ", "")
         problems.append(Problem(ERROR, root / CLASSES_FILE, text, "classes: [background, ...] (docs/own_dataset.md)",
                                 "classes-yaml"))
-    else:
-        try:
-            _val_fraction(root)
-        except ValueError as exc:
-            problems.append(Problem(ERROR, root / CLASSES_FILE, _first_line(exc).replace(f"{root / CLASSES_FILE}: ", ""),
-                                    "val_fraction: a number between 0 and 1", "classes-yaml"))
-    images, _, splits = _layout(root, problems)
+    images, masks, splits, layout_problems = FolderSegmentation.layout.walk_all(root)  # the reader's walk
+    problems += layout_problems
     header = [f"folder at {root}: " + (f"{meta.num_classes} classes ({', '.join(meta.class_names)})" if meta else
                                        "classes.yaml unreadable") + ", "
               + ", ".join(f"{split} {len(ids)} images" for split, ids in splits.items())]
     if meta is not None:
         for split, ids in splits.items():
             if ids:
-                dataset = FolderSegmentation.of_pairs(root, split, meta, [(images[i], root / "masks" / f"{i}.png")
-                                                                          for i in ids])
+                dataset = FolderSegmentation.of_pairs(root, split, [(images[i], masks[i]) for i in ids], meta)
                 read = _pairs(dataset, limit, problems)
                 if limit is not None:
                     header.append(f"  {split}: {read} of {len(ids)} pairs read (--limit {limit})")

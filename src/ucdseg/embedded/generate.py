@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.meta import EMBEDDED_META, VOID, VOID_COLOR
+from ..data.meta import VOID, VOID_COLOR
+from .reader import EmbeddedSegmentation
 
 __all__ = ["prepare_embedded", "default_root", "find_fashion_mnist", "load_fashion_mnist", "read_idx", "make_scenes",
            "scene_rng", "BenchmarkExistsError", "PARAMS_FILE", "GENERATOR_VERSION", "FASHION_MNIST_ENV",
@@ -386,7 +387,7 @@ def _foreign_files(root: Path, params: dict) -> list[str]:
 
 def _palette_bytes() -> list[int]:
     flat = np.zeros((256, 3), dtype=np.uint8)
-    flat[: EMBEDDED_META.num_classes] = np.asarray(EMBEDDED_META.palette, dtype=np.uint8)
+    flat[: EmbeddedSegmentation.meta.num_classes] = np.asarray(EmbeddedSegmentation.meta.palette, dtype=np.uint8)
     flat[VOID] = VOID_COLOR
     return flat.ravel().tolist()
 
@@ -424,7 +425,7 @@ def _generate(folder: Path, params: dict, fashion_mnist_dir: Optional[PathLike],
     info = {
         "name": "ucdseg embedded Fashion-MNIST benchmark",
         "params": params,
-        "class_names": list(EMBEDDED_META.class_names),
+        "class_names": list(EmbeddedSegmentation.meta.class_names),
         "objects_per_scene": [MIN_OBJECTS, MAX_OBJECTS],
         "object_scale": list(SCALE_RANGE),
         "mask_threshold": MASK_THRESHOLD,

@@ -19,104 +19,36 @@
   :func:`dkd_aux_loss`, :func:`dkd_pseudo_labels`, :func:`dkd_predict`, :data:`DKD_WEIGHTS` (dkd.py)
 """
 
-from .contrastive import (
-    ContrastiveInputs,
-    contrastive_distillation,
-    contrastive_distillation_flat,
-    prepare_contrastive_inputs,
-    resize_labels_nearest,
-)
-from .contrastive_stats import contrastive_input_stats
-from .gathered import gathered_contrastive_distillation
-from .distillation import (
-    feature_distillation,
-    knowledge_distillation,
-    label_bce,
-    multiclass_bce_distillation,
-    old_sigmoid_bce,
-)
-from .mib import unbiased_cross_entropy, unbiased_kd
-from .plop import EntropyThresholds, entropy_pseudo_labels, local_pod  # noqa: F401
-from .regularizers import (
-    EWC,
-    REGULARIZERS,
-    ParameterRegularizer,
-    PathIntegral,
-    RiemannianWalk,
-    normalize_importance,
-)
-from .sdr import (
-    SDR_WEIGHTS,
-    check_prototypes,
-    downsample_labels,
-    feature_clustering,
-    feature_separation,
-    feature_sparsification,
-    old_prediction_down,
-    prototype_matching,
-    update_prototypes,
-)
-from .ssul import ssul_bce, ssul_predict, ssul_pseudo_labels, ssul_train_labels
-from .dkd import (
-    DKD_POS_WEIGHT,
-    DKD_POS_WEIGHT_ADE,
-    DKD_POS_WEIGHT_STEP0,
-    DKD_WEIGHTS,
-    decomposed_logits,
-    dkd_aux_loss,
-    dkd_decomposed_kd,
-    dkd_kd,
-    dkd_mbce,
-    dkd_predict,
-    dkd_pseudo_labels,
-)
+import importlib
 
-__all__ = [
-    "unbiased_cross_entropy",
-    "unbiased_kd",
-    "knowledge_distillation",
-    "label_bce",
-    "old_sigmoid_bce",
-    "multiclass_bce_distillation",
-    "feature_distillation",
-    "contrastive_distillation",
-    "contrastive_distillation_flat",
-    "gathered_contrastive_distillation",
-    "prepare_contrastive_inputs",
-    "contrastive_input_stats",
-    "ContrastiveInputs",
-    "resize_labels_nearest",
-    "local_pod",
-    "entropy_pseudo_labels",
-    "EntropyThresholds",
-    "ParameterRegularizer",
-    "EWC",
-    "PathIntegral",
-    "RiemannianWalk",
-    "REGULARIZERS",
-    "normalize_importance",
-    "SDR_WEIGHTS",
-    "check_prototypes",
-    "downsample_labels",
-    "old_prediction_down",
-    "update_prototypes",
-    "prototype_matching",
-    "feature_clustering",
-    "feature_separation",
-    "feature_sparsification",
-    "ssul_train_labels",
-    "ssul_pseudo_labels",
-    "ssul_bce",
-    "ssul_predict",
-    "dkd_mbce",
-    "dkd_kd",
-    "decomposed_logits",
-    "dkd_decomposed_kd",
-    "dkd_aux_loss",
-    "dkd_pseudo_labels",
-    "dkd_predict",
-    "DKD_WEIGHTS",
-    "DKD_POS_WEIGHT",
-    "DKD_POS_WEIGHT_STEP0",
-    "DKD_POS_WEIGHT_ADE",
-]
+#: The exported names, by the module that defines them. The modules (torch) are imported when a
+#: name is first used: method declarations, and ``ucdseg methods``, load without torch.
+_EXPORTS = {
+    "contrastive": ("ContrastiveInputs", "contrastive_distillation", "contrastive_distillation_flat",
+                    "prepare_contrastive_inputs", "resize_labels_nearest"),
+    "contrastive_stats": ("contrastive_input_stats",),
+    "gathered": ("gathered_contrastive_distillation",),
+    "distillation": ("feature_distillation", "knowledge_distillation", "label_bce", "multiclass_bce_distillation",
+                     "old_sigmoid_bce"),
+    "mib": ("unbiased_cross_entropy", "unbiased_kd"),
+    "plop": ("EntropyThresholds", "entropy_pseudo_labels", "local_pod"),
+    "regularizers": ("EWC", "REGULARIZERS", "ParameterRegularizer", "PathIntegral", "RiemannianWalk",
+                     "normalize_importance"),
+    "sdr": ("check_prototypes", "downsample_labels", "feature_clustering", "feature_separation",
+            "feature_sparsification", "old_prediction_down", "prototype_matching", "update_prototypes"),
+    "ssul": ("ssul_bce", "ssul_predict", "ssul_pseudo_labels", "ssul_train_labels"),
+    "dkd": ("decomposed_logits", "dkd_aux_loss", "dkd_decomposed_kd", "dkd_kd", "dkd_mbce", "dkd_predict",
+            "dkd_pseudo_labels"),
+    "defaults": ("SDR_WEIGHTS", "DKD_WEIGHTS", "DKD_POS_WEIGHT", "DKD_POS_WEIGHT_STEP0", "DKD_POS_WEIGHT_ADE"),
+}
+_MODULES = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULES)
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
+    if name in _EXPORTS:  # a submodule: ucdseg.losses.plop
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .defaults import DKD_POS_WEIGHT, DKD_POS_WEIGHT_ADE, DKD_POS_WEIGHT_STEP0, DKD_PSEUDO_THRESHOLD, DKD_WEIGHTS
 from .device_generic import any_true
 from .distillation import check_label_shape, check_logits, compute_dtype, upcast
 
@@ -39,16 +40,6 @@ __all__ = [
     "dkd_predict",
 ]
 
-#: loss weights of configs/config_voc.json (and config_ade.json) ``hyperparameter``
-DKD_WEIGHTS = {"mbce": 1.0, "kd": 5.0, "dkd_pos": 5.0, "dkd_neg": 5.0, "ac": 1.0}
-#: VOC step 0: ``--pos_weight ${INIT_POSWEIGHT}``, INIT_POSWEIGHT=2 (scripts/voc/overlapped/*.sh)
-DKD_POS_WEIGHT_STEP0 = 2.0
-#: VOC steps > 0: configs/config_voc.json ``pos_weight: 1`` (used at trainer_voc.py:84-85)
-DKD_POS_WEIGHT = 1.0
-#: ADE, every step: configs/config_ade.json ``pos_weight: 35`` (scripts/ade pass no --pos_weight)
-DKD_POS_WEIGHT_ADE = 35.0
-#: pseudo-label threshold of DKD-M's memory sampler (utils/memory.py:105)
-DKD_PSEUDO_THRESHOLD = 0.9
 VOID = 255
 
 Channels = Union[slice, Sequence[int], range]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .defaults import PLOP_LAST_POD_FACTOR, PLOP_POD_FACTOR
 from .device_generic import full_precision
 
 __all__ = [
@@ -46,10 +47,6 @@ __all__ = [
     "adaptive_cross_entropy",
 ]
 
-#: ``--pod_factor 0.01`` (PLOP method preset): weight of every level but the last.
-PLOP_POD_FACTOR = 0.01
-#: ``pod_options["switch"]["after"]["factor"] = 0.0005``: weight of the last level (the logits).
-PLOP_LAST_POD_FACTOR = 0.0005
 #: ``--spp_scales 1 2 4`` (argparser default): 1x1, 2x2 and 4x4 grids of regions.
 PLOP_POD_SCALES = (1, 2, 4)
 #: ``nb_bins = 100`` in ``find_median(mode="entropy")`` (``--pseudo_nb_bins`` unset).

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .defaults import SDR_README_WEIGHTS, SDR_WEIGHTS
+
 __all__ = [
     "SDR_WEIGHTS",
     "SDR_README_WEIGHTS",
@@ -54,13 +56,6 @@ __all__ = [
     "feature_sparsification",
 ]
 
-#: Weights of the release's ``--method SDR`` preset (argparser.py:44-63), used by its step-t script
-#: ``script_19_1_step1.slurm`` (which passes ``--method SDR``; its own ``loss_*`` shell variables hold
-#: the same values and are not passed). ``unce`` is the unweighted UNCE.
-SDR_WEIGHTS = {"unce": 1.0, "unkd": 100.0, "pm": 0.01, "fc": 1e-3, "sep": 1e-3, "fs": 1e-3}
-#: The README's "kick-start" (README.md:143, and argparser.py:51): KD 10, PM 1e-2, CL 1e-3 (the same
-#: value for attraction and repulsion, argparser.py:49), FS 1e-4. Not used: the scripts win.
-SDR_README_WEIGHTS = {"unce": 1.0, "unkd": 10.0, "pm": 0.01, "fc": 1e-3, "sep": 1e-3, "fs": 1e-4}
 #: ``self.eps`` of ``FeaturesSparsificationLoss`` (loss.py:521).
 SDR_EPS = 1e-15
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .defaults import SSUL_PSEUDO_THRESHOLD
 from .device_generic import any_true
 from .distillation import check_label_shape, check_logits, check_reduction, compute_dtype, reduce_pixels, upcast
 
@@ -33,7 +34,6 @@ __all__ = [
 
 SSUL_UNKNOWN = 0  #: channel (and shifted label) of "unknown"
 SSUL_BACKGROUND = 1  #: channel (and shifted label) of background
-SSUL_PSEUDO_THRESHOLD = 0.7  #: ``--pseudo_thresh`` default (main.py:89)
 VOID = 255
 
 Labels = Union[torch.Tensor, np.ndarray]

@@ -11,21 +11,23 @@ void pixels counting as 0. The classification terms below do the same (docs/meth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from .. import losses
-from ..losses import plop
+from .. import losses  # the loss modules (torch) are imported when a term first runs
+from ..losses.defaults import PLOP_LAST_POD_FACTOR, PLOP_POD_FACTOR
 from .method import LossContext, Method, Option, RunShape, StepSetup, Term
 from .registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cross_entropy(ctx: LossContext):
     """CE averaged over all pixels, void (255) counting as 0, as ``CrossEntropyLoss(reduction='none')
     ... .mean()`` in MiB's, PLOP's and UCD's trainers."""
-    return F.cross_entropy(ctx.out.logits, ctx.labels, ignore_index=255, reduction="none").mean()
+    from torch.nn.functional import cross_entropy
+
+    return cross_entropy(ctx.out.logits, ctx.labels, ignore_index=255, reduction="none").mean()
 
 
 def unbiased_ce(ctx: LossContext):
@@ -92,20 +94,21 @@ UCD = Term(ucd, 0.01, options=UCD_OPTIONS, notes=ucd_notes)
 
 
 POD_OPTIONS = {
-    "pod_factor": Option(plop.PLOP_POD_FACTOR, "Local POD weight of every level but the last (PLOP's "
+    "pod_factor": Option(PLOP_POD_FACTOR, "Local POD weight of every level but the last (PLOP's "
                          "--pod_factor; its ADE scripts use 0.001)", positive=True),
-    "pod_last_factor": Option(plop.PLOP_LAST_POD_FACTOR, "Local POD weight of the last level, the logits "
+    "pod_last_factor": Option(PLOP_LAST_POD_FACTOR, "Local POD weight of the last level, the logits "
                               "(PLOP's switch.after.factor; its ADE scripts use 0.00001)", positive=True),
 }
 
 
 def plop_ce(ctx: LossContext):
     """PLOP's CE on the pseudo-labels, each image weighted by its share of confident pixels."""
-    stats: plop.PseudoLabelStats = ctx.batch
-    return plop.adaptive_cross_entropy(ctx.out.logits, ctx.labels, stats.confident_fraction)
+    stats: losses.plop.PseudoLabelStats = ctx.batch
+    return losses.plop.adaptive_cross_entropy(ctx.out.logits, ctx.labels, stats.confident_fraction)
 
 
 def local_pod(ctx: LossContext, pod_factor: float, pod_last_factor: float):
+    plop = losses.plop
     return plop.local_pod(plop.pod_levels(ctx.out), plop.pod_levels(ctx.old), ctx.num_old, ctx.num_new,
                           factor=pod_factor, last_factor=pod_last_factor)
 
@@ -117,24 +120,27 @@ class PlopStepState:
     thresholds: torch.Tensor
 
 
-@torch.no_grad()
 def plop_thresholds(setup: StepSetup) -> PlopStepState:
     """PLOP's per-class entropy thresholds: one pass of the old model over the step's images."""
-    acc = plop.EntropyThresholds(setup.num_old, setup.num_old + setup.num_new, device=setup.device)
-    for images, labels in tqdm(setup.loader(), desc="PLOP thresholds", leave=False, disable=not setup.progress):
-        acc.update(setup.old_model(images.to(setup.device)).logits.float(), labels.to(setup.device))
-    acc.all_reduce()
-    return PlopStepState(acc.thresholds())
+    import torch
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        acc = losses.plop.EntropyThresholds(setup.num_old, setup.num_old + setup.num_new, device=setup.device)
+        for images, labels in tqdm(setup.loader(), desc="PLOP thresholds", leave=False, disable=not setup.progress):
+            acc.update(setup.old_model(images.to(setup.device)).logits.float(), labels.to(setup.device))
+        acc.all_reduce()
+        return PlopStepState(acc.thresholds())
 
 
-def plop_pseudo_labels(ctx: LossContext) -> plop.PseudoLabelStats:
+def plop_pseudo_labels(ctx: LossContext) -> losses.plop.PseudoLabelStats:
     """Background pixels take the old model's class where its entropy is below the threshold.
 
     Rebinds ``ctx.labels`` to a new tensor; ``ctx.step_labels`` keeps the step's labels for UCD.
     Returns the batch's statistics (``ctx.batch``: the share of confident pixels per image).
     """
     state: PlopStepState = ctx.state
-    ctx.labels, stats = plop.entropy_pseudo_labels(ctx.labels, ctx.old.logits, state.thresholds)
+    ctx.labels, stats = losses.plop.entropy_pseudo_labels(ctx.labels, ctx.old.logits, state.thresholds)
     return stats
 
 

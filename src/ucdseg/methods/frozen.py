@@ -20,30 +20,33 @@ sigmoids, and come with an exemplar-memory variant (``ssul-m``, ``dkd-m``: ``dat
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from ..losses import dkd as dkd_losses
-from ..losses import ssul as ssul_losses
+from .. import losses, models  # imported when a hook first runs (losses.ssul, models.batchnorms: torch)
+from ..losses.defaults import (DKD_POS_WEIGHT, DKD_POS_WEIGHT_STEP0, DKD_PSEUDO_THRESHOLD, DKD_WEIGHTS,
+                               SSUL_PSEUDO_THRESHOLD)
 from ..models import ModelSpec
 from .method import LossContext, MemorySpec, Method, Option, Term
 from .registry import register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["SSUL", "SSUL_M", "DKD", "DKD_M", "bn_params", "freeze_all_batchnorm"]
 
 
 def bn_params(module: nn.Module) -> set[int]:
     """The ids of the affine parameters of ``module``'s BatchNorm layers."""
-    return {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    return {id(p) for m in models.batchnorms(module) for p in m.parameters()}
 
 
 def freeze_all_batchnorm(model: nn.Module, step: int) -> None:
     """Every BatchNorm in eval mode: it normalises with its running statistics and never updates
     them (SSUL network/utils.py:21-30, DKD models/model.py:117-133). Their affine parameters are
     out of the method's parameter groups, hence frozen."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    for module in models.batchnorms(model):
+        module.eval()
 
 
 def _params(module: nn.Module, without: set[int] = frozenset()) -> list[torch.nn.Parameter]:
@@ -53,7 +56,7 @@ def _params(module: nn.Module, without: set[int] = frozenset()) -> list[torch.nn
 # ------------------------------------------------------------------------------------ SSUL
 def ssul_labels(labels, options, saliency=None):
     """SSUL's training labels (shift by one; unknown from saliency, or every background pixel)."""
-    return ssul_losses.ssul_train_labels(labels, saliency if options["unknown"] == "saliency" else None)
+    return losses.ssul.ssul_train_labels(labels, saliency if options["unknown"] == "saliency" else None)
 
 
 def ssul_needs(options) -> tuple[str, ...]:
@@ -77,25 +80,29 @@ def ssul_param_groups(model, step: int, lr: float, weight_decay: float) -> list[
 def ssul_confident(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Model-space ids where SSUL's old model is confident of an old class (its pseudo-label rule
     on background pixels, SSUL utils/memory.py:68-96), else 0."""
-    background = torch.full(logits.shape[:1] + logits.shape[2:], ssul_losses.SSUL_BACKGROUND, dtype=torch.long,
-                            device=logits.device)
-    pseudo = ssul_losses.ssul_pseudo_labels(background, logits, threshold)
+    background = logits.new_full(logits.shape[:1] + logits.shape[2:], losses.ssul.SSUL_BACKGROUND).long()
+    pseudo = losses.ssul.ssul_pseudo_labels(background, logits, threshold)
     return (pseudo - 1).clamp(min=0)
 
 
 def ssul_pseudo_targets(ctx: LossContext, pseudo_threshold: float) -> None:
     """At ``t >= 1`` unknown and background pixels take the old model's confident class (main.py:451-466)."""
-    ctx.labels = ssul_losses.ssul_pseudo_labels(ctx.labels, ctx.old.logits, pseudo_threshold)
+    ctx.labels = losses.ssul.ssul_pseudo_labels(ctx.labels, ctx.old.logits, pseudo_threshold)
+
+
+def ssul_predict(logits: torch.Tensor) -> torch.Tensor:
+    """SSUL's inference rule: ``p_bg += p_unknown``, then the argmax (:func:`ucdseg.losses.ssul_predict`)."""
+    return losses.ssul.ssul_predict(logits)
 
 
 def ssul_bce(ctx: LossContext):
-    return ssul_losses.ssul_bce(ctx.out.logits, ctx.labels)
+    return losses.ssul.ssul_bce(ctx.out.logits, ctx.labels)
 
 
 SSUL_OPTIONS = {
     "unknown": Option("saliency", "what marks the unknown class: saliency (VOC, the release's saliency maps) or "
                       "background (every background pixel: the ADE20K rule)", choices=("saliency", "background")),
-    "pseudo_threshold": Option(ssul_losses.SSUL_PSEUDO_THRESHOLD, "old-model pseudo-labels at steps >= 1 where "
+    "pseudo_threshold": Option(SSUL_PSEUDO_THRESHOLD, "old-model pseudo-labels at steps >= 1 where "
                                "its sigmoid reaches this (--pseudo_thresh)", positive=True),
 }
 
@@ -110,8 +117,8 @@ SSUL = register(Method(
     {"bce": SSUL_BCE}, {"bce": SSUL_BCE}, classifier_init="ssul", targets=_ssul_targets, options=SSUL_OPTIONS,
     model=ModelSpec(heads="ssul", backbone_bn_momentum=0.01), param_groups=ssul_param_groups,
     train_mode=freeze_all_batchnorm, label_transform=ssul_labels, needs=ssul_needs,
-    predict=ssul_losses.ssul_predict, confident_classes=ssul_confident,
-    memory=MemorySpec(mixing="replace_half", labels="seen", pseudo_threshold=ssul_losses.SSUL_PSEUDO_THRESHOLD)))
+    predict=ssul_predict, confident_classes=ssul_confident,
+    memory=MemorySpec(mixing="replace_half", labels="seen", pseudo_threshold=SSUL_PSEUDO_THRESHOLD)))
 SSUL_M = register(SSUL.extend("ssul-m", "SSUL-M: SSUL with exemplar memory (data.memory.size 100 by default, "
                               "300 on ADE20K), replacing half of each batch", memory_size=100))
 
@@ -136,13 +143,13 @@ def dkd_param_groups(model, step: int, lr: float, weight_decay: float) -> list[d
 
 def dkd_predict(logits: torch.Tensor) -> torch.Tensor:
     """DKD's rule on the foreground channels (channel 0 is the auxiliary classifier's)."""
-    return dkd_losses.dkd_predict(logits[:, 1:])
+    return losses.dkd.dkd_predict(logits[:, 1:])
 
 
 def dkd_confident(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Model-space ids where DKD's old model is confident of a class (DKD utils/memory.py:99-116), else 0."""
-    background = torch.zeros(logits.shape[:1] + logits.shape[2:], dtype=torch.long, device=logits.device)
-    return dkd_losses.dkd_pseudo_labels(background, logits[:, 1:], threshold)
+    background = logits.new_zeros(logits.shape[:1] + logits.shape[2:]).long()
+    return losses.dkd.dkd_pseudo_labels(background, logits[:, 1:], threshold)
 
 
 def dkd_mbce(ctx: LossContext, pos_weight: float, ignore_void: bool):
@@ -151,7 +158,7 @@ def dkd_mbce(ctx: LossContext, pos_weight: float, ignore_void: bool):
         first, count = 0, ctx.num_new - 1
     else:  # the foreground channels after the old ones
         first, count = ctx.num_old - 1, ctx.num_new
-    return dkd_losses.dkd_mbce(ctx.out.logits[:, 1:], ctx.labels, range(first, first + count),
+    return losses.dkd.dkd_mbce(ctx.out.logits[:, 1:], ctx.labels, range(first, first + count),
                                pos_weight=pos_weight, ignore_void=ignore_void)
 
 
@@ -160,30 +167,30 @@ def dkd_mbce_step0(ctx: LossContext, pos_weight_step0: float, ignore_void: bool)
 
 
 def dkd_kd(ctx: LossContext):
-    return dkd_losses.dkd_kd(ctx.out.logits[:, 1:], ctx.old.logits[:, 1:], ctx.num_old - 1)
+    return losses.dkd.dkd_kd(ctx.out.logits[:, 1:], ctx.old.logits[:, 1:], ctx.num_old - 1)
 
 
 def dkd_pos(ctx: LossContext):
-    return dkd_losses.dkd_decomposed_kd(ctx.out.pos_logits, ctx.old.pos_logits)
+    return losses.dkd.dkd_decomposed_kd(ctx.out.pos_logits, ctx.old.pos_logits)
 
 
 def dkd_neg(ctx: LossContext):
-    return dkd_losses.dkd_decomposed_kd(ctx.out.neg_logits, ctx.old.neg_logits)
+    return losses.dkd.dkd_decomposed_kd(ctx.out.neg_logits, ctx.old.neg_logits)
 
 
 def dkd_aux(ctx: LossContext):
-    return dkd_losses.dkd_aux_loss(ctx.out.logits[:, :1])
+    return losses.dkd.dkd_aux_loss(ctx.out.logits[:, :1])
 
 
 DKD_OPTIONS = {
-    "pos_weight": Option(dkd_losses.DKD_POS_WEIGHT, "pos_weight of the new classes' BCE at steps >= 1 (VOC 1, "
+    "pos_weight": Option(DKD_POS_WEIGHT, "pos_weight of the new classes' BCE at steps >= 1 (VOC 1, "
                          "ADE20K 35: configs/config_*.json)", positive=True),
-    "pos_weight_step0": Option(dkd_losses.DKD_POS_WEIGHT_STEP0, "pos_weight at step 0 (VOC scripts: 2)",
+    "pos_weight_step0": Option(DKD_POS_WEIGHT_STEP0, "pos_weight at step 0 (VOC scripts: 2)",
                                positive=True),
     "ignore_void": Option(False, "leave void pixels out of the new classes' BCE (the release counts them as "
                           "negatives)"),
 }
-_W = dkd_losses.DKD_WEIGHTS
+_W = DKD_WEIGHTS
 _MBCE_OPTIONS = {k: DKD_OPTIONS[k] for k in ("pos_weight", "ignore_void")}
 _MBCE0_OPTIONS = {k: DKD_OPTIONS[k] for k in ("pos_weight_step0", "ignore_void")}
 DKD_AUX = Term(dkd_aux, _W["ac"])
@@ -195,6 +202,6 @@ DKD = register(Method(
     {"mbce": Term(dkd_mbce_step0, _W["mbce"], options=_MBCE0_OPTIONS), "ac": DKD_AUX},
     classifier_init="dkd", model=ModelSpec(heads="dkd", backbone_bn_momentum=0.01), param_groups=dkd_param_groups,
     train_mode=freeze_all_batchnorm, predict=dkd_predict, confident_classes=dkd_confident,
-    memory=MemorySpec(mixing="concat", labels="current", pseudo_threshold=dkd_losses.DKD_PSEUDO_THRESHOLD)))
+    memory=MemorySpec(mixing="concat", labels="current", pseudo_threshold=DKD_PSEUDO_THRESHOLD)))
 DKD_M = register(DKD.extend("dkd-m", "DKD-M: DKD with exemplar memory (data.memory.size 100 by default, 300 on "
                             "ADE20K), concatenated to the step's images", memory_size=100))

@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import torch
+from ..models import ModelSpec  # torch-free: a declaration imports no network
 
-from ..models import ModelSpec
+if TYPE_CHECKING:  # the annotations only: a method's functions get torch where they run
+    import torch
 
 
 @dataclass
@@ -146,7 +147,7 @@ def softmax_confident(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Model-space ids where the softmax's most likely class is a foreground class with probability
     >= ``threshold``, else 0 (the default rule of memory selection's pseudo-labels)."""
     score, label = logits.softmax(1).max(1)
-    return torch.where((label > 0) & (score >= threshold), label, torch.zeros_like(label))
+    return label.where((label > 0) & (score >= threshold), 0)
 
 
 def one_group(model: torch.nn.Module, step: int, lr: float, weight_decay: float) -> list[dict]:

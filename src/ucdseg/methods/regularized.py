@@ -11,7 +11,7 @@ alike (docs/methods.md says how that relates to MiB's rank-0 update).
 
 from __future__ import annotations
 
-from ..losses.regularizers import REGULARIZERS
+from .. import losses  # losses.regularizers (torch) is imported when a step state is built
 from .builtin import CE
 from .method import Method, Option, StepSetup, StepState
 from .registry import register
@@ -62,7 +62,7 @@ def regularizer_state(setup: StepSetup, name: str) -> RegularizerState:
                          f"by {name})")
     previous = setup.previous["tables"] if setup.step > 0 else None
     old = dict(setup.old_model.named_parameters()) if setup.old_model is not None else None
-    regularizer = REGULARIZERS[name](dict(setup.model.named_parameters()), old, previous, alpha=options["alpha"],
+    regularizer = losses.REGULARIZERS[name](dict(setup.model.named_parameters()), old, previous, alpha=options["alpha"],
                                      iterations=options["iterations"], normalize=options["normalize"])
     return RegularizerState(regularizer, options["importance"], name)
 

@@ -18,12 +18,16 @@ copy saved is rank 0's.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..losses import sdr
+from .. import losses  # losses.sdr (torch) is imported when a term first runs
+from ..losses.defaults import SDR_WEIGHTS
 from .builtin import CE, MIB
 from .method import LossContext, Option, StepSetup, StepState, Term
 from .registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Prototypes", "MIB_SDR"]
 
@@ -38,8 +42,8 @@ class Prototypes(StepState):
 
     def before_losses(self, ctx: LossContext) -> None:
         features = ctx.out.stages[-1]
-        self.labels_down = sdr.downsample_labels(ctx.step_labels, features.shape[-2:])
-        self.prototypes, self.counts = sdr.update_prototypes(
+        self.labels_down = losses.sdr.downsample_labels(ctx.step_labels, features.shape[-2:])
+        self.prototypes, self.counts = losses.sdr.update_prototypes(
             self.prototypes, self.counts, features.detach(), self.labels_down, drop_first=self.drop_first,
             release_compat=self.release_compat)
 
@@ -56,6 +60,8 @@ class Prototypes(StepState):
 def prototypes(setup: StepSetup) -> Prototypes:
     """The step's prototypes: the previous step's, with zero rows for the step's new classes (at
     step 0: zeros). A checkpoint without them, or with prototypes of another size, is one line."""
+    import torch
+
     model = setup.model
     dim = model.backbone.out_channels
     classes = setup.num_old + setup.num_new
@@ -81,27 +87,27 @@ def prototypes(setup: StepSetup) -> Prototypes:
 
 def matching(ctx: LossContext, release_compat: bool):
     features = ctx.out.stages[-1]
-    old = sdr.old_prediction_down(ctx.old.logits, features.shape[-2:])
-    return sdr.prototype_matching(features, ctx.state.prototypes, ctx.state.labels_down, old,
+    old = losses.sdr.old_prediction_down(ctx.old.logits, features.shape[-2:])
+    return losses.sdr.prototype_matching(features, ctx.state.prototypes, ctx.state.labels_down, old,
                                   release_compat=release_compat)
 
 
 def clustering(ctx: LossContext, release_compat: bool):
-    return sdr.feature_clustering(ctx.out.stages[-1], ctx.state.prototypes, ctx.state.labels_down,
+    return losses.sdr.feature_clustering(ctx.out.stages[-1], ctx.state.prototypes, ctx.state.labels_down,
                                   release_compat=release_compat)
 
 
 def separation(ctx: LossContext, release_compat: bool):
-    return sdr.feature_separation(ctx.out.stages[-1], ctx.state.labels_down, release_compat=release_compat)
+    return losses.sdr.feature_separation(ctx.out.stages[-1], ctx.state.labels_down, release_compat=release_compat)
 
 
 def sparsification(ctx: LossContext):
-    return sdr.feature_sparsification(ctx.out.stages[-1], ctx.state.labels_down)
+    return losses.sdr.feature_sparsification(ctx.out.stages[-1], ctx.state.labels_down)
 
 
 RELEASE_COMPAT = {"release_compat": Option(False, "compute the SDR terms as the release does, its three bugs "
                                            "included (docs/methods.md)")}
-_W = sdr.SDR_WEIGHTS
+_W = SDR_WEIGHTS
 MIB_SDR = register(MIB.extend(
     "mib+sdr", "MiB + SDR: prototype matching, attraction, repulsion and sparsification of the encoder features",
     terms={"unkd": MIB.terms["unkd"].with_weight(_W["unkd"]),

@@ -54,9 +54,11 @@ Hardswish. PLOP's release has no MobileNet.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,10 +70,14 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ..registry import BACKBONES
+
 __all__ = [
     "BACKBONES",
     "OUTPUT_STRIDES",
     "Backbone",
+    "BackboneBuilder",
+    "backbone_output_strides",
     "build_backbone",
     "FIRST_BLOCK_DILATIONS",
     "register_backbone",
@@ -83,10 +89,7 @@ __all__ = [
     "load_backbone_weights",
 ]
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "embedded_resnet")
 OUTPUT_STRIDES = (4, 8, 16)
-#: Output strides each backbone can be built at.
-BACKBONE_OUTPUT_STRIDES = {name: (8, 16) for name in BACKBONES} | {"embedded_resnet": (4, 8)}
 #: ASPP rates at each output stride for 512 px crops (DeepLab-v3's values), see ``Backbone.aspp_rates``.
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -309,8 +312,15 @@ def _mobilenet_v3_large(output_stride: int) -> Backbone:
                     channels, key_prefix="features.")
 
 
-#: Backbones added with :func:`register_backbone`: name -> builder(output_stride) -> Backbone.
-_REGISTERED: dict[str, Callable[[int], Backbone]] = {}
+@dataclass(frozen=True)
+class BackboneBuilder:
+    """What :data:`BACKBONES` holds for a backbone: ``build(output_stride)`` at one of its
+    ``output_strides``; ``first_block_dilation``: whether ``build`` takes the ResNets' layout
+    argument (the built-in ResNets; every other backbone ignores the setting)."""
+
+    build: Callable[..., Backbone]
+    output_strides: tuple[int, ...]
+    first_block_dilation: bool = False
 
 
 def register_backbone(name: str, output_strides: tuple[int, ...]) -> Callable:
@@ -318,18 +328,26 @@ def register_backbone(name: str, output_strides: tuple[int, ...]) -> Callable:
     at the given output strides (your own backbones, or a tiny one in tests)."""
 
     def wrap(builder: Callable[[int], Backbone]) -> Callable[[int], Backbone]:
-        if name in BACKBONES:
-            raise ValueError(f"backbone {name!r} is built in; register yours under another name")
-        _REGISTERED[name] = builder
-        BACKBONE_OUTPUT_STRIDES[name] = tuple(output_strides)
+        BACKBONES.register(name, BackboneBuilder(builder, tuple(output_strides)), by=builder.__module__)
         return builder
 
     return wrap
 
 
+for _name in ("resnet18", "resnet50", "resnet101"):
+    BACKBONES.register(_name, BackboneBuilder(functools.partial(_resnet, _name), (8, 16), first_block_dilation=True))
+BACKBONES.register("mobilenet_v3_large", BackboneBuilder(_mobilenet_v3_large, (8, 16)))
+BACKBONES.register("embedded_resnet", BackboneBuilder(_embedded_resnet, (4, 8)))
+
+
+def backbone_output_strides(name: str) -> tuple[int, ...]:
+    """The output strides backbone ``name`` can be built at (a one-line error for an unknown name)."""
+    return BACKBONES.get(name).output_strides
+
+
 def build_backbone(name: str, output_stride: int = 16, first_block_dilation: str = "release") -> Backbone:
     """Build the named backbone (random init) at one of its output strides
-    (:data:`BACKBONE_OUTPUT_STRIDES`: 16 or 8; 8 or 4 for ``embedded_resnet``).
+    (:func:`backbone_output_strides`: 16 or 8; 8 or 4 for ``embedded_resnet``).
 
     ``first_block_dilation`` (:data:`FIRST_BLOCK_DILATIONS`) sets the dilation of the first block
     of the dilated stages of ``resnet18/50/101``: ``"release"`` (the stage's, as MiB, PLOP and UCD)
@@ -338,18 +356,13 @@ def build_backbone(name: str, output_stride: int = 16, first_block_dilation: str
     if first_block_dilation not in FIRST_BLOCK_DILATIONS:
         raise ValueError(f"first_block_dilation must be one of {', '.join(FIRST_BLOCK_DILATIONS)}, "
                          f"got {first_block_dilation!r}")
-    if name not in BACKBONE_OUTPUT_STRIDES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONE_OUTPUT_STRIDES)}")
-    if output_stride not in BACKBONE_OUTPUT_STRIDES[name]:
+    builder: BackboneBuilder = BACKBONES.get(name)
+    if output_stride not in builder.output_strides:
         raise ValueError(f"backbone {name} takes output_stride "
-                         f"{' or '.join(map(str, BACKBONE_OUTPUT_STRIDES[name]))}, got {output_stride!r}")
-    if name in _REGISTERED:
-        return _REGISTERED[name](output_stride)
-    if name == "mobilenet_v3_large":
-        return _mobilenet_v3_large(output_stride)
-    if name == "embedded_resnet":
-        return _embedded_resnet(output_stride)
-    return _resnet(name, output_stride, first_block_dilation)
+                         f"{' or '.join(map(str, builder.output_strides))}, got {output_stride!r}")
+    if builder.first_block_dilation:
+        return builder.build(output_stride, first_block_dilation)
+    return builder.build(output_stride)
 
 
 # --------------------------------------------------------------------------------------------

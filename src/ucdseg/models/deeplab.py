@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone, build_backbone, load_backbone_weights
+from .spec import HEADS, ModelSpec
 
 __all__ = [
     "HEADS",
@@ -40,34 +40,12 @@ __all__ = [
     "DeepLabV3Head",
     "IncrementalDeepLab",
     "build_model",
+    "batchnorms",
     "load_previous_step",
 ]
 
 #: Classifier init modes for a new step, see :meth:`IncrementalDeepLab.init_new_classifier`.
 INIT_MODES = ("mib", "none", "ssul", "dkd")
-
-#: Classifier layouts (``IncrementalDeepLab(heads=...)``); channel ``k`` of the logits is
-#:
-#: * ``linear``: model-space class ``k`` (one 1x1 conv per step; background is channel 0);
-#: * ``ssul``: channel 0 is *unknown*, channel ``k + 1`` model-space class ``k`` (SSUL,
-#:   network/_deeplab.py:84-111: heads ``[1, 1, c0 - 1, c1, ...]``, each conv3x3 (no bias) + BN +
-#:   ReLU + conv1x1, kaiming-normal convs);
-#: * ``dkd``: channel 0 is DKD's auxiliary classifier, computed on the detached features, channel
-#:   ``k >= 1`` foreground class ``k``; there is no background channel (DKD models/model.py:41,67-75).
-HEADS = ("linear", "ssul", "dkd")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a method asks of the model: its classifier layout and the backbone's BN momentum."""
-
-    heads: str = "linear"  # one of HEADS
-    backbone_bn_momentum: float | None = None  # None: PyTorch's 0.1 (SSUL and DKD set 0.01)
-
-    def __post_init__(self) -> None:
-        if self.heads not in HEADS:
-            raise ValueError(f"unknown classifier layout {self.heads!r}; expected one of {', '.join(HEADS)}")
-
 
 class SegOutput(NamedTuple):
     """What :class:`IncrementalDeepLab` returns."""
@@ -288,11 +266,15 @@ def build_model(backbone: str, classes_per_step: Sequence[int], output_stride: i
     if pretrained is not None and pretrained != "":
         load_backbone_weights(net, pretrained)
     if spec.backbone_bn_momentum is not None:
-        for module in net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = spec.backbone_bn_momentum
+        for module in batchnorms(net):
+            module.momentum = spec.backbone_bn_momentum
     return IncrementalDeepLab(net, classes_per_step, head_channels=head_channels or net.head_channels,
                               heads=spec.heads)
+
+
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module`` (any dimension, SyncBatchNorm included)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def load_previous_step(model: IncrementalDeepLab, state_dict: Mapping[str, Tensor]) -> IncrementalDeepLab:

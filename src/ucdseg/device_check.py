@@ -189,13 +189,13 @@ def write_voc_tree(root: Path, image_size: tuple[int, int], seed: int = 0) -> Pa
     from PIL import Image
 
     from . import io
-    from .data.meta import VOC_META
+    from .data.voc import VOCSegmentation
 
     width, height = image_size
     rng = np.random.default_rng(seed)
     for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    palette = np.asarray(VOC_META.palette, dtype=np.int64)
+    palette = np.asarray(VOCSegmentation.meta.palette, dtype=np.int64)
     ids = [f"2012_{k:06d}" for k in range(TRAIN_IMAGES + VAL_IMAGES)]
     for k, image_id in enumerate(ids):
         mask = np.zeros((height, width), dtype=np.uint8)

@@ -822,4 +822,6 @@ def test_as_joint_trains_the_first_step_terms():
     mbce0 = per_class_mean(bce(z[:, c], (labels == c).float(), pos_weight=2.0) for c in (1, 2, 3, 4))
     assert terms["mbce"].item() == pytest.approx(mbce0.item(), rel=1e-6)
     ft = get_method("ft").as_joint("j", "joint")
-    assert ft.terms == get_method("joint").terms and ft.first_step == "ce"
+    # a joint run's only step trains every class at once: its step 0 is its own, shared with no other method
+    assert ft.terms == get_method("joint").terms and ft.first_step == get_method("joint").first_step
+    assert ft.first_step != get_method("ft").first_step

@@ -43,6 +43,7 @@ def walk(depth: int) -> dict:
     """Trace ``Run.train_step(1)`` of a tiny fine-tuning run (see the module's docstring)."""
     import torch
 
+    from ucdseg import threads
     from ucdseg.config import load_config
     from ucdseg.engine.runner import Run
 
@@ -56,6 +57,7 @@ def walk(depth: int) -> dict:
                                  "train.iterations_next=1", "method.name=mib", "eval.num_images=0",
                                  f"data.cache_dir={tmp}/cache"])
         run = Run(cfg, progress=False)
+        run.threads = threads.start(cfg, run.results)  # what Run.run does first
         try:
             run._add_step(run.train_step(0))
             positions: list[str] = []

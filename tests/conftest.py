@@ -10,6 +10,7 @@ Runs use one torch thread: on a shared 2-core machine two threads are several ti
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import subprocess
@@ -36,6 +37,12 @@ from ucdseg.models.deeplab import IncrementalDeepLab
 BENCH = {"num_train": 60, "num_val": 16, "image_size": 64}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 TINY = "tiny"  #: the tests' backbone (model.backbone=tiny)
+
+
+# One torch thread for every run of the suite, module- and session-scoped fixtures' runs included
+# (``train.threads=auto`` would follow the machine's load, and two runs a test compares bit for
+# bit must not differ by it); a test of the thread choice sets or removes it with monkeypatch.
+os.environ["UCDSEG_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -127,7 +127,7 @@ def flipped_copy(root: Path, target: Path) -> Path:
         for path in sorted((target / folder).iterdir()):
             with Image.open(path) as image:
                 flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                flipped.save(path, quality=95) if path.suffix == ".jpg" else flipped.save(path)
+                flipped.save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
     return target
 
 

@@ -24,7 +24,7 @@ from .. import io, label_maps
 from ..config import RunConfig, to_dict
 from ..data import StepDataset, dataset_meta, eval_transforms, identity, open_dataset_split, train_transforms
 from ..data.index import StepIndex, scan_presence, step_index
-from ..methods import Method, StepSetup, StepState, get_method
+from ..methods import Method, StepSetup, get_method
 from ..models import build_model, load_previous_step
 from ..tasks import Task, TaskError, get_task
 from .loop import Criterion, LoopOptions, Trainee, shares_trunk
@@ -297,7 +297,6 @@ class StepPlan:
     total: int
     parent_sha256: str | None  # the checksum of the checkpoint of step - 1 it starts from
     data: dict  # what the step trains on, for its record (:func:`data_record`)
-    step_state: StepState | None  # the method's state over the step (carried to the next step)
 
 
 def plan_step(ctx: RunContext, step: int) -> StepPlan:
@@ -324,8 +323,7 @@ def plan_step(ctx: RunContext, step: int) -> StepPlan:
     _train_mode(ctx, step, trainee, opts)
     sampler = batch_sampler(cfg, step, len(index.indices), total, dist, start, memory=len(memory or []))
     loader = train_loader(cfg, samples, sampler, ctx.device)
-    return StepPlan(step, trainee, criterion, loader, opts, start, total, parent, data_record(index, memory),
-                    criterion.step_state)
+    return StepPlan(step, trainee, criterion, loader, opts, start, total, parent, data_record(index, memory))
 
 
 def step_models(ctx: RunContext, step: int, opts: LoopOptions):
@@ -450,7 +448,7 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def checkpoint_state(ctx: RunContext, plan: StepPlan, iteration: int) -> dict:
+def checkpoint_state(plan: StepPlan, iteration: int) -> dict:
     """A mid-step checkpoint of ``plan``, which names the step ``t-1`` it continues."""
     return {**plan.trainee.state_dict(iteration, plan.step), "parent_sha256": plan.parent_sha256}
 

@@ -258,7 +258,7 @@ class Run:
         record.update(plan.data)
         record.update(iterations=plan.total, train_seconds=round(train_seconds, 2), world_size=dist.world_size,
                       batch_per_process=cfg.train.batch_size // dist.world_size, accumulate=cfg.train.accumulate)
-        digest = save_step(self.ctx, step, model, plan.step_state, plan.parent_sha256)
+        digest = save_step(self.ctx, step, model, plan.trainee.step_state, plan.parent_sha256)
         if digest is not None:
             record["checkpoint_sha256"] = digest
         return record
@@ -274,7 +274,7 @@ class Run:
 
         def checkpoint(iteration: int) -> None:
             if self.dist.is_main:
-                io.save_checkpoint(self.folder.partial(step), checkpoint_state(self.ctx, plan, iteration))
+                io.save_checkpoint(self.folder.partial(step), checkpoint_state(plan, iteration))
             barrier()
 
         try:
